@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""Set-up and the two everyday commands, on a fresh machine with only Python 3:
+
+    python3 run.py demo   # the main job: prepare stories, train the demo model, generate a story
+    python3 run.py test   # the test suite
+
+Each creates (or reuses) a virtual environment in .venv and installs what it needs there.
+Extra arguments after `test` go to pytest. Set TINYMIXTRAL_TORCH to choose the torch requirement
+(default torch==2.13.0; on a CUDA machine pip picks the matching CUDA build).
+"""
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PY = BIN / ("python.exe" if os.name == "nt" else "python")
+STAMP = VENV / ".tinymixtral-installed"
+
+
+def sh(*cmd, **kw):
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    subprocess.run([str(c) for c in cmd], check=True, cwd=ROOT, **kw)
+
+
+def ensure_env():
+    if not PY.exists():
+        print(f"creating virtual environment in {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if STAMP.exists() and STAMP.read_text() == want:
+        return
+    has_torch = subprocess.run([str(PY), "-c", "import torch"], capture_output=True).returncode == 0
+    if not has_torch:
+        # Installed first and pinned: an open range would pull the newest (multi-GB CUDA) build.
+        sh(PY, "-m", "pip", "install", "-q", os.environ.get("TINYMIXTRAL_TORCH", "torch==2.13.0"))
+    sh(PY, "-m", "pip", "install", "-q", "-e", ".[test]")
+    STAMP.write_text(want)
+
+
+def demo():
+    tm = [PY, "-m", "tinymixtral"]
+    sh(*tm, "params", "--preset", "demo")
+    sh(*tm, "demo")
+
+
+def main(argv):
+    if not argv or argv[0] not in ("demo", "test", "setup"):
+        print(__doc__)
+        return 2
+    ensure_env()
+    try:
+        if argv[0] == "demo":
+            demo()
+        elif argv[0] == "test":
+            sh(PY, "-m", "pytest", *(argv[1:] or ["tests"]))
+    except subprocess.CalledProcessError as e:
+        return e.returncode or 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

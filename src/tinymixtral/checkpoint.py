@@ -1,0 +1,166 @@
+"""Model directories in Hugging Face format: config.json + safetensors (sharded with an index) + tokenizer.
+
+Everything is written to a temporary directory first and renamed into place, so an interrupted save
+never leaves a half-written model. Weights are only ever read from safetensors: pickles are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .convert import from_hf, to_hf
+from .errors import TinyMixtralError
+from .model.transformer import Transformer
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "consolidated.00.pth")
+
+
+def load_model(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+    """A Transformer from a HF Mixtral/Mistral model directory (weights keep their stored dtype unless given)."""
+    path = Path(path)
+    if not path.exists():
+        raise TinyMixtralError(f"model directory not found: {path}")
+    if not path.is_dir():
+        kind = "a pickle" if path.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl") else "a file"
+        raise TinyMixtralError(f"{path} is {kind}, not a model directory (config.json + model.safetensors)")
+    cfg = ModelConfig.load(path / "config.json")
+    hf_sd = read_safetensors(path)
+    sd = from_hf(hf_sd, cfg)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.load_state_dict(sd, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    for name, p in list(model.named_parameters()):  # ours-only weights absent from HF files: fresh init
+        if p.is_meta:
+            fresh = torch.nn.Parameter(torch.empty(p.shape, dtype=dtype or next(iter(sd.values())).dtype))
+            torch.nn.init.normal_(fresh, 0.0, cfg.init_std)
+            module, attr = _owner(model, name)
+            setattr(module, attr, fresh)
+    if dtype is not None:
+        model.to(dtype=dtype)
+    return model.to(device or "cpu").eval()
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a model directory: model.safetensors, or the shards its index lists."""
+    if (path / INDEX).is_file():
+        try:
+            weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise TinyMixtralError(f"{path / INDEX} is not a valid safetensors index: {e}") from None
+        files = sorted(set(weight_map.values()))
+    elif (path / WEIGHTS).is_file():
+        files = [WEIGHTS]
+    else:
+        pickles = [p for p in PICKLES if (path / p).exists()]
+        if pickles:
+            raise TinyMixtralError(
+                f"{path} holds only pickled weights ({pickles[0]}); tinymixtral never unpickles files, "
+                "convert them to safetensors first"
+            )
+        raise TinyMixtralError(f"no {WEIGHTS} or {INDEX} in {path}")
+    tensors = {}
+    for name in files:
+        file = path / name
+        if not file.is_file():
+            raise TinyMixtralError(f"weight shard listed in the index is missing: {file}")
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+        except Exception as e:  # safetensors raises several types for corrupt or truncated files
+            raise TinyMixtralError(f"cannot read {file}: not a valid safetensors file ({e})") from None
+    return tensors
+
+
+def save_model(model: Transformer, path: str | Path, tokenizer=None, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write `model` as a HF model directory that transformers' from_pretrained loads.
+
+    tokenizer: an object with .save(directory) (tinymixtral.tokenizer.Tokenizer), or a directory whose
+    tokenizer files are copied. Shards above max_shard_bytes, with an index like transformers'.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        cfg = model.cfg
+        cfg.save(tmp / "config.json")
+        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        hf_sd = {k: v.detach().cpu().contiguous() for k, v in to_hf(model.state_dict(), cfg).items()}
+        _write_shards(hf_sd, tmp, max_shard_bytes)
+        if tokenizer is not None:
+            _save_tokenizer(tokenizer, tmp)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _write_shards(sd: dict[str, torch.Tensor], out: Path, max_shard_bytes: int):
+    shards, current, size = [], {}, 0
+    for key, t in sd.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = t
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], out / WEIGHTS, metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for n, shard in enumerate(shards, 1):
+        name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in sd.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _save_tokenizer(tokenizer, out: Path):
+    if hasattr(tokenizer, "save"):
+        tokenizer.save(out)
+        return
+    src = Path(tokenizer)
+    found = [f for f in TOKENIZER_FILES if (src / f).is_file()]
+    if not found:
+        raise TinyMixtralError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {src}")
+    for f in found:
+        shutil.copy2(src / f, out / f)
+
+
+def _replace_dir(tmp: Path, path: Path):
+    """Rename tmp to path; an existing path is moved aside first and removed after."""
+    old = None
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _owner(model: torch.nn.Module, name: str):
+    module_name, _, attr = name.rpartition(".")
+    return model.get_submodule(module_name), attr

@@ -1,0 +1,147 @@
+"""Hugging Face state dict <-> ours: one declarative key map, inverted for the other direction.
+
+Each native key names the HF key(s) it is made from. A tuple means the HF tensors are concatenated
+along dim 0 (our fused projections); `{e}` means one HF tensor per expert, stacked along a new dim 0.
+transformers >= 5 (and tools such as mergekit) may also write experts fused; `HF_FUSED_ALIASES`
+maps those names onto ours directly.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .config import ModelConfig
+from .errors import TinyMixtralError
+
+L = "model.layers.{i}"
+KEY_MAP: dict[str, str | tuple[str, ...]] = {
+    "embed.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+    "layers.{i}.attn_norm.weight": f"{L}.input_layernorm.weight",
+    "layers.{i}.ffn_norm.weight": f"{L}.post_attention_layernorm.weight",
+    "layers.{i}.attn.wqkv.weight": (f"{L}.self_attn.q_proj.weight", f"{L}.self_attn.k_proj.weight",
+                                    f"{L}.self_attn.v_proj.weight"),
+    "layers.{i}.attn.wo.weight": f"{L}.self_attn.o_proj.weight",
+    # Mixtral (MoE)
+    "layers.{i}.ffn.router.weight": f"{L}.block_sparse_moe.gate.weight",
+    "layers.{i}.ffn.router.noise.weight": f"{L}.block_sparse_moe.gate_noise.weight",  # ours: noisy gating
+    "layers.{i}.ffn.experts.w13": (f"{L}.block_sparse_moe.experts.{{e}}.w1.weight",
+                                   f"{L}.block_sparse_moe.experts.{{e}}.w3.weight"),
+    "layers.{i}.ffn.experts.w2": f"{L}.block_sparse_moe.experts.{{e}}.w2.weight",
+    # Mistral (dense)
+    "layers.{i}.ffn.w13.weight": (f"{L}.mlp.gate_proj.weight", f"{L}.mlp.up_proj.weight"),
+    "layers.{i}.ffn.w2.weight": f"{L}.mlp.down_proj.weight",
+}
+# transformers >= 5 in-memory names, which some tools write to disk. Same layout as ours.
+HF_FUSED_ALIASES = {
+    f"{L}.mlp.gate.weight": "layers.{i}.ffn.router.weight",
+    f"{L}.mlp.experts.gate_up_proj": "layers.{i}.ffn.experts.w13",
+    f"{L}.mlp.experts.down_proj": "layers.{i}.ffn.experts.w2",
+}
+
+
+def _names(template: str | tuple[str, ...]) -> tuple[str, ...]:
+    return template if isinstance(template, tuple) else (template,)
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Native key -> shape, for every tensor a model of this config has."""
+    from .model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """HF state dict -> ours. Missing, unexpected or misshapen keys raise TinyMixtralError naming them."""
+    hf = dict(hf)
+    for pattern, native in HF_FUSED_ALIASES.items():  # fused layout: rename to a private key first
+        rx = re.compile(re.escape(pattern).replace(r"\{i\}", r"(\d+)") + "$")
+        for key in [k for k in hf if rx.match(k)]:
+            hf["<native>" + native.format(i=rx.match(key).group(1))] = hf.pop(key)
+    shapes = expected_shapes(cfg)
+    out, missing = {}, []
+    for native in shapes:
+        if native == "lm_head.weight" and cfg.tie_embeddings:
+            hf.pop("lm_head.weight", None)  # tied: the embedding is the head
+            continue
+        if "<native>" + native in hf:
+            out[native] = hf.pop("<native>" + native)
+            continue
+        template = KEY_MAP[_template_of(native)]
+        i = _layer_of(native)
+        parts = []
+        for name in _names(template):
+            name = name.format(i=i, e="{e}")
+            if "{e}" in name:
+                keys = [name.format(e=e) for e in range(cfg.n_experts)]
+                missing += [k for k in keys if k not in hf]
+                if all(k in hf for k in keys):
+                    parts.append(torch.stack([hf.pop(k) for k in keys]))
+            elif name in hf:
+                parts.append(hf.pop(name))
+            else:
+                missing.append(name)
+        if len(parts) == len(_names(template)):
+            out[native] = torch.cat(parts, dim=-2 if "{e}" in str(template) else 0)
+    # Ours only (noisy gating): absent from plain HF checkpoints; keep the fresh initialisation.
+    missing = [m for m in missing if "gate_noise" not in m]
+    if missing:
+        raise TinyMixtralError(f"checkpoint is missing {len(missing)} weight(s): {_short(missing)}")
+    unexpected = [k.removeprefix("<native>") for k in hf if "rotary_emb" not in k]
+    if unexpected:
+        raise TinyMixtralError(f"checkpoint has {len(unexpected)} unexpected weight(s): {_short(unexpected)}")
+    for k, v in out.items():
+        if tuple(v.shape) != shapes[k]:
+            raise TinyMixtralError(
+                f"weight {k} has shape {tuple(v.shape)} but the config needs {shapes[k]} (check config.json)"
+            )
+    return out
+
+
+def to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Ours -> HF state dict in the classic on-disk layout (per-expert w1/w2/w3, separate q/k/v)."""
+    out = {}
+    for native, t in sd.items():
+        if native == "lm_head.weight" and cfg.tie_embeddings:
+            continue  # transformers ties it back to the embedding
+        template = KEY_MAP[_template_of(native)]
+        names = [n.format(i=_layer_of(native), e="{e}") for n in _names(template)]
+        if "{e}" in str(template):
+            pieces = t.chunk(len(names), dim=-2)  # w13: [E, 2F, D] -> w1 [E, F, D], w3 [E, F, D]
+            for name, piece in zip(names, pieces):
+                for e in range(piece.shape[0]):
+                    out[name.format(e=e)] = piece[e].contiguous()
+        else:
+            sizes = _split_sizes(native, cfg) or [t.shape[0]]
+            for name, piece in zip(names, t.split(sizes, dim=0)):
+                out[name] = piece.contiguous()
+    return out
+
+
+def _split_sizes(native: str, cfg: ModelConfig) -> list[int]:
+    if native.endswith("attn.wqkv.weight"):
+        return [cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim]
+    if native.endswith("ffn.w13.weight"):
+        return [cfg.d_ff, cfg.d_ff]
+    return []  # one piece: the whole tensor
+
+
+_LAYER_RX = re.compile(r"^layers\.(\d+)\.")
+
+
+def _template_of(native: str) -> str:
+    return _LAYER_RX.sub("layers.{i}.", native)
+
+
+def _layer_of(native: str) -> int | None:
+    m = _LAYER_RX.match(native)
+    return int(m.group(1)) if m else None
+
+
+def _short(keys: list[str], n: int = 5) -> str:
+    return ", ".join(keys[:n]) + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")

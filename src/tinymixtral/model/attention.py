@@ -1,0 +1,41 @@
+"""Grouped-query causal self-attention with rotary embeddings and an optional sliding window.
+
+Shapes: B batch, S sequence, D model dim, H query heads, G key/value heads, C head dim.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .rope import apply_rope
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        # q, k and v in one matmul; the converter splits/joins HF's q_proj, k_proj, v_proj.
+        self.wqkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x_BSD, cos, sin, mask=None):
+        """mask: None for plain causal attention, else a bool [S, S] (True = may attend)."""
+        B, S, _ = x_BSD.shape
+        H, G, C = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.wqkv(x_BSD).split((H * C, G * C, G * C), dim=-1)
+        q_BHSC = q.view(B, S, H, C).transpose(1, 2)
+        k_BGSC = k.view(B, S, G, C).transpose(1, 2)
+        v_BGSC = v.view(B, S, G, C).transpose(1, 2)
+        q_BHSC, k_BGSC = apply_rope(q_BHSC, cos, sin), apply_rope(k_BGSC, cos, sin)
+        y_BHSC = F.scaled_dot_product_attention(
+            q_BHSC, k_BGSC, v_BGSC, attn_mask=mask, is_causal=mask is None, enable_gqa=G != H
+        )
+        return self.wo(y_BHSC.transpose(1, 2).reshape(B, S, H * C))
+
+
+def sliding_window_mask(S: int, window: int, device=None) -> torch.Tensor:
+    """[S, S] bool: query i sees key j when i - window < j <= i (window tokens, itself included)."""
+    i = torch.arange(S, device=device)[:, None]
+    j = torch.arange(S, device=device)[None, :]
+    return (j <= i) & (j > i - window)

@@ -1,0 +1,147 @@
+"""`tinymixtral params`: where a Mixtral's parameters and memory go.
+
+Counts come from the real module tree built on the meta device (no memory used), grouped by
+component, so they can never drift from the model code. "Active" is what one token touches:
+everything except the experts it is not routed to (top_k of n_experts per layer).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .errors import TinyMixtralError
+
+COMPONENTS = ("embedding", "attention", "router", "experts", "ffn", "norms", "head")
+BYTES = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5}
+
+
+def component_of(name: str) -> str:
+    if name.startswith("embed."):
+        return "embedding"
+    if name.startswith("lm_head."):
+        return "head"
+    if name.endswith("norm.weight"):
+        return "norms"
+    if ".attn." in name:
+        return "attention"
+    if ".ffn.router." in name:
+        return "router"
+    if ".ffn.experts." in name:
+        return "experts"
+    if ".ffn." in name:
+        return "ffn"
+    raise AssertionError(f"parameter {name} has no component")
+
+
+def count_params(cfg: ModelConfig) -> dict:
+    """{'total', 'active', 'components': {name: {'total', 'active'}}} for a config."""
+    from .model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    comps = {c: 0 for c in COMPONENTS}
+    for name, p in model.named_parameters():  # tied head is one parameter, counted once (as embedding)
+        comps[component_of(name)] += p.numel()
+    active = dict(comps)
+    if cfg.is_moe:
+        active["experts"] = comps["experts"] * cfg.top_k // cfg.n_experts
+    return {
+        "total": sum(comps.values()),
+        "active": sum(active.values()),
+        "components": {c: {"total": comps[c], "active": active[c]} for c in COMPONENTS},
+    }
+
+
+def report(cfg: ModelConfig, context: int | None = None, batch: int = 1) -> dict:
+    """Parameter counts plus memory of weights, KV cache and training state (bytes; GB = 1e9)."""
+    counts = count_params(cfg)
+    total = counts["total"]
+    context = context or cfg.max_seq_len
+    per_token_kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim  # k and v, every layer
+    window = min(context, cfg.sliding_window) if cfg.sliding_window else context
+    kv = {
+        "context": context,
+        "batch": batch,
+        "window": cfg.sliding_window,
+        "full": {d: int(per_token_kv * context * batch * BYTES[d]) for d in ("fp32", "bf16")},
+        "rolling": {d: int(per_token_kv * window * batch * BYTES[d]) for d in ("fp32", "bf16")},
+    }
+    return {
+        **counts,
+        "weights_bytes": {d: int(total * b) for d, b in BYTES.items()},
+        "kv_cache_bytes": kv,
+        # fp32 AdamW: weights 4 + grads 4 + two moments 8 bytes per parameter; activations not included.
+        "training_bytes": {"weights": 4 * total, "grads": 4 * total, "adamw": 8 * total, "total": 16 * total},
+    }
+
+
+def _n(x: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if x >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return str(x)
+
+
+def _gb(x: float) -> str:
+    return f"{x / 1e9:.2f} GB" if x >= 1e8 else f"{x / 1e6:.2f} MB"
+
+
+def format_report(r: dict, title: str) -> str:
+    lines = [title, "", f"{'component':<12}{'total':>18}{'':>10}{'active/token':>18}"]
+    for c, v in r["components"].items():
+        if v["total"]:
+            lines.append(f"{c:<12}{v['total']:>18,}{_n(v['total']):>10}{v['active']:>18,}")
+    lines.append(f"{'all':<12}{r['total']:>18,}{_n(r['total']):>10}{r['active']:>18,}  ({_n(r['active'])} active)")
+    ex = r["components"]["experts"]
+    if ex["total"]:
+        lines.append(f"experts hold {100 * ex['total'] / r['total']:.1f}% of the weights; each token uses only "
+                     f"{_n(ex['active'])} of their {_n(ex['total'])}, so active = {_n(r['active'])} of {_n(r['total'])}")
+    lines += ["", "weights:  " + "   ".join(f"{d} {_gb(b)}" for d, b in r["weights_bytes"].items())]
+    if "disk_bytes" in r:
+        lines.append(f"on disk:  {_gb(r['disk_bytes'])}")
+    kv = r["kv_cache_bytes"]
+    lines.append(f"KV cache (context {kv['context']:,}, batch {kv['batch']}): "
+                 + "   ".join(f"{d} {_gb(b)}" for d, b in kv["full"].items()))
+    if kv["window"]:
+        lines.append(f"  with the rolling window of {kv['window']:,}: "
+                     + "   ".join(f"{d} {_gb(b)}" for d, b in kv["rolling"].items()))
+    t = r["training_bytes"]
+    lines.append(f"training (fp32 weights + grads + AdamW, no activations): {_gb(t['total'])}")
+    return "\n".join(lines)
+
+
+def add_arguments(p):
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="a preset name (e.g. tiny-mixtral, mixtral-8x7b)")
+    src.add_argument("--config", help="a config.json file")
+    src.add_argument("--model", help="a model directory")
+    p.add_argument("--context", type=int, default=None, help="context length for the KV cache (default: max)")
+    p.add_argument("--batch", type=int, default=1, help="batch size for the KV cache")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def run(args) -> int:
+    if args.context is not None and args.context <= 0:
+        raise TinyMixtralError(f"--context must be positive, got {args.context}")
+    if args.batch <= 0:
+        raise TinyMixtralError(f"--batch must be positive, got {args.batch}")
+    if args.preset:
+        cfg, title = ModelConfig.from_name(args.preset), f"preset {args.preset}"
+    else:
+        src = Path(args.config or args.model)
+        if args.model and not src.is_dir():
+            raise TinyMixtralError(f"model directory not found: {src}")
+        cfg, title = ModelConfig.load(src), str(src)
+    r = report(cfg, args.context, args.batch)
+    if args.model:
+        r["disk_bytes"] = sum(f.stat().st_size for f in Path(args.model).glob("*.safetensors"))
+    if args.json:
+        print(json.dumps({**r, "config": cfg.to_hf_dict()}, indent=2))
+    else:
+        print(format_report(r, f"{title}: {cfg.model_type}, {cfg.n_layers} layers, d_model {cfg.d_model}"
+                            + (f", {cfg.n_experts} experts top-{cfg.top_k}" if cfg.is_moe else ", dense")))
+    return 0
