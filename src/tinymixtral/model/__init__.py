@@ -1,0 +1,1 @@
+"""The model: norm, rope, attention, moe, transformer (read them in that order)."""
