@@ -44,9 +44,11 @@ def ensure_env():
 
 
 def demo():
+    # Until training lands: the parameter accounting, then text from a RANDOMLY initialised model.
     tm = [PY, "-m", "tinymixtral"]
-    sh(*tm, "params", "--preset", "demo")
-    sh(*tm, "demo")
+    sh(*tm, "params", "--preset", "tiny-mixtral")
+    sh(*tm, "generate", "--preset", "tiny-mixtral", "--prompt", "Once upon a time", "--max-new-tokens", "30",
+       "--seed", "0")
 
 
 def main(argv):

@@ -13,7 +13,11 @@ import sys
 
 COMMANDS = {
     "params": ("tinymixtral.params", "parameter count, active parameters and memory of a model"),
+    "prepare": ("tinymixtral.data", "tokenize a text source into train/val shards"),
+    "train": ("tinymixtral.train", "train a model, or resume a run"),
+    "eval": ("tinymixtral.evaluate", "loss, perplexity and bits per byte of a model on a data split"),
     "generate": ("tinymixtral.generate", "generate text from a prompt"),
+    "plot": ("tinymixtral.plots", "PNG plots of a training run"),
 }
 
 

@@ -1,0 +1,226 @@
+"""`tinymixtral prepare`: text source -> tokenized train/val shards (numpy memmap) + meta.json.
+
+A prepared data directory holds `train.bin` and `val.bin` (token ids, uint16 when the vocabulary
+fits, else uint32; every document is <s> text </s>), `meta.json` (tokenizer, dtype, token, byte and
+document counts: bytes are what bits-per-byte is measured against) and `tokenizer/`.
+Training reads random windows from the memmaps (nanoGPT's "poor man's data loader").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .errors import TinyMixtralError
+
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+DOC_SEPARATOR = "<|endoftext|>"  # TinyStories' separator in its .txt dumps
+
+
+# ---- sources: each returns {"train": [texts], "val": [texts] or None} -----------------------------
+def read_source(source: str, num_stories: int = 50_000, seed: int = 0) -> tuple[dict, dict]:
+    """Documents of a source ('stories', 'tinystories', a HF dataset dir, a file or a folder) and its metadata."""
+    if source == "stories":
+        from .stories import CORPUS_DESCRIPTION, generate_stories
+
+        texts = generate_stories(num_stories, seed=seed)
+        return {"train": texts, "val": None}, {"source": "stories", "synthetic": True,
+                                                "description": CORPUS_DESCRIPTION}
+    if source == "tinystories":
+        return load_hf_dataset("roneneldan/TinyStories"), {
+            "source": "tinystories", "synthetic": True,
+            "description": "TinyStories (Eldan & Li 2023): GPT-3.5/4-written stories for 3-4 year olds"}
+    path = Path(source)
+    if not path.exists():
+        raise TinyMixtralError(f"data source not found: {source} (use 'stories', 'tinystories', a file or a folder)")
+    if path.is_dir() and _is_hf_dataset_dir(path):
+        return load_hf_dataset(str(path)), {"source": str(path), "synthetic": False}
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES)
+    if not files:
+        raise TinyMixtralError(f"no {', '.join(TEXT_SUFFIXES)} files in {path}")
+    texts = [t for f in files for t in read_file(f)]
+    return {"train": texts, "val": None}, {"source": str(path), "synthetic": False}
+
+
+def read_file(path: Path) -> list[str]:
+    """Documents of one local file: .txt (split at <|endoftext|> or blank-line runs), .jsonl, .parquet."""
+    if path.suffix not in TEXT_SUFFIXES:
+        raise TinyMixtralError(f"{path}: unsupported file type {path.suffix!r}; use .txt, .jsonl or .parquet")
+    try:
+        if path.suffix == ".txt":
+            raw = path.read_text(encoding="utf-8")
+            parts = raw.split(DOC_SEPARATOR) if DOC_SEPARATOR in raw else [raw]
+            return [p.strip() for p in parts if p.strip()]
+        if path.suffix == ".jsonl":
+            docs = []
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                    raise TinyMixtralError(f"{path}:{n}: each line must be a JSON object with a 'text' string")
+                docs.append(row["text"])
+            return docs
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if "text" not in table.column_names:
+            raise TinyMixtralError(f"{path}: no 'text' column (columns: {', '.join(table.column_names)})")
+        return [t for t in table.column("text").to_pylist() if isinstance(t, str)]
+    except UnicodeDecodeError:
+        raise TinyMixtralError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise TinyMixtralError(f"{path}: invalid JSON ({e})") from None
+    except ImportError:
+        raise TinyMixtralError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+    except OSError as e:
+        raise TinyMixtralError(f"{path}: cannot read ({e})") from None
+
+
+def load_hf_dataset(name_or_path: str) -> dict:
+    """train/validation texts through `datasets.load_dataset` (TinyStories on the Hub, or a local copy)."""
+    try:
+        import datasets
+    except ImportError:
+        raise TinyMixtralError("this source needs the `datasets` package (pip install datasets)") from None
+    try:
+        ds = datasets.load_dataset(name_or_path)
+    except Exception as e:  # network, missing files, bad format: datasets raises many types
+        raise TinyMixtralError(f"cannot load dataset {name_or_path!r}: {str(e).splitlines()[0]}") from None
+    if "train" not in ds:
+        raise TinyMixtralError(f"dataset {name_or_path!r} has no train split (splits: {', '.join(ds)})")
+    if "text" not in ds["train"].column_names:
+        raise TinyMixtralError(f"dataset {name_or_path!r} has no 'text' column")
+    val = next((ds[s] for s in ("validation", "val", "test") if s in ds), None)
+    return {"train": ds["train"]["text"], "val": val["text"] if val is not None else None}
+
+
+def _is_hf_dataset_dir(path: Path) -> bool:
+    """A folder laid out as dataset splits (train.* and validation.* files) is read with `datasets`."""
+    names = {p.stem.split("-")[0] for p in path.iterdir() if p.suffix in (".jsonl", ".json", ".parquet", ".csv")}
+    return "train" in names and bool(names & {"validation", "val", "test"})
+
+
+# ---- prepare ---------------------------------------------------------------------------------------
+def prepare(source: str, out: str | Path, tokenizer: str = "bpe:4096", val_fraction: float = 0.02,
+            num_stories: int = 50_000, seed: int = 0, max_docs: int | None = None) -> dict:
+    """Tokenize a source into OUT/{train,val}.bin + meta.json + tokenizer/ (written atomically)."""
+    from .tokenizer import load_tokenizer, parse_tokenizer_spec, train_bpe
+
+    if not 0 < val_fraction < 1:
+        raise TinyMixtralError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    kind, size = parse_tokenizer_spec(tokenizer)
+    splits, meta = read_source(source, num_stories=num_stories, seed=seed)
+    train = [t for t in splits["train"] if t and t.strip()]
+    if max_docs:
+        train = train[:max_docs]
+    if not train:
+        raise TinyMixtralError(f"data source {source} holds no text")
+    val = [t for t in splits["val"] if t and t.strip()] if splits["val"] is not None else None
+    if val is None or not val:
+        train, val = split_docs(train, val_fraction, seed)
+    elif max_docs:
+        val = val[: max(1, int(max_docs * val_fraction))]
+    if kind == "bpe":
+        print(f"training a byte-level BPE of {size} tokens on {len(train):,} documents")
+        tok = train_bpe(train, size)
+    else:
+        tok = load_tokenizer(tokenizer)
+    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        stats = {}
+        for name, texts in (("train", train), ("val", val)):
+            stats[name] = write_tokens(texts, tok, tmp / f"{name}.bin", dtype, desc=f"tokenizing {name}")
+        tok.save(tmp / "tokenizer")
+        meta.update({
+            "tokenizer": tokenizer, "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name,
+            "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+            **{f"{s}_{k}": v for s, d in stats.items() for k, v in d.items()},
+        })
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def split_docs(docs: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """A seeded document-level split; a single document is split by characters instead."""
+    if len(docs) == 1:
+        cut = int(len(docs[0]) * (1 - fraction))
+        return [docs[0][:cut]], [docs[0][cut:]]
+    idx = list(range(len(docs)))
+    random.Random(seed).shuffle(idx)
+    n_val = max(1, round(len(docs) * fraction))
+    val_idx = set(idx[:n_val])
+    return [d for i, d in enumerate(docs) if i not in val_idx], [d for i, d in enumerate(docs) if i in val_idx]
+
+
+def write_tokens(texts: list[str], tok, path: Path, dtype, desc: str, batch: int = 2048) -> dict:
+    """Encode texts (<s> text </s> each) in batches into a flat memmap file; returns counts."""
+    total_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    chunks, n_tokens, unk = [], 0, 0
+    with tqdm(total=len(texts), desc=desc, unit="doc", unit_scale=True, leave=False) as bar:
+        for i in range(0, len(texts), batch):
+            ids = tok.encode_batch(texts[i:i + batch], bos=True, eos=True)
+            arr = np.fromiter((t for seq in ids for t in seq), dtype=np.int64)
+            if arr.size and arr.max() >= np.iinfo(dtype).max:
+                raise TinyMixtralError(f"token id {arr.max()} does not fit {np.dtype(dtype).name}")
+            if getattr(tok, "unk_id", None) is not None:
+                unk += int((arr == tok.unk_id).sum())
+            chunks.append(arr.astype(dtype))
+            n_tokens += arr.size
+            bar.update(len(texts[i:i + batch]))
+    if unk > 0.01 * n_tokens:
+        raise TinyMixtralError(f"the tokenizer cannot encode this data: {unk:,} of {n_tokens:,} tokens are <unk>")
+    mm = np.memmap(path, dtype=dtype, mode="w+", shape=(n_tokens,))
+    pos = 0
+    for c in chunks:
+        mm[pos:pos + c.size] = c
+        pos += c.size
+    mm.flush()
+    return {"tokens": n_tokens, "bytes": total_bytes, "docs": len(texts)}
+
+
+def load_split(data_dir: str | Path, split: str) -> tuple[np.memmap, dict]:
+    """The token memmap of a split and the data directory's meta.json."""
+    data_dir = Path(data_dir)
+    meta_file = data_dir / "meta.json"
+    if not meta_file.is_file():
+        raise TinyMixtralError(f"{data_dir} is not a prepared data directory (no meta.json); run `tinymixtral prepare`")
+    meta = json.loads(meta_file.read_text())
+    file = data_dir / f"{split}.bin"
+    if not file.is_file():
+        raise TinyMixtralError(f"no {split} split in {data_dir} ({file.name} missing)")
+    return np.memmap(file, dtype=np.dtype(meta["dtype"]), mode="r"), meta
+
+
+def add_arguments(p):
+    p.add_argument("source", help="'stories' (offline, synthetic), 'tinystories' (needs network), a file or a folder")
+    p.add_argument("--out", required=True, help="output data directory")
+    p.add_argument("--tokenizer", default="bpe:4096", help="'mistral' (Mixtral's 32000) or 'bpe:N' (trained here)")
+    p.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out (no val split given)")
+    p.add_argument("--num-stories", type=int, default=50_000, help="how many stories the 'stories' source makes")
+    p.add_argument("--max-docs", type=int, default=None, help="use at most this many training documents")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(args) -> int:
+    meta = prepare(args.source, args.out, args.tokenizer, args.val_fraction, args.num_stories, args.seed,
+                   args.max_docs)
+    print(f"{args.out}: train {meta['train_tokens']:,} tokens ({meta['train_docs']:,} docs), "
+          f"val {meta['val_tokens']:,} tokens, vocab {meta['vocab_size']}, {meta['dtype']}")
+    return 0

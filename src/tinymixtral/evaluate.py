@@ -1,0 +1,52 @@
+"""`tinymixtral eval`: loss per token, perplexity and bits per byte of a model on a data split."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from .errors import TinyMixtralError
+
+
+def eval_model(model_dir: str, data_dir: str, split: str = "val", seq_len: int | None = None,
+               batch_size: int = 8, max_batches: int | None = None, device: str | None = None) -> dict:
+    """{'loss', 'ppl', 'bpb', 'tokens'} of a model directory on a prepared data split."""
+    from .checkpoint import load_model
+    from .data import load_split
+    from .train import bits_per_byte, evaluate
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    data, meta = load_split(data_dir, split)
+    model = load_model(model_dir, device=device, dtype=torch.float32)
+    if meta["vocab_size"] > model.cfg.vocab_size:
+        raise TinyMixtralError(f"the data's tokenizer has {meta['vocab_size']} tokens, the model only "
+                               f"{model.cfg.vocab_size}: this data was not prepared for this model")
+    seq_len = min(seq_len or 512, model.cfg.max_seq_len, len(data) - 1)
+    loss = evaluate(model, data, batch_size, seq_len, device, max_batches)
+    n_windows = (len(data) - 1) // seq_len
+    if max_batches:
+        n_windows = min(n_windows, max_batches * batch_size)
+    return {"split": split, "loss": loss, "ppl": math.exp(min(loss, 50)), "bpb": bits_per_byte(loss, meta, split),
+            "tokens": n_windows * seq_len, "seq_len": seq_len}
+
+
+def add_arguments(p):
+    p.add_argument("--model", required=True, help="a model directory")
+    p.add_argument("--data", required=True, help="a prepared data directory")
+    p.add_argument("--split", default="val", help="val or train")
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default: 512 or the model's max)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches")
+    p.add_argument("--json", action="store_true")
+
+
+def run(args) -> int:
+    r = eval_model(args.model, args.data, args.split, args.seq_len, args.batch_size, args.max_batches)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"{args.split}: loss {r['loss']:.4f} nats/token   perplexity {r['ppl']:.3f}   "
+              f"{r['bpb']:.4f} bits/byte   ({r['tokens']:,} tokens, windows of {r['seq_len']})")
+    return 0
