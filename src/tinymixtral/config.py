@@ -132,7 +132,7 @@ class ModelConfig:
             raise TinyMixtralError(f"config.json rope_type {rope.get('rope_type')!r} is not supported; expected 'default'")
         if d.get("rope_scaling"):
             raise TinyMixtralError(f"config.json field rope_scaling={d['rope_scaling']!r} is not supported")
-        kwargs: dict[str, Any] = {"router_aux_loss_coef": 0.001}  # transformers' default when absent
+        kwargs: dict[str, Any] = {"router_aux_loss_coef": 0.001} if model_type == "mixtral" else {}  # HF default
         if "rope_theta" in rope:
             kwargs["rope_theta"] = float(rope["rope_theta"])
         inverse = {theirs: ours for ours, theirs in HF_FIELDS.items()}
@@ -223,7 +223,7 @@ _HF_IGNORED = {
 # Presets: data, not code. Real models link to the config.json they mirror.
 PRESETS: dict[str, dict[str, Any]] = {
     # Small enough to learn short stories in minutes on 2 CPU cores.
-    "demo": dict(vocab_size=4096, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=512,
+    "demo": dict(vocab_size=2048, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=512,
                  n_experts=4, top_k=2, sliding_window=256, max_seq_len=1024, rope_theta=1e4,
                  tie_embeddings=True, router_aux_loss_coef=0.01),
     # Between demo and tiny-mixtral: an hour on a CPU, minutes on a GPU.

@@ -293,8 +293,9 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> dict:
     # ---- the loop --------------------------------------------------------------------------------
     from tqdm import tqdm
 
-    bar = tqdm(total=tcfg.max_steps, initial=state["step"], disable=not (master and tcfg.progress),
-               unit="step", dynamic_ncols=True)
+    # The bar shows whichever limit binds (steps, tokens or time) as a percentage.
+    bar = tqdm(total=100.0, initial=round(100 * progress(), 1), disable=not (master and tcfg.progress),
+               unit="%", dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.1f}% [{elapsed}<{remaining}{postfix}]")
     model.train()
     last, resumed_at = {}, state["step"]
     t_last, tok_last = time.perf_counter(), state["tokens"]
@@ -351,8 +352,8 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> dict:
                     if run:
                         run.log({k: v for k, v in row.items() if k != "expert_load"}, step=state["step"])
                 last.update(row)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
-            bar.update(1)
+                bar.set_postfix(step=state["step"], loss=f"{row['loss']:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+            bar.update(min(100.0, round(100 * progress(), 1)) - bar.n)
     except KeyboardInterrupt:
         bar.close()
         if master:

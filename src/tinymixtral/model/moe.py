@@ -38,7 +38,7 @@ class FeedForward(nn.Module):
 class Routing:
     """What the router decided for one layer's tokens in the last forward pass."""
 
-    logits_NE: torch.Tensor  # fp32 router logits (before any training noise)
+    logits_NE: torch.Tensor  # fp32 router logits (of the jittered input if jitter is on; before gating noise)
     weights_NK: torch.Tensor  # renormalised weights of the chosen experts
     experts_NK: torch.Tensor  # chosen expert ids, best first
     n_dropped: int | torch.Tensor = 0  # assignments over capacity (only with capacity_factor)
@@ -137,10 +137,15 @@ def _grouped_mm(x_MI, w_EIO, offs_E, counts_E):
     Where it is missing or refuses the dtype/device, fall back to one matmul per expert.
     """
     key = (x_MI.device.type, x_MI.dtype)
-    if _GROUPED_MM_OK.get(key, hasattr(F, "grouped_mm")):
+    # grouped_mm wants 16-byte-aligned row strides (forward and backward); that depends on the shape,
+    # not on (device, dtype), so check it here rather than letting the cache turn it into an error.
+    aligned = all(n * x_MI.element_size() % 16 == 0 for n in (x_MI.shape[-1], w_EIO.shape[-1]))
+    if aligned and _GROUPED_MM_OK.get(key, hasattr(F, "grouped_mm")):
         try:
             out = F.grouped_mm(x_MI, w_EIO, offs=offs_E)
             _GROUPED_MM_OK[key] = True
+            if out.requires_grad:  # its backward refuses expanded (stride-0) gradients such as .sum()'s
+                out.register_hook(torch.Tensor.contiguous)
             return out
         except (RuntimeError, NotImplementedError) as e:
             if key in _GROUPED_MM_OK:  # it worked before: a real error, not a missing kernel
