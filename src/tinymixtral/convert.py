@@ -59,12 +59,14 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 def from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """HF state dict -> ours. Missing, unexpected or misshapen keys raise TinyMixtralError naming them."""
     hf = dict(hf)
+    source: dict[str, str] = {}  # native key -> the fused HF key it was read from (for messages)
     for pattern, native in HF_FUSED_ALIASES.items():  # fused layout: rename to a private key first
         rx = re.compile(re.escape(pattern).replace(r"\{i\}", r"(\d+)") + "$")
         for key in [k for k in hf if rx.match(k)]:
+            source[native.format(i=rx.match(key).group(1))] = key
             hf["<native>" + native.format(i=rx.match(key).group(1))] = hf.pop(key)
     shapes = expected_shapes(cfg)
-    out, missing = {}, []
+    out, missing, misshapen = {}, [], []
     for native in shapes:
         if native == "lm_head.weight" and cfg.tie_embeddings:
             hf.pop("lm_head.weight", None)  # tied: the embedding is the head
@@ -75,32 +77,40 @@ def from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Te
         template = KEY_MAP[_template_of(native)]
         i = _layer_of(native)
         parts = []
-        for name in _names(template):
+        for j, name in enumerate(_names(template)):
             name = name.format(i=i, e="{e}")
-            if "{e}" in name:
-                keys = [name.format(e=e) for e in range(cfg.n_experts)]
-                missing += [k for k in keys if k not in hf]
-                if all(k in hf for k in keys):
-                    parts.append(torch.stack([hf.pop(k) for k in keys]))
-            elif name in hf:
-                parts.append(hf.pop(name))
-            else:
-                missing.append(name)
+            # Check each HF tensor before stacking/concatenating them, so a bad one is named (not a torch error).
+            want = _part_shape(native, j, len(_names(template)), shapes[native], cfg)
+            keys = [name.format(e=e) for e in range(cfg.n_experts)] if "{e}" in name else [name]
+            missing += [k for k in keys if k not in hf]
+            if all(k in hf for k in keys):
+                tensors = [hf.pop(k) for k in keys]
+                bad = [(k, tuple(t.shape)) for k, t in zip(keys, tensors) if tuple(t.shape) != want]
+                misshapen += [f"{k} has shape {shape} but the config needs {want}" for k, shape in bad]
+                if not bad:
+                    parts.append(torch.stack(tensors) if "{e}" in name else tensors[0])
         if len(parts) == len(_names(template)):
             out[native] = torch.cat(parts, dim=-2 if "{e}" in str(template) else 0)
     # Ours only (noisy gating): absent from plain HF checkpoints; keep the fresh initialisation.
     missing = [m for m in missing if "gate_noise" not in m]
     if missing:
         raise TinyMixtralError(f"checkpoint is missing {len(missing)} weight(s): {_short(missing)}")
-    unexpected = [k.removeprefix("<native>") for k in hf if "rotary_emb" not in k]
+    unexpected = [source.get(k.removeprefix("<native>"), k) for k in hf if "rotary_emb" not in k]
     if unexpected:
         raise TinyMixtralError(f"checkpoint has {len(unexpected)} unexpected weight(s): {_short(unexpected)}")
-    for k, v in out.items():
-        if tuple(v.shape) != shapes[k]:
-            raise TinyMixtralError(
-                f"weight {k} has shape {tuple(v.shape)} but the config needs {shapes[k]} (check config.json)"
-            )
+    misshapen += [f"{source.get(k, k)} has shape {tuple(v.shape)} but the config needs {shapes[k]}"
+                  for k, v in out.items() if tuple(v.shape) != shapes[k]]
+    if misshapen:
+        raise TinyMixtralError(f"{len(misshapen)} weight(s) do not fit config.json: {_short(misshapen, 3)}")
     return out
+
+
+def _part_shape(native: str, j: int, n_parts: int, shape: tuple[int, ...], cfg: ModelConfig) -> tuple[int, ...]:
+    """Shape of the j-th of the n_parts HF tensors (per expert, for expert weights) that make native key `native`."""
+    if "{e}" in str(KEY_MAP[_template_of(native)]):
+        return (shape[1] // n_parts, *shape[2:])  # [E, n*R, C] -> [R, C] per expert
+    sizes = _split_sizes(native, cfg) or [shape[0]]
+    return (sizes[j], *shape[1:])
 
 
 def to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:

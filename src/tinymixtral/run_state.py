@@ -48,7 +48,7 @@ def load_trainer_state(ckpt: Path, optimizer) -> tuple[dict, dict[str, torch.Ten
     if not (ckpt / STATE_JSON).is_file() or not (ckpt / STATE_TENSORS).is_file():
         raise TinyMixtralError(f"{ckpt} has no trainer state ({STATE_JSON}, {STATE_TENSORS}); cannot resume from it")
     scalars = json.loads((ckpt / STATE_JSON).read_text())
-    tensors = load_file(ckpt / STATE_TENSORS)
+    tensors = {k: v.clone() for k, v in load_file(ckpt / STATE_TENSORS).items()}  # own memory, not the file's
     state = {}
     for key, t in tensors.items():
         if key.startswith("opt."):
