@@ -67,9 +67,13 @@ def read_file(path: Path) -> list[str]:
                     raise TinyMixtralError(f"{path}:{n}: each line must be a JSON object with a 'text' string")
                 docs.append(row["text"])
             return docs
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except pa.ArrowException as e:  # ArrowInvalid (not parquet, corrupt) is a ValueError, not an OSError
+            raise TinyMixtralError(f"{path}: not a valid parquet file ({str(e).splitlines()[0]})") from None
         if "text" not in table.column_names:
             raise TinyMixtralError(f"{path}: no 'text' column (columns: {', '.join(table.column_names)})")
         return [t for t in table.column("text").to_pylist() if isinstance(t, str)]
@@ -177,7 +181,7 @@ def write_tokens(texts: list[str], tok, path: Path, dtype, desc: str, batch: int
         for i in range(0, len(texts), batch):
             ids = tok.encode_batch(texts[i:i + batch], bos=True, eos=True)
             arr = np.fromiter((t for seq in ids for t in seq), dtype=np.int64)
-            if arr.size and arr.max() >= np.iinfo(dtype).max:
+            if arr.size and arr.max() > np.iinfo(dtype).max:
                 raise TinyMixtralError(f"token id {arr.max()} does not fit {np.dtype(dtype).name}")
             if getattr(tok, "unk_id", None) is not None:
                 unk += int((arr == tok.unk_id).sum())

@@ -208,6 +208,9 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> dict:
         raise TinyMixtralError(f"--seq-len {tcfg.seq_len} exceeds the model's max_seq_len {mcfg.max_seq_len}")
     if len(train_data) <= tcfg.seq_len + 1:
         raise TinyMixtralError(f"the train split has only {len(train_data)} tokens; need more than seq_len+1")
+    if len(val_data) < tcfg.seq_len + 1:  # else the first evaluation fails after the training it cost
+        raise TinyMixtralError(f"the val split has only {len(val_data)} tokens; need at least seq_len+1 "
+                               f"({tcfg.seq_len + 1}): lower --seq-len or prepare with a larger --val-fraction")
     mcfg = mcfg.replace(bos_token_id=meta.get("bos_id", mcfg.bos_token_id), eos_token_id=meta.get("eos_id"))
     torch.manual_seed(tcfg.seed)
     model = Transformer(mcfg).to(device)
@@ -433,7 +436,11 @@ def _bool(text: str) -> bool:
         return True
     if text.lower() in ("0", "false", "no", "off"):
         return False
-    raise TinyMixtralError(f"expected true or false, got {text!r}")
+    # argparse turns this into its usual "error: argument --flag: ..." and exit 2; any other exception
+    # type raised from a `type=` converter escapes parse_args as a traceback.
+    import argparse
+
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def run(args) -> int:

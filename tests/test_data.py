@@ -1,0 +1,438 @@
+"""`tinymixtral prepare`: every source kind, both tokenizer kinds, the file layout and bad input."""
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tinymixtral import data as D
+from tinymixtral.config import ModelConfig
+from tinymixtral.errors import TinyMixtralError
+from tinymixtral.tokenizer import load_tokenizer
+
+NAMES = ["Tom", "Lily", "Ben", "Mia", "Sam", "Anna", "Max", "Zoe"]
+VERBS = ["ran to", "looked at", "played with", "found", "liked", "saw", "hugged", "painted"]
+THINGS = ["the red ball", "a big tree", "the small dog", "a blue box", "the happy cat", "the park",
+          "a shiny star", "the old boat"]
+
+
+def make_docs(n: int, seed: int = 0) -> list[str]:
+    """Short seeded template stories; some start with 'Once upon a time', one has non-ASCII text."""
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        sents = [f"{rng.choice(NAMES)} {rng.choice(VERBS)} {rng.choice(THINGS)}." for _ in range(rng.randint(2, 4))]
+        if i % 3 == 0:
+            sents.insert(0, "Once upon a time,")
+        if i % 50 == 7:
+            sents.append("Café, naïve, 日本 🙂.")
+        docs.append(" ".join(sents) + (f" The end {i}." if i % 2 else ""))
+    return docs
+
+
+def write_txt(path: Path, docs: list[str]) -> Path:
+    path.write_text(f"\n{D.DOC_SEPARATOR}\n".join(docs) + "\n", encoding="utf-8")
+    return path
+
+
+def write_jsonl(path: Path, docs: list[str]) -> Path:
+    lines = [json.dumps({"id": i, "text": t}) for i, t in enumerate(docs)]
+    lines.insert(len(lines) // 2, "")  # blank lines are skipped
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def write_parquet(path: Path, docs: list[str]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": docs, "n": list(range(len(docs)))}), path)
+    return path
+
+
+def split_segments(arr: np.ndarray, bos: int, eos: int) -> list[np.ndarray]:
+    """The documents of a token file; asserts each is exactly BOS ... EOS with no other BOS/EOS inside."""
+    arr = np.asarray(arr, dtype=np.int64)
+    assert arr.size and arr[0] == bos and arr[-1] == eos
+    ends = np.flatnonzero(arr == eos)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    segs = []
+    for s, e in zip(starts, ends):
+        seg = arr[s:e + 1]
+        assert seg[0] == bos and seg[-1] == eos
+        assert not np.isin(seg[1:-1], [bos, eos]).any()
+        segs.append(seg)
+    return segs
+
+
+def decoded_docs(out: Path, split: str) -> tuple[list[str], dict]:
+    """Decode a prepared split back into its documents (and check the file against meta.json)."""
+    arr, meta = D.load_split(out, split)
+    tok = load_tokenizer(out / "tokenizer")
+    assert tok.vocab_size == meta["vocab_size"]
+    assert arr.dtype == np.dtype(meta["dtype"])
+    assert len(arr) == meta[f"{split}_tokens"]
+    assert int(arr.max()) < meta["vocab_size"]
+    segs = split_segments(arr, meta["bos_id"], meta["eos_id"])
+    assert len(segs) == meta[f"{split}_docs"]
+    docs = [tok.decode(s) for s in segs]
+    assert meta[f"{split}_bytes"] == sum(len(d.encode("utf-8")) for d in docs)
+    return docs, meta
+
+
+def check_prepared(out: Path, docs: list[str], val_fraction: float):
+    """train + val hold every document once, in source order, wrapped in BOS/EOS, counts in meta.json."""
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "tokenizer", "train.bin", "val.bin"]
+    train, meta = decoded_docs(out, "train")
+    val, _ = decoded_docs(out, "val")
+    assert sorted(train + val) == sorted(docs)
+    assert len(val) == max(1, round(len(docs) * val_fraction))
+    order = {d: i for i, d in enumerate(docs)}
+    for part in (train, val):  # each split keeps the source's order
+        idx = [order[d] for d in part]
+        assert idx == sorted(idx)
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] <= 300
+    assert (meta["bos_id"], meta["eos_id"]) == (1, 2)
+    assert json.loads((out / "meta.json").read_text()) == meta
+    return train, val, meta
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir())
+
+
+# ---- local sources ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def docs():
+    return make_docs(600)
+
+
+def test_txt_source(tmp_path, docs):
+    src = write_txt(tmp_path / "corpus.txt", docs)
+    meta = D.prepare(str(src), tmp_path / "out", "bpe:300", val_fraction=0.1, seed=0)
+    assert meta["source"] == str(src) and meta["synthetic"] is False and meta["tokenizer"] == "bpe:300"
+    train, val, _ = check_prepared(tmp_path / "out", docs, 0.1)
+    assert leftovers(tmp_path) == ["corpus.txt", "out"]  # no temp directory left behind
+    # The split is seeded: the same seed gives the same split, another seed another one.
+    D.prepare(str(src), tmp_path / "out2", "bpe:300", val_fraction=0.1, seed=0)
+    assert decoded_docs(tmp_path / "out2", "val")[0] == val
+    D.prepare(str(src), tmp_path / "out3", "bpe:300", val_fraction=0.1, seed=1)
+    assert decoded_docs(tmp_path / "out3", "val")[0] != val
+
+
+def test_txt_single_document_is_split_by_characters(tmp_path):
+    text = " ".join(make_docs(200))  # no separator: one document
+    meta = D.prepare(str(write_txt(tmp_path / "one.txt", [text])), tmp_path / "out", "bpe:300", val_fraction=0.1)
+    train, _ = decoded_docs(tmp_path / "out", "train")
+    val, _ = decoded_docs(tmp_path / "out", "val")
+    assert meta["train_docs"] == meta["val_docs"] == 1
+    assert train[0] + val[0] == text and abs(len(val[0]) - 0.1 * len(text)) <= 1
+
+
+def test_jsonl_source(tmp_path, docs):
+    src = write_jsonl(tmp_path / "docs.jsonl", docs)
+    D.prepare(str(src), tmp_path / "out", "bpe:300", val_fraction=0.05, seed=3)
+    check_prepared(tmp_path / "out", docs, 0.05)
+
+
+def test_parquet_source(tmp_path, docs):
+    src = write_parquet(tmp_path / "docs.parquet", docs)
+    D.prepare(str(src), tmp_path / "out", "bpe:300", val_fraction=0.05)
+    check_prepared(tmp_path / "out", docs, 0.05)
+
+
+def test_folder_mixing_file_kinds(tmp_path, docs):
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    write_txt(folder / "a.txt", docs[:200])
+    write_jsonl(folder / "b.jsonl", docs[200:400])
+    write_parquet(folder / "sub" / "c.parquet", docs[400:])
+    (folder / "notes.md").write_text("# not a source file\n")
+    (folder / "weights.bin").write_bytes(b"\x00\xff" * 10)
+    meta = D.prepare(str(folder), tmp_path / "out", "bpe:300", val_fraction=0.1)
+    check_prepared(tmp_path / "out", docs, 0.1)
+    assert meta["train_docs"] + meta["val_docs"] == len(docs)
+
+
+def test_max_docs_and_replacing_an_existing_output(tmp_path, docs):
+    src = write_txt(tmp_path / "c.txt", docs)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an earlier run")
+    meta = D.prepare(str(src), out, "bpe:300", val_fraction=0.1, max_docs=100)
+    assert meta["train_docs"] + meta["val_docs"] == 100
+    check_prepared(out, docs[:100], 0.1)  # the stale file is gone: the output was replaced whole
+
+
+def test_failed_prepare_keeps_the_previous_output_and_leaves_no_temp(tmp_path, docs, monkeypatch):
+    src = write_txt(tmp_path / "c.txt", docs[:100])
+    out = tmp_path / "out"
+    D.prepare(str(src), out, "bpe:300", val_fraction=0.1)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    real = D.write_tokens
+
+    def failing(texts, tok, path, dtype, desc, batch=2048):
+        if path.name == "val.bin":  # train.bin is already written in the temp directory
+            raise TinyMixtralError("simulated failure while tokenizing")
+        return real(texts, tok, path, dtype, desc, batch)
+
+    monkeypatch.setattr(D, "write_tokens", failing)
+    with pytest.raises(TinyMixtralError, match="simulated"):
+        D.prepare(str(write_txt(tmp_path / "d.txt", docs)), out, "bpe:300", val_fraction=0.1)
+    assert leftovers(tmp_path) == ["c.txt", "d.txt", "out"]
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+# ---- Hugging Face datasets --------------------------------------------------------------------------
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """Keep `datasets`' cache inside the test's temporary directory."""
+    import datasets
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    return cache
+
+
+def test_local_hf_dataset_dir_uses_its_validation_split(tmp_path, docs, hf_cache):
+    ds_dir = tmp_path / "my_dataset"
+    ds_dir.mkdir()
+    train_docs, val_docs = docs[:500], docs[500:]
+    for name, part in (("train", train_docs), ("validation", val_docs)):
+        (ds_dir / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
+    assert D._is_hf_dataset_dir(ds_dir)
+    meta = D.prepare(str(ds_dir), tmp_path / "out", "bpe:300", val_fraction=0.5)
+    assert meta["source"] == str(ds_dir) and meta["synthetic"] is False
+    train, _ = decoded_docs(tmp_path / "out", "train")
+    val, _ = decoded_docs(tmp_path / "out", "val")
+    assert val == val_docs  # its own validation split, not a val_fraction share of train
+    assert train == train_docs
+    assert (meta["train_docs"], meta["val_docs"]) == (500, len(val_docs))
+    assert "my_dataset" in leftovers(tmp_path) and not [n for n in leftovers(tmp_path) if "tmp" in n]
+
+
+def test_tinystories_source_goes_through_datasets_load_dataset(tmp_path, docs, monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, *args, **kwargs):
+        calls.append(name)
+        return datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": docs[:400]}),
+                                     "validation": datasets.Dataset.from_dict({"text": docs[400:450]})})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    meta = D.prepare("tinystories", tmp_path / "out", "bpe:300")
+    assert calls == ["roneneldan/TinyStories"]
+    assert meta["source"] == "tinystories" and meta["synthetic"] is True and "TinyStories" in meta["description"]
+    assert decoded_docs(tmp_path / "out", "val")[0] == docs[400:450]
+    assert decoded_docs(tmp_path / "out", "train")[0] == docs[:400]
+
+
+def test_hf_dataset_load_failure_is_a_clear_error(tmp_path, monkeypatch):
+    import datasets
+
+    def offline(name, *args, **kwargs):
+        raise ConnectionError("Couldn't reach 'roneneldan/TinyStories' on the Hub (LocalEntryNotFoundError)\nmore")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(TinyMixtralError, match="cannot load dataset 'roneneldan/TinyStories'") as e:
+        D.prepare("tinystories", tmp_path / "out", "bpe:300")
+    assert "\n" not in str(e.value)
+    assert leftovers(tmp_path) == []
+
+
+# ---- tokenizers and the offline stories ---------------------------------------------------------------
+def test_bpe_vocab_is_at_most_the_requested_size(tmp_path, docs):
+    src = write_txt(tmp_path / "c.txt", docs[:200])
+    meta = D.prepare(str(src), tmp_path / "out", "bpe:280", val_fraction=0.1)
+    assert meta["tokenizer"] == "bpe:280" and 259 <= meta["vocab_size"] <= 280
+    assert load_tokenizer(tmp_path / "out" / "tokenizer").vocab_size == meta["vocab_size"]
+
+
+def test_mistral_tokenizer(tmp_path, docs):
+    src = write_txt(tmp_path / "c.txt", docs[:150])
+    meta = D.prepare(str(src), tmp_path / "out", "mistral", val_fraction=0.1)
+    assert meta["vocab_size"] == 32000 and meta["dtype"] == "uint16"  # 32000 < 65536
+    arr, _ = D.load_split(tmp_path / "out", "train")
+    assert arr.dtype == np.uint16
+    tok = load_tokenizer("mistral")
+    once = [tok.bos_id] + tok.encode("Once upon a time")
+    assert once[1:] == [5713, 3714, 264, 727]
+    windows = np.lib.stride_tricks.sliding_window_view(arr.astype(np.int64), len(once))
+    hits = np.flatnonzero((windows == np.array(once)).all(axis=1))
+    starts = sum(1 for d in decoded_docs(tmp_path / "out", "train")[0] if d.startswith("Once upon a time"))
+    assert len(hits) == starts > 0  # every story that starts so, right after its BOS
+    saved = load_tokenizer(tmp_path / "out" / "tokenizer")
+    assert saved.vocab_size == 32000 and saved.encode("Once upon a time") == once[1:]
+
+
+def test_stories_source(tmp_path):
+    pytest.importorskip("tinymixtral.stories", reason="the offline story module has not landed yet")
+    meta = D.prepare("stories", tmp_path / "out", "bpe:300", num_stories=300, seed=5)
+    assert meta["source"] == "stories" and meta["synthetic"] is True
+    assert isinstance(meta["description"], str) and meta["description"].strip()
+    assert meta["train_docs"] + meta["val_docs"] == 300
+    from tinymixtral.stories import generate_stories
+
+    train, _ = decoded_docs(tmp_path / "out", "train")
+    val, _ = decoded_docs(tmp_path / "out", "val")
+    assert sorted(train + val) == sorted(t.strip() for t in generate_stories(300, seed=5))
+
+
+# ---- bad input --------------------------------------------------------------------------------------
+def _bad_cases(tmp: Path):
+    (tmp / "empty.txt").write_text("  \n\n ")
+    (tmp / "notext.jsonl").write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+    (tmp / "nonstr.jsonl").write_text('{"text": 5}\n')
+    (tmp / "broken.jsonl").write_text('{"text": "fine"}\n{"text": "unterminated\n')
+    (tmp / "nofiles").mkdir()
+    (tmp / "nofiles" / "readme.md").write_text("no text files here")
+    (tmp / "good.txt").write_text("Tom ran to the park. " * 50)
+    (tmp / "data.csv").write_text("text\nhello\n")
+    (tmp / "latin1.txt").write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e".encode("latin-1"))
+    (tmp / "corrupt.parquet").write_bytes(b"PAR1 this is not really parquet")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["no text column"]}), tmp / "nocol.parquet")
+    return {
+        "missing": (str(tmp / "nope.txt"), "bpe:300", "data source not found"),
+        "empty_txt": (str(tmp / "empty.txt"), "bpe:300", "holds no text"),
+        "jsonl_without_text": (str(tmp / "notext.jsonl"), "bpe:300", r"notext.jsonl:2: .*'text' string"),
+        "jsonl_text_not_string": (str(tmp / "nonstr.jsonl"), "bpe:300", r"nonstr.jsonl:1: .*'text' string"),
+        "invalid_json": (str(tmp / "broken.jsonl"), "bpe:300", "invalid JSON"),
+        "folder_without_text_files": (str(tmp / "nofiles"), "bpe:300", r"no \.txt, \.jsonl, \.parquet files"),
+        "bad_tokenizer_spec": (str(tmp / "good.txt"), "gpt2", "bad tokenizer 'gpt2'"),
+        "bpe_too_small": (str(tmp / "good.txt"), "bpe:100", "at least 259"),
+        "unsupported_suffix": (str(tmp / "data.csv"), "bpe:300", "unsupported file type '.csv'"),
+        "not_utf8": (str(tmp / "latin1.txt"), "bpe:300", "not UTF-8"),
+        "corrupt_parquet": (str(tmp / "corrupt.parquet"), "bpe:300", "not a valid parquet file"),
+        "parquet_without_text_column": (str(tmp / "nocol.parquet"), "bpe:300", r"no 'text' column \(columns: body\)"),
+    }
+
+
+BAD = [
+    "missing", "empty_txt", "jsonl_without_text", "jsonl_text_not_string", "invalid_json",
+    "folder_without_text_files", "bad_tokenizer_spec", "bpe_too_small", "unsupported_suffix", "not_utf8",
+    "corrupt_parquet", "parquet_without_text_column"]
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_a_clear_error_and_leaves_nothing(tmp_path, case):
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    source, tokenizer, message = _bad_cases(src_dir)[case]
+    parent = tmp_path / "outparent"
+    parent.mkdir()
+    before = leftovers(src_dir)
+    with pytest.raises(TinyMixtralError, match=message) as e:
+        D.prepare(source, parent / "out", tokenizer, val_fraction=0.1)
+    assert "\n" not in str(e.value)
+    assert leftovers(parent) == [] and leftovers(src_dir) == before
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1])
+def test_bad_val_fraction(tmp_path, fraction):
+    src = write_txt(tmp_path / "c.txt", make_docs(20))
+    with pytest.raises(TinyMixtralError, match="val-fraction"):
+        D.prepare(str(src), tmp_path / "out", "bpe:300", val_fraction=fraction)
+    assert leftovers(tmp_path) == ["c.txt"]
+
+
+def _cli(*args, cwd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "tinymixtral", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def _check_cli_error(code, stdout, stderr, tmp_path, case):
+    assert code == 2, (case, stderr)
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tinymixtral prepare: error: "), (case, stderr)
+    assert "Traceback" not in stderr + stdout
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_prepare_cli_errors_are_one_line_exit_2(tmp_path, capsys):
+    from tinymixtral import cli
+
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    cases = _bad_cases(src_dir)
+    for case in ("missing", "corrupt_parquet"):  # a real process: its exit status and stderr
+        source, tokenizer, message = cases[case]
+        r = _cli("prepare", source, "--out", str(tmp_path / "out"), "--tokenizer", tokenizer, cwd=tmp_path)
+        _check_cli_error(r.returncode, r.stdout, r.stderr, tmp_path, case)
+    for case in ("invalid_json", "bad_tokenizer_spec", "not_utf8", "jsonl_without_text"):  # in-process: faster
+        source, tokenizer, message = cases[case]
+        code = cli.main(["prepare", source, "--out", str(tmp_path / "out"), "--tokenizer", tokenizer])
+        out = capsys.readouterr()
+        _check_cli_error(code, out.out, out.err, tmp_path, case)
+
+
+def test_prepare_cli_success(tmp_path):
+    src = write_jsonl(tmp_path / "docs.jsonl", make_docs(120))
+    r = _cli("prepare", str(src), "--out", "data", "--tokenizer", "bpe:300", "--val-fraction", "0.1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    assert f"train {meta['train_tokens']:,} tokens" in r.stdout and "uint16" in r.stdout
+    check_prepared(tmp_path / "data", make_docs(120), 0.1)
+
+
+def test_train_refuses_data_with_a_larger_vocab_than_the_model(tmp_path, docs):
+    from tinymixtral.train import TrainConfig, train
+
+    D.prepare(str(write_txt(tmp_path / "c.txt", docs[:200])), tmp_path / "data", "bpe:300", val_fraction=0.1)
+    vocab = json.loads((tmp_path / "data" / "meta.json").read_text())["vocab_size"]
+    mcfg = ModelConfig(vocab_size=100, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64, n_experts=4,
+                       top_k=2, max_seq_len=64)
+    tcfg = TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run"), batch_size=2, seq_len=16,
+                       max_steps=1, progress=False)
+    with pytest.raises(TinyMixtralError, match=rf"{vocab} tokens but the model's vocab_size is 100") as e:
+        train(tcfg, mcfg)
+    assert "--vocab-size" in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_refuses_a_val_split_shorter_than_a_window(tmp_path):
+    """Checked before training: the first evaluation would otherwise fail after the steps it cost."""
+    from tinymixtral.train import TrainConfig, train
+
+    docs = make_docs(60)
+    D.prepare(str(write_txt(tmp_path / "c.txt", docs)), tmp_path / "data", "bpe:300", val_fraction=0.02)
+    n_val = json.loads((tmp_path / "data" / "meta.json").read_text())["val_tokens"]
+    assert n_val < 200
+    mcfg = ModelConfig(vocab_size=320, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64, n_experts=4,
+                       top_k=2, max_seq_len=256)
+    tcfg = TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run"), batch_size=2, seq_len=n_val,
+                       max_steps=2, progress=False)  # one token short of a window
+    with pytest.raises(TinyMixtralError, match=rf"the val split has only {n_val} tokens.*\({n_val + 1}\)"):
+        train(tcfg, mcfg)
+    assert not (tmp_path / "run").exists()
+
+
+class _FakeTok:
+    unk_id = 0
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def encode_batch(self, texts, bos=False, eos=False):
+        return [self.ids for _ in texts]
+
+
+def test_write_tokens_uses_the_whole_dtype_range(tmp_path):
+    stats = D.write_tokens(["x", "y"], _FakeTok([1, 65535, 2]), tmp_path / "a.bin", np.uint16, desc="t")
+    assert stats == {"tokens": 6, "bytes": 2, "docs": 2}
+    assert np.fromfile(tmp_path / "a.bin", dtype=np.uint16).tolist() == [1, 65535, 2] * 2
+    with pytest.raises(TinyMixtralError, match="token id 65536 does not fit uint16"):
+        D.write_tokens(["x"], _FakeTok([1, 65536, 2]), tmp_path / "b.bin", np.uint16, desc="t")
+    with pytest.raises(TinyMixtralError, match="cannot encode this data"):
+        D.write_tokens(["x"], _FakeTok([1, 0, 0, 2]), tmp_path / "c.bin", np.uint16, desc="t")
