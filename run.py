@@ -62,8 +62,8 @@ def demo():
 
 
 # The demo's training recipe: ~8 minutes on 2 CPU cores (see README, "The demo").
-DEMO_TRAIN = ["--max-time", "8m", "--max-steps", "100000", "--batch-size", "16", "--seq-len", "256",
-              "--lr", "3e-3", "--warmup-steps", "30", "--eval-interval", "250", "--eval-batches", "10",
+DEMO_TRAIN = ["--max-time", "8m", "--max-steps", "100000", "--batch-size", "8", "--seq-len", "256",
+              "--lr", "4e-3", "--warmup-steps", "50", "--eval-interval", "250", "--eval-batches", "10",
               "--ckpt-interval", "1000"]
 
 

@@ -23,9 +23,9 @@ def main():
     ap.add_argument("--data", required=True, help="a prepared data directory")
     ap.add_argument("--preset", default="demo")
     ap.add_argument("--minutes", type=float, default=4.0, help="training time of EACH model")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=4e-3)
     ap.add_argument("--out", default=None, help="where to write results.json (default: print only)")
     args = ap.parse_args()
     moe = ModelConfig.from_name(args.preset)
@@ -34,7 +34,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for name, cfg in (("moe", moe), ("dense", dense)):
             tcfg = TrainConfig(data=args.data, out=str(Path(tmp) / name), batch_size=args.batch_size,
-                               seq_len=args.seq_len, lr=args.lr, warmup_steps=30, max_steps=10**6,
+                               seq_len=args.seq_len, lr=args.lr, warmup_steps=50, max_steps=10**6,
                                max_time=args.minutes * 60, eval_interval=10**6, eval_batches=20,
                                ckpt_interval=10**6)
             final = train(tcfg, cfg)

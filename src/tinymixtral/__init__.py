@@ -1,9 +1,17 @@
 """tinymixtral: a small, fast, hackable Mixtral (sparse Mixture-of-Experts LM) in PyTorch."""
 
-from .checkpoint import load_model, save_model
-from .config import PRESETS, ModelConfig
-from .errors import TinyMixtralError
-from .model.transformer import Transformer
+import importlib
 
-__all__ = ["ModelConfig", "PRESETS", "Transformer", "TinyMixtralError", "load_model", "save_model"]
 __version__ = "0.1.0"
+# Imported on first use, so `tinymixtral --help` does not pay for importing torch.
+_EXPORTS = {
+    "ModelConfig": "config", "PRESETS": "config", "TinyMixtralError": "errors", "Transformer": "model.transformer",
+    "load_model": "checkpoint", "save_model": "checkpoint", "generate": "generate", "load_tokenizer": "tokenizer",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'tinymixtral' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -1,7 +1,9 @@
-"""Text generation: pure sampling functions, a token loop, and the `generate` command.
+"""Text generation with a KV cache: pure sampling functions, prefill, a decode loop, the `generate` command.
 
-This first version recomputes the whole (cropped) sequence at every step: simple and exact, and
-fast enough for tiny models. The rolling-buffer KV cache replaces it (issue: generate fast).
+The prompt is prefilled in chunks (at most the sliding window each, so memory stays bounded); then
+each step feeds one token per row and reads everything else from the cache. A batch of prompts of
+different lengths is left-padded; each row keeps its own positions, so its tokens are exactly those
+it would get alone.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
+from .cache import KVCache
 from .errors import TinyMixtralError
 
 
@@ -26,55 +29,101 @@ def sample(logits_BV: torch.Tensor, temperature: float = 0.0, top_k: int | None 
         logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, idx = logits_BV.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum - sorted_logits.softmax(dim=-1) > top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits_BV = torch.full_like(logits_BV, float("-inf")).scatter(-1, idx, sorted_logits)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits_BV = logits_BV.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits_BV.softmax(dim=-1)
+    if generator is not None and generator.device != probs.device:
+        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def apply_repetition_penalty(logits_BV: torch.Tensor, seen_BV: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty (Keskar et al. 2019): divide positive, multiply negative logits of seen tokens."""
+    penalised = torch.where(logits_BV > 0, logits_BV / penalty, logits_BV * penalty)
+    return torch.where(seen_BV, penalised, logits_BV)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int = 0, device=None):
+    """Ragged prompts -> ids [B, S] padded on the left, and positions [B, S] (padding < 0)."""
+    S = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (S - len(p)) + list(p) for p in prompts], device=device)
+    pos = torch.arange(S, device=device)[None, :] - torch.tensor([S - len(p) for p in prompts], device=device)[:, None]
+    return ids, pos
+
+
 @torch.no_grad()
-def stream(model, input_ids_BS: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-           top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-           eos_id: int | None = None) -> Iterator[torch.Tensor]:
-    """Yield the next token ids [B] one step at a time (stops early when every row has produced EOS)."""
-    check_sampling(temperature, top_k, top_p)
+def stream(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+           top_p: float | None = None, seed: int | None = None, eos_id: int | None = None,
+           repetition_penalty: float | None = None, prefill_chunk: int | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token id of every row, [B], one step at a time.
+
+    prompts: ids [B, S] or a list of id lists (ragged). Rows that produced eos_id keep yielding it;
+    the loop ends when all have, or after max_new_tokens.
+    """
+    check_sampling(temperature, top_k, top_p, repetition_penalty)
+    cfg, device = model.cfg, model.embed.weight.device
+    rows = prompts.tolist() if torch.is_tensor(prompts) else [list(p) for p in prompts]
+    if not rows or min(len(r) for r in rows) == 0:
+        raise TinyMixtralError("every prompt needs at least one token")
+    ids, pos = left_pad(rows, device=device)
+    B, S = ids.shape
+    if cfg.sliding_window is None and S + max_new_tokens > cfg.max_seq_len:
+        raise TinyMixtralError(f"prompt ({S} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                               f"{cfg.max_seq_len} positions")
     model.eval()
-    gen = None
-    if seed is not None:
-        gen = torch.Generator(device=input_ids_BS.device).manual_seed(seed)
-    ids = input_ids_BS
-    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    for _ in range(max_new_tokens):
-        context = ids[:, -model.cfg.max_seq_len:]
-        start = ids.shape[1] - context.shape[1]
-        logits = model(context, start_pos=start)[:, -1]
-        nxt = sample(logits, temperature, top_k, top_p, gen)
+    cache = KVCache.for_model(model, B, S + max_new_tokens)
+    gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+    seen = None
+    if repetition_penalty and repetition_penalty != 1.0:
+        seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)
+        seen.scatter_(1, ids, True)
+    chunk = min(prefill_chunk or cfg.sliding_window or 512, cache.slots)
+    for i in range(0, S, chunk):  # chunked prefill: memory bounded by the chunk, not the prompt
+        logits = model(ids[:, i:i + chunk], cache=cache, positions_BS=pos[:, i:i + chunk], last_only=True)
+    next_pos = pos[:, -1:] + 1
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        logits_BV = logits[:, -1]
+        if seen is not None:
+            logits_BV = apply_repetition_penalty(logits_BV, seen, repetition_penalty)
+        nxt = sample(logits_BV, temperature, top_k, top_p, gen)
         if eos_id is not None:
             nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
             done |= nxt == eos_id
-        ids = torch.cat([ids, nxt[:, None]], dim=1)
         yield nxt
-        if eos_id is not None and bool(done.all()):
-            return
+        if step == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
+            return  # no forward pass for a token nobody will sample after
+        if seen is not None:
+            seen.scatter_(1, nxt[:, None], True)
+        logits = model(nxt[:, None], cache=cache, positions_BS=next_pos)
+        next_pos = next_pos + 1
 
 
-def generate(model, input_ids_BS: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             eos_id: int | None = None) -> torch.Tensor:
-    """Prompt plus generated token ids [B, S + new]."""
-    new = list(stream(model, input_ids_BS, max_new_tokens, temperature, top_k, top_p, seed, eos_id))
-    return torch.cat([input_ids_BS] + [t[:, None] for t in new], dim=1) if new else input_ids_BS
+def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int | None = None, eos_id: int | None = None, **kw):
+    """Prompt + new token ids: a tensor [B, S + new] for a tensor prompt, else a list of lists (ragged)."""
+    new = [t.tolist() for t in stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, seed, eos_id, **kw)]
+    if torch.is_tensor(input_ids):
+        return torch.cat([input_ids, torch.tensor(new, device=input_ids.device).T.reshape(len(input_ids), -1)], dim=1)
+    out = []
+    for b, prompt in enumerate(input_ids):
+        row = [step[b] for step in new]
+        if eos_id is not None and eos_id in row:
+            row = row[: row.index(eos_id) + 1]
+        out.append(list(prompt) + row)
+    return out
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None):
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, repetition_penalty=None):
     if temperature < 0:
         raise TinyMixtralError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise TinyMixtralError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise TinyMixtralError(f"top_p must be in (0, 1], got {top_p}")
+    if repetition_penalty is not None and repetition_penalty <= 0:
+        raise TinyMixtralError(f"repetition_penalty must be > 0, got {repetition_penalty}")
 
 
 # ---- command line ----------------------------------------------------------------------------------
@@ -83,25 +132,47 @@ def add_arguments(p):
     src.add_argument("--model", help="a model directory (HF format, with its tokenizer)")
     src.add_argument("--preset", help="a preset with RANDOM weights (to see what an untrained model does)")
     p.add_argument("--tokenizer", default=None, help="tokenizer: 'mistral' or a directory (default: the model's)")
-    p.add_argument("--prompt", default="Once upon a time", help="the prompt")
-    p.add_argument("--max-new-tokens", type=int, default=100)
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default=None, help="the prompt (default: 'Once upon a time')")
+    prompt.add_argument("--prompt-file", default=None, help="a file with one prompt per line: a batch")
+    p.add_argument("--chat", action="store_true", help="wrap prompts in Mistral's [INST] ... [/INST] template")
+    p.add_argument("--system", default=None, help="a system prompt for --chat")
+    p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    p.add_argument("--stop", action="append", default=None, help="stop a row at this string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
 
 
+def chat_template(prompt: str, system: str | None) -> str:
+    """Mistral's instruct format (v1): the system prompt goes in front of the first user turn."""
+    return f"[INST] {system}\n\n{prompt} [/INST]" if system else f"[INST] {prompt} [/INST]"
+
+
 def run(args) -> int:
+    from pathlib import Path
+
     from .checkpoint import load_model
     from .config import ModelConfig
     from .model.transformer import Transformer
     from .tokenizer import load_tokenizer
 
-    check_sampling(args.temperature, args.top_k, args.top_p)
-    if args.max_new_tokens < 1:
-        raise TinyMixtralError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if not args.prompt:
+    check_sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    if args.max_new_tokens < 1 or args.num_samples < 1:
+        raise TinyMixtralError("--max-new-tokens and --num-samples must be >= 1")
+    if args.prompt_file:
+        if not Path(args.prompt_file).is_file():
+            raise TinyMixtralError(f"prompt file not found: {args.prompt_file}")
+        prompts = [line for line in Path(args.prompt_file).read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise TinyMixtralError(f"{args.prompt_file} holds no prompts")
+    else:
+        prompts = ["Once upon a time" if args.prompt is None else args.prompt]
+    if any(not p.strip() for p in prompts):
         raise TinyMixtralError("the prompt is empty; give some text with --prompt")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.model:
@@ -115,18 +186,48 @@ def run(args) -> int:
         print(f"[random weights of preset {args.preset}: expect gibberish until it is trained]", file=sys.stderr)
     if tok.vocab_size > model.cfg.vocab_size:
         raise TinyMixtralError(f"tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}")
-    ids = torch.tensor([tok.encode(args.prompt, bos=True)], device=device)
-    print(args.prompt, end="", flush=True)
-    new, shown, t0 = [], "", time.perf_counter()
-    for nxt in stream(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                      eos_id=tok.eos_id):
-        if int(nxt[0]) == tok.eos_id:
+    texts = [chat_template(p, args.system) if args.chat else p for p in prompts for _ in range(args.num_samples)]
+    rows = [tok.encode(t, bos=True) for t in texts]
+    echoed = [tok.decode(r) for r in rows]  # new text is what the decoded sequence adds after this
+    new = [[] for _ in rows]
+    live = [True] * len(rows)
+    streaming = len(rows) == 1
+    if streaming:
+        print(texts[0], end="", flush=True)
+    shown, t0, n_tokens = "", time.perf_counter(), 0
+    for step in stream(model, rows, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                       tok.eos_id, args.repetition_penalty):
+        for b, t in enumerate(step.tolist()):
+            if live[b] and t != tok.eos_id:
+                new[b].append(t)
+                n_tokens += 1
+            live[b] = live[b] and t != tok.eos_id
+        outs = [tok.decode(rows[b] + new[b])[len(echoed[b]):] for b in range(len(rows))] if args.stop or streaming \
+            else None
+        if args.stop:
+            for b, text in enumerate(outs):
+                if live[b] and any(s in text for s in args.stop):
+                    live[b] = False
+        if streaming:
+            text = _cut(outs[0], args.stop)
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+        if not any(live):
             break
-        new.append(int(nxt[0]))
-        text = tok.decode(ids[0].tolist()[1:] + new)[len(args.prompt):]  # decode whole: spaces come out right
-        print(text[len(shown):], end="", flush=True)
-        shown = text
     dt = time.perf_counter() - t0
-    print()
-    print(f"[{len(new)} tokens in {dt:.2f} s, {len(new) / max(dt, 1e-9):.1f} tok/s]", file=sys.stderr)
+    if streaming:
+        print()
+    else:
+        for b in range(len(rows)):
+            print(f"--- {b}: " + texts[b] + _cut(tok.decode(rows[b] + new[b])[len(echoed[b]):], args.stop))
+    print(f"[{n_tokens} tokens in {dt:.2f} s, {n_tokens / max(dt, 1e-9):.1f} tok/s, batch {len(rows)}]",
+          file=sys.stderr)
     return 0
+
+
+def _cut(text: str, stops: list[str] | None) -> str:
+    """Text up to (not including) the first stop string."""
+    for s in stops or []:
+        if s in text:
+            text = text[: text.index(s)]
+    return text

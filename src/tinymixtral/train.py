@@ -252,6 +252,18 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> dict:
         torch.set_rng_state(rng["torch"])
         if master:
             print(f"resuming {out} from step {state['step']}")
+
+    def progress():
+        fracs = [state["step"] / tcfg.max_steps]
+        if tcfg.max_tokens:
+            fracs.append(state["tokens"] / tcfg.max_tokens)
+        if tcfg.max_time:
+            fracs.append(state["elapsed"] / tcfg.max_time)
+        return max(fracs)
+
+    if resume and progress() >= 1.0:
+        raise TinyMixtralError(f"{out} already reached its limit at step {state['step']}; raise --max-steps, "
+                               "--max-tokens or --max-time to train further")
     if tcfg.compile:
         model = torch.compile(model)
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tcfg.autocast]
@@ -263,16 +275,11 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> dict:
     if tcfg.wandb and master:
         import wandb
 
-        run = wandb.init(project=tcfg.wandb_project, dir=str(out), config=dataclasses.asdict(tcfg) | {
-            "model": dataclasses.asdict(mcfg)}, resume="allow")
-
-    def progress():
-        fracs = [state["step"] / tcfg.max_steps]
-        if tcfg.max_tokens:
-            fracs.append(state["tokens"] / tcfg.max_tokens)
-        if tcfg.max_time:
-            fracs.append(state["elapsed"] / tcfg.max_time)
-        return max(fracs)
+        id_file = out / "wandb_id"  # the same W&B run continues when this run is resumed
+        if not id_file.exists():
+            id_file.write_text(wandb.util.generate_id())
+        run = wandb.init(project=tcfg.wandb_project, dir=str(out), id=id_file.read_text(), resume="allow",
+                         config=dataclasses.asdict(tcfg) | {"model": dataclasses.asdict(mcfg)})
 
     def checkpoint():
         full = _full_model(raw_model, tcfg.fsdp)  # a collective under FSDP: every process takes part
@@ -282,7 +289,8 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> dict:
                             tokenizer_dir, tcfg.keep_last, state["best_step"])
 
     def do_eval():
-        val = evaluate(model, val_data, tcfg.batch_size, tcfg.seq_len, device, tcfg.eval_batches)
+        # Every process evaluates the same windows, as many as one process with the global batch would.
+        val = evaluate(model, val_data, tcfg.batch_size * world, tcfg.seq_len, device, tcfg.eval_batches)
         row = {"step": state["step"], "tokens": state["tokens"], "val_loss": val, "val_ppl": math.exp(min(val, 50)),
                "val_bpb": bits_per_byte(val, meta, "val")}
         if master:

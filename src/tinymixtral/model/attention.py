@@ -19,8 +19,11 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x_BSD, cos, sin, mask=None):
-        """mask: None for plain causal attention, else a bool [S, S] (True = may attend)."""
+    def forward(self, x_BSD, cos, sin, mask=None, kv=None):
+        """mask: None for plain causal attention, else bool (True = may attend), [S, S] or [B, 1, S, keys].
+
+        kv: None, or (cache, layer index, write_first, n_keys) from KVCache.plan() when decoding.
+        """
         B, S, _ = x_BSD.shape
         H, G, C = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.wqkv(x_BSD).split((H * C, G * C, G * C), dim=-1)
@@ -28,6 +31,9 @@ class Attention(nn.Module):
         k_BGSC = k.view(B, S, G, C).transpose(1, 2)
         v_BGSC = v.view(B, S, G, C).transpose(1, 2)
         q_BHSC, k_BGSC = apply_rope(q_BHSC, cos, sin), apply_rope(k_BGSC, cos, sin)
+        if kv is not None:
+            cache, layer, write_first, n_keys = kv
+            k_BGSC, v_BGSC = cache.attend_keys(layer, k_BGSC, v_BGSC, write_first, n_keys)
         y_BHSC = F.scaled_dot_product_attention(
             q_BHSC, k_BGSC, v_BGSC, attn_mask=mask, is_causal=mask is None, enable_gqa=G != H
         )

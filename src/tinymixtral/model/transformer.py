@@ -23,8 +23,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = MoE(cfg) if cfg.is_moe else FeedForward(cfg.d_model, cfg.d_ff)
 
-    def forward(self, x_BSD, cos, sin, mask):
-        h_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin, mask)
+    def forward(self, x_BSD, cos, sin, mask, kv=None):
+        h_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin, mask, kv)
         return h_BSD + self.ffn(self.ffn_norm(h_BSD))
 
 
@@ -49,16 +49,33 @@ class Transformer(nn.Module):
             else:
                 p.normal_(0.0, self.cfg.init_std)
 
-    def forward(self, input_ids_BS: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """Logits [B, S, V] for token ids [B, S] at positions start_pos, start_pos+1, ..."""
+    def forward(self, input_ids_BS: torch.Tensor, start_pos: int = 0, cache=None, positions_BS=None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits [B, S, V] (or [B, 1, V] with last_only) for token ids [B, S].
+
+        Without a cache: positions start_pos, start_pos+1, ... With a KVCache: the tokens continue the
+        cached ones; positions_BS gives each row's positions (negative = padding), default cache.t + i.
+        """
         B, S = input_ids_BS.shape
         x_BSD = self.embed(input_ids_BS)
-        positions = torch.arange(start_pos, start_pos + S, device=input_ids_BS.device)
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x_BSD.dtype)
         window = self.cfg.sliding_window
-        mask = None if window is None or S <= window else sliding_window_mask(S, window, x_BSD.device)
-        for layer in self.layers:
-            x_BSD = layer(x_BSD, cos, sin, mask)
+        if cache is None:
+            positions = torch.arange(start_pos, start_pos + S, device=input_ids_BS.device)
+            cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x_BSD.dtype)
+            mask = None if window is None or S <= window else sliding_window_mask(S, window, x_BSD.device)
+            for layer in self.layers:
+                x_BSD = layer(x_BSD, cos, sin, mask)
+        else:
+            if positions_BS is None:
+                positions_BS = torch.arange(cache.t, cache.t + S, device=input_ids_BS.device).expand(B, S)
+            cos, sin = rope_cos_sin(positions_BS.clamp(min=0), self.cfg.head_dim, self.cfg.rope_theta, x_BSD.dtype)
+            cos, sin = cos[:, None], sin[:, None]  # [B, 1, S, C]: one rotation per row and position
+            write_first, n_keys, mask = cache.plan(positions_BS)
+            for i, layer in enumerate(self.layers):
+                x_BSD = layer(x_BSD, cos, sin, mask, (cache, i, write_first, n_keys))
+            cache.advance(S)
+        if last_only:
+            x_BSD = x_BSD[:, -1:]  # the head over 32000 tokens is costly: only where we sample
         return self.lm_head(self.norm(x_BSD))
 
     # ---- routing of the last forward pass --------------------------------------------------------

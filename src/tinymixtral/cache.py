@@ -1,0 +1,101 @@
+"""The KV cache: preallocated keys and values of every layer, written at time-step slots.
+
+Shapes: L layers, B batch, G key/value heads, T slots, C head dim, S new tokens.
+
+With a sliding window W the cache is a rolling buffer of T = W slots: time step t lives in slot t mod W,
+so its memory stays the same however long generation runs (Mistral's rolling buffer). Without a
+window it is a static cache of T = prompt + new tokens. Nothing is ever shifted or re-fed.
+
+Slots are indexed by time step, not by position, so a batch of prompts of different lengths can be
+left-padded and still share one slot index per step: each row's own positions are kept in `pos`
+(-1 marks an empty slot or a padding token, which no query may attend to).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class KVCache(nn.Module):
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, slots: int, head_dim: int,
+                 window: int | None, dtype=torch.float32, device=None):
+        super().__init__()
+        self.window, self.t = window, 0  # t: time steps written so far
+        shape = (n_layers, batch, n_kv_heads, slots, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("pos", torch.full((batch, slots), -1, dtype=torch.long, device=device),
+                             persistent=False)
+
+    @classmethod
+    def for_model(cls, model, batch: int, max_len: int) -> KVCache:
+        """A cache for `model`: W slots for a windowed model, else max_len slots."""
+        cfg = model.cfg
+        slots = min(cfg.sliding_window, max_len) if cfg.sliding_window else max_len
+        p = model.embed.weight
+        return cls(cfg.n_layers, batch, cfg.n_kv_heads, slots, cfg.head_dim, cfg.sliding_window, p.dtype, p.device)
+
+    @property
+    def slots(self) -> int:
+        return self.pos.shape[1]
+
+    def reset(self):
+        self.t = 0
+        self.pos.fill_(-1)
+
+    def plan(self, qpos_BS: torch.Tensor):
+        """Decide how the S new tokens at time steps t..t+S-1 are attended, and build the mask.
+
+        If the new tokens land in slots that hold nothing a query still needs (no wrap, or S = 1),
+        they are written first and attention reads the cache alone. Otherwise (a prefill chunk that
+        wraps the rolling buffer) attention reads [old cache ; new tokens] and the write comes after.
+        Returns (write_first, n_keys, mask [B, 1, S, keys]).
+        """
+        S, T = qpos_BS.shape[1], self.slots
+        if S > T:
+            raise ValueError(f"a chunk of {S} tokens does not fit a cache of {T} slots; prefill in chunks")
+        if (self.window is None or T < self.window) and self.t + S > T:
+            raise ValueError(f"the cache holds {T} time steps and is full; make it for a longer max_len")
+        write_first = self.t + S <= T or S == 1
+        slots = torch.arange(self.t, self.t + S, device=qpos_BS.device) % T
+        if write_first:
+            self.pos[:, slots] = qpos_BS
+            n = min(self.t + S, T)
+            kpos_BK = self.pos[:, :n]
+        else:
+            n = T + S
+            kpos_BK = torch.cat([self.pos, qpos_BS], dim=1)
+        q, k = qpos_BS[:, :, None], kpos_BK[:, None, :]
+        allowed = (k >= 0) & (k <= q)
+        if self.window is not None:
+            allowed &= k > q - self.window
+        allowed |= (q < 0)  # padding queries: anything (their output is ignored), never an all-masked row
+        self._pending = None if write_first else (slots, qpos_BS)
+        return write_first, n, allowed[:, None]
+
+    def attend_keys(self, layer: int, k_BGSC, v_BGSC, write_first: bool, n: int):
+        """Store the new keys/values of one layer and return the keys/values to attend over."""
+        S, T = k_BGSC.shape[2], self.slots
+        slots = torch.arange(self.t, self.t + S, device=k_BGSC.device) % T
+        if write_first:
+            if self.t + S <= T:  # contiguous: a slice write, no index tensor
+                self.k[layer, :, :, self.t:self.t + S] = k_BGSC
+                self.v[layer, :, :, self.t:self.t + S] = v_BGSC
+            else:
+                self.k[layer, :, :, slots] = k_BGSC
+                self.v[layer, :, :, slots] = v_BGSC
+            return self.k[layer, :, :, :n], self.v[layer, :, :, :n]
+        keys = torch.cat([self.k[layer], k_BGSC], dim=2)
+        values = torch.cat([self.v[layer], v_BGSC], dim=2)
+        self.k[layer, :, :, slots] = k_BGSC
+        self.v[layer, :, :, slots] = v_BGSC
+        return keys, values
+
+    def advance(self, S: int):
+        """Close a forward pass of S tokens: commit positions written after attention, move t on."""
+        if self._pending is not None:
+            slots, qpos = self._pending
+            self.pos[:, slots] = qpos
+            self._pending = None
+        self.t += S
