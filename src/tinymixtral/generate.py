@@ -162,8 +162,10 @@ def run(args) -> int:
     from .tokenizer import load_tokenizer
 
     check_sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
-    if args.max_new_tokens < 1 or args.num_samples < 1:
-        raise TinyMixtralError("--max-new-tokens and --num-samples must be >= 1")
+    if args.max_new_tokens < 1:
+        raise TinyMixtralError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.num_samples < 1:
+        raise TinyMixtralError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.prompt_file:
         if not Path(args.prompt_file).is_file():
             raise TinyMixtralError(f"prompt file not found: {args.prompt_file}")

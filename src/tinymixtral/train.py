@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,7 +278,7 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> dict:
 
         id_file = out / "wandb_id"  # the same W&B run continues when this run is resumed
         if not id_file.exists():
-            id_file.write_text(wandb.util.generate_id())
+            id_file.write_text(uuid.uuid4().hex[:12])
         run = wandb.init(project=tcfg.wandb_project, dir=str(out), id=id_file.read_text(), resume="allow",
                          config=dataclasses.asdict(tcfg) | {"model": dataclasses.asdict(mcfg)})
 
