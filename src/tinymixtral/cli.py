@@ -18,6 +18,7 @@ COMMANDS = {
     "eval": ("tinymixtral.evaluate", "loss, perplexity and bits per byte of a model on a data split"),
     "generate": ("tinymixtral.generate", "generate text from a prompt"),
     "plot": ("tinymixtral.plots", "PNG plots of a training run"),
+    "bench": ("tinymixtral.bench", "speed of training, prefill and decode, side by side with transformers"),
 }
 
 

@@ -1,0 +1,215 @@
+"""`tinymixtral bench`: training, prefill and decode speed, ours and transformers' side by side.
+
+One set of random weights is loaded into both models (through a saved HF directory, the same path a
+user takes). Each round times ours, then theirs, on the same inputs, after warm-up; we report the
+median and range over rounds, the ratio ours/theirs, tokens/s, and MFU against a matrix-multiply
+rate measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .errors import TinyMixtralError
+
+WHAT = ("train", "prefill", "decode")
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def build_pair(cfg, device, hf: bool, seed: int = 0):
+    """Our model with random weights, and transformers' model loaded from the same weights (or None)."""
+    from .checkpoint import save_model
+    from .model.transformer import Transformer
+
+    torch.manual_seed(seed)
+    ours = Transformer(cfg).to(device)
+    theirs = None
+    if hf:
+        try:
+            from transformers import AutoModelForCausalLM
+        except ImportError:
+            print("transformers is not installed: timing ours only", file=sys.stderr)
+            return ours, None
+        with tempfile.TemporaryDirectory() as tmp:
+            save_model(ours, tmp)
+            theirs = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).to(device)
+    return ours, theirs
+
+
+def train_step_fns(ours, theirs, batch, seq, device):
+    """One fwd+bwd+AdamW step for each model, on the same random tokens."""
+    V = ours.cfg.vocab_size
+    x = torch.randint(0, V, (batch, seq + 1), device=device)
+    opt_o = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=torch.device(device).type == "cuda")
+
+    def step_ours():
+        logits = ours(x[:, :-1])
+        loss = F.cross_entropy(logits.float().view(-1, V), x[:, 1:].reshape(-1))
+        sum([loss, *ours.router_losses().values()]).backward()
+        opt_o.step()
+        opt_o.zero_grad(set_to_none=True)
+
+    fns = {"ours": step_ours}
+    if theirs is not None:
+        opt_t = torch.optim.AdamW(theirs.parameters(), lr=1e-4, fused=torch.device(device).type == "cuda")
+        theirs.config.output_router_logits = ours.cfg.router_aux_loss_coef > 0
+
+        def step_theirs():
+            out = theirs(x[:, :-1], labels=x[:, :-1])  # HF shifts labels itself
+            out.loss.backward()
+            opt_t.step()
+            opt_t.zero_grad(set_to_none=True)
+
+        fns["transformers"] = step_theirs
+    return fns, batch * seq
+
+
+def prefill_fns(ours, theirs, batch, seq, device):
+    """The prompt pass of generation: fill the KV cache, logits of the last position only."""
+    from .cache import KVCache
+
+    x = torch.randint(0, ours.cfg.vocab_size, (batch, seq), device=device)
+
+    @torch.no_grad()
+    def run_ours():
+        cache = KVCache.for_model(ours, batch, seq)
+        chunk = ours.cfg.sliding_window or seq
+        for i in range(0, seq, chunk):
+            ours(x[:, i:i + chunk], cache=cache, last_only=True)
+
+    fns = {"ours": run_ours}
+    if theirs is not None:
+        fns["transformers"] = torch.no_grad()(lambda: theirs(x, use_cache=True, logits_to_keep=1))
+    return fns, batch * seq
+
+
+def decode_fns(ours, theirs, batch, new_tokens, device, prompt_len: int = 16):
+    """Greedy generation of new_tokens after a short prompt."""
+    from .generate import generate
+
+    x = torch.randint(3, ours.cfg.vocab_size, (batch, prompt_len), device=device)
+    fns = {"ours": lambda: generate(ours, x, new_tokens)}
+    if theirs is not None:
+        fns["transformers"] = lambda: theirs.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                                      do_sample=False, pad_token_id=0)
+    return fns, batch * new_tokens
+
+
+def run_bench(cfg, what=WHAT, batch=8, seq=256, decode_batches=(1, 8), new_tokens=64, rounds=5,
+              device=None, hf=True) -> dict:
+    """Time each phase for both models; returns {phase: {model: {median_s, min_s, max_s, tok_s}}, ...}."""
+    from .train import flops_per_token, measure_matmul_flops
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ours, theirs = build_pair(cfg, device, hf)
+    peak = measure_matmul_flops(device)
+    phases = []
+    if "train" in what:
+        phases.append((f"train {batch}x{seq}", lambda: train_step_fns(ours.train(), theirs and theirs.train(),
+                                                                        batch, seq, device), True))
+    if "prefill" in what:
+        phases.append((f"prefill 1x{seq}", lambda: prefill_fns(ours.eval(), theirs and theirs.eval(), 1, seq,
+                                                               device), False))
+    if "decode" in what:
+        for b in decode_batches:
+            phases.append((f"decode batch {b}", lambda b=b: decode_fns(ours.eval(), theirs and theirs.eval(), b,
+                                                                        new_tokens, device), False))
+    result = {"config": cfg.to_hf_dict(), "device": str(device), "threads": torch.get_num_threads(),
+              "matmul_flops": peak, "phases": {}}
+    for name, make, training in phases:
+        fns, tokens = make()
+        for fn in fns.values():  # warm-up (allocator, kernels, lazy init)
+            fn()
+        times = {k: [] for k in fns}
+        for _ in range(rounds):  # alternate, so drift in machine load hits both alike
+            for k, fn in fns.items():
+                times[k].append(_time(fn, device))
+        row = {}
+        for k, ts in times.items():
+            med = statistics.median(ts)
+            row[k] = {"median_s": med, "min_s": min(ts), "max_s": max(ts), "tok_s": tokens / med}
+            if training:
+                row[k]["mfu"] = tokens / med * flops_per_token(cfg, seq) / peak
+        if "transformers" in row:
+            ratios = [a / b for a, b in zip(times["transformers"], times["ours"])]
+            row["speedup"] = {"median": row["transformers"]["median_s"] / row["ours"]["median_s"],
+                              "min": min(ratios), "max": max(ratios)}
+        result["phases"][name] = row
+    if torch.device(device).type == "cuda":
+        result["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    else:
+        import resource
+
+        result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return result
+
+
+def format_result(r: dict) -> str:
+    lines = [f"device {r['device']}, {r['threads']} threads, matmul {r['matmul_flops'] / 1e9:.0f} GFLOP/s (fp32)",
+             f"{'phase':<18}{'ours tok/s':>12}{'hf tok/s':>12}{'speedup':>9}{'  range':<14}{'ours MFU':>9}"]
+    for name, row in r["phases"].items():
+        o, t, s = row["ours"], row.get("transformers"), row.get("speedup")
+        theirs = f"{t['tok_s']:,.0f}" if t else "-"
+        speedup = f"{s['median']:.2f}x" if s else "-"
+        spread = f"  {s['min']:.2f}-{s['max']:.2f}" if s else ""
+        mfu = f"{o['mfu']:.0%}" if "mfu" in o else ""
+        lines.append(f"{name:<18}{o['tok_s']:>12,.0f}{theirs:>12}{speedup:>9}{spread:<14}{mfu:>9}")
+    if "peak_memory_bytes" in r:
+        lines.append(f"peak GPU memory {r['peak_memory_bytes'] / 2**30:.2f} GiB")
+    else:
+        lines.append(f"peak process RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB (both models)")
+    return "\n".join(lines)
+
+
+def add_arguments(p):
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", default=None, help="a preset (default: demo)")
+    src.add_argument("--model", default=None, help="take the config of a model directory (weights are random)")
+    p.add_argument("--what", default="train,prefill,decode", help="comma list of: " + ", ".join(WHAT))
+    p.add_argument("--batch", type=int, default=8, help="training batch")
+    p.add_argument("--seq", type=int, default=256, help="training and prefill length")
+    p.add_argument("--decode-batch", default="1,8", help="comma list of decode batch sizes")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--no-hf", action="store_true", help="time ours only")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true")
+
+
+def run(args) -> int:
+    from .config import ModelConfig
+
+    what = tuple(w.strip() for w in args.what.split(",") if w.strip())
+    bad = [w for w in what if w not in WHAT]
+    if bad or not what:
+        raise TinyMixtralError(f"--what takes {', '.join(WHAT)}; got {args.what!r}")
+    try:
+        decode_batches = tuple(int(b) for b in args.decode_batch.split(","))
+    except ValueError:
+        raise TinyMixtralError(f"--decode-batch must be comma-separated integers, got {args.decode_batch!r}") from None
+    if min(args.batch, args.seq, args.new_tokens, args.rounds, *decode_batches) < 1:
+        raise TinyMixtralError("--batch, --seq, --new-tokens, --rounds and --decode-batch must be >= 1")
+    cfg = ModelConfig.load(args.model) if args.model else ModelConfig.from_name(args.preset or "demo")
+    r = run_bench(cfg, what, args.batch, args.seq, decode_batches, args.new_tokens, args.rounds, args.device,
+                  hf=not args.no_hf)
+    print(json.dumps(r, indent=2) if args.json else format_result(r))
+    return 0

@@ -1,0 +1,51 @@
+"""`tinymixtral bench` runs both models on the same weights and reports consistent numbers."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tinymixtral.bench import build_pair, run_bench
+from tinymixtral.config import ModelConfig
+
+
+def tiny():
+    return ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=32, n_experts=4,
+                       top_k=2, sliding_window=16, max_seq_len=128)
+
+
+def test_same_weights_same_logits():
+    ours, theirs = build_pair(tiny(), "cpu", hf=True)
+    x = torch.randint(0, 64, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), theirs.eval()(x).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_run_bench_reports_every_phase():
+    r = run_bench(tiny(), batch=2, seq=32, decode_batches=(1, 2), new_tokens=4, rounds=2)
+    assert set(r["phases"]) == {"train 2x32", "prefill 1x32", "decode batch 1", "decode batch 2"}
+    for row in r["phases"].values():
+        for who in ("ours", "transformers"):
+            m = row[who]
+            assert m["min_s"] <= m["median_s"] <= m["max_s"] and m["tok_s"] > 0
+        assert row["speedup"]["min"] <= row["speedup"]["median"] * 1.0001
+    assert 0 < r["phases"]["train 2x32"]["ours"]["mfu"] < 1.5 and r["matmul_flops"] > 0
+
+
+def test_cli_json_and_bad_flags():
+    cmd = [sys.executable, "-m", "tinymixtral", "bench", "--preset", "demo", "--what", "prefill", "--seq", "16",
+           "--rounds", "1", "--no-hf", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "ours" in json.loads(out.stdout)["phases"]["prefill 1x16"]
+    bad = subprocess.run(cmd[:5] + ["--what", "fly"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "--what" in bad.stderr
+
+
+@pytest.mark.parametrize("flag", [["--rounds", "0"], ["--decode-batch", "x"]])
+def test_cli_rejects(flag):
+    out = subprocess.run([sys.executable, "-m", "tinymixtral", "bench", "--no-hf", *flag], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
