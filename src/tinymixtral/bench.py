@@ -59,7 +59,7 @@ def train_step_fns(ours, theirs, batch, seq, device):
     """One fwd+bwd+AdamW step for each model, on the same random tokens."""
     V = ours.cfg.vocab_size
     x = torch.randint(0, V, (batch, seq + 1), device=device)
-    opt_o = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=torch.device(device).type == "cuda")
+    opt_o = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=torch.device(device).type in ("cpu", "cuda"))
 
     def step_ours():
         logits = ours(x[:, :-1])
@@ -70,7 +70,7 @@ def train_step_fns(ours, theirs, batch, seq, device):
 
     fns = {"ours": step_ours}
     if theirs is not None:
-        opt_t = torch.optim.AdamW(theirs.parameters(), lr=1e-4, fused=torch.device(device).type == "cuda")
+        opt_t = torch.optim.AdamW(theirs.parameters(), lr=1e-4, fused=torch.device(device).type in ("cpu", "cuda"))
         theirs.config.output_router_logits = ours.cfg.router_aux_loss_coef > 0
 
         def step_theirs():

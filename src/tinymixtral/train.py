@@ -245,7 +245,7 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> dict:
     no_decay = [p for n, p in raw_model.named_parameters() if p.dim() < 2 or n.startswith("embed.")]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), fused=torch.device(device).type == "cuda")
+        lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), fused=torch.device(device).type in ("cpu", "cuda"))
     if resume:
         scalars, rng = load_trainer_state(ckpt, optimizer)
         state.update({k: scalars[k] for k in state if k in scalars})
@@ -386,6 +386,7 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> dict:
     if distributed:
         import torch.distributed as dist
 
+        dist.barrier()  # no process may tear down gloo while another still talks to it
         dist.destroy_process_group()
     return last
 
