@@ -294,7 +294,7 @@ def test_generate_from_a_trained_model(run_dir):
     assert "tokens in" in r.stderr and "Traceback" not in r.stderr
     # greedy decoding is the model's argmax continuation
     from tinymixtral import load_model
-    from tinymixtral.generate import generate
+    from tinymixtral.generation import generate
     from tinymixtral.tokenizer import load_tokenizer
 
     model, tok = load_model(run_dir / "latest"), load_tokenizer(run_dir / "latest")

@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 # Imported on first use, so `tinymixtral --help` does not pay for importing torch.
 _EXPORTS = {
     "ModelConfig": "config", "PRESETS": "config", "TinyMixtralError": "errors", "Transformer": "model.transformer",
-    "load_model": "checkpoint", "save_model": "checkpoint", "generate": "generate", "load_tokenizer": "tokenizer",
+    "load_model": "checkpoint", "save_model": "checkpoint", "generate": "generation", "stream": "generation", "load_tokenizer": "tokenizer",
 }
 __all__ = list(_EXPORTS)
 

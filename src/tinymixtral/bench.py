@@ -104,7 +104,7 @@ def prefill_fns(ours, theirs, batch, seq, device):
 
 def decode_fns(ours, theirs, batch, new_tokens, device, prompt_len: int = 16):
     """Greedy generation of new_tokens after a short prompt."""
-    from .generate import generate
+    from .generation import generate
 
     x = torch.randint(3, ours.cfg.vocab_size, (batch, prompt_len), device=device)
     fns = {"ours": lambda: generate(ours, x, new_tokens)}

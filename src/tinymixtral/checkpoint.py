@@ -38,6 +38,10 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
     sd = from_hf(hf_sd, cfg)
     with torch.device("meta"):
         model = Transformer(cfg)
+    if cfg.quantization:  # a `tinymixtral quantize` directory: int8/int4 modules replace Linear/Experts
+        from .quantize import swap_modules
+
+        swap_modules(model, cfg.quantization)
     model.load_state_dict(sd, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight

@@ -16,9 +16,9 @@ COMMANDS = {
     "prepare": ("tinymixtral.data", "tokenize a text source into train/val shards"),
     "train": ("tinymixtral.train", "train a model, or resume a run"),
     "eval": ("tinymixtral.evaluate", "loss, perplexity and bits per byte of a model on a data split"),
-    "generate": ("tinymixtral.generate", "generate text from a prompt"),
+    "generate": ("tinymixtral.generation", "generate text from a prompt"),
     "plot": ("tinymixtral.plots", "PNG plots of a training run"),
-    "bench": ("tinymixtral.bench", "speed of training, prefill and decode, side by side with transformers"),
+    "bench": ("tinymixtral.bench", "training, prefill and decode speed vs transformers"),
 }
 
 

@@ -42,6 +42,9 @@ class ModelConfig:
     router_jitter_noise: float = 0.0  # multiply the router input by U(1-eps, 1+eps)
     noisy_gating: bool = False  # Shazeer 2017 noisy top-k: learned, softplus-scaled Gaussian noise
     capacity_factor: float | None = None  # None: dropless; else each expert keeps <= ceil(cf*N*K/E) tokens
+    # Set by `tinymixtral quantize` (weight-only int8/int4, see quantize.py); None = full precision.
+    # Written to config.json as "quantization", a key transformers does not read (unlike quantization_config).
+    quantization: dict | None = None
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -73,6 +76,8 @@ class ModelConfig:
             _bad("router_jitter_noise", self.router_jitter_noise, "must be < 1")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             _bad("capacity_factor", self.capacity_factor, "must be > 0 or null (dropless)")
+        if self.quantization is not None:
+            _check_quantization(self.quantization, self.tie_embeddings)
 
     @property
     def is_moe(self) -> bool:
@@ -186,6 +191,22 @@ def _bad(field: str, value, why: str):
     raise TinyMixtralError(f"config field {field}={value!r}: {why}")
 
 
+QUANT_METHOD = "tinymixtral-weight-only"
+
+
+def _check_quantization(q, tied: bool):
+    """The "quantization" block written by `tinymixtral quantize` (only the checks a hand edit could break)."""
+    if not isinstance(q, dict) or q.get("method") != QUANT_METHOD:
+        _bad("quantization", q, f"must be written by `tinymixtral quantize` (method {QUANT_METHOD!r})")
+    bits, group, skip = q.get("bits"), q.get("group_size"), q.get("skip")
+    if bits not in (4, 8):
+        _bad("quantization", q, "bits must be 8 or 4")
+    if (bits == 8) != (group is None) or not (group is None or isinstance(group, int) and group > 0):
+        _bad("quantization", q, "group_size must be null for 8 bits (per channel) and a positive integer for 4")
+    if not isinstance(skip, list) or "router" not in skip or (tied and "lm_head" not in skip):
+        _bad("quantization", q, "skip must list 'router' (and 'lm_head' when the head is tied to the embedding)")
+
+
 # ours -> HF config.json
 HF_FIELDS = {
     "vocab_size": "vocab_size",
@@ -210,7 +231,7 @@ HF_FIELDS = {
     "router_jitter_noise": "router_jitter_noise",
 }
 _MOE_ONLY = {"n_experts", "top_k", "router_aux_loss_coef", "router_jitter_noise"}
-_EXTRA_FIELDS = ("router_z_loss_coef", "noisy_gating", "capacity_factor")
+_EXTRA_FIELDS = ("router_z_loss_coef", "noisy_gating", "capacity_factor", "quantization")
 _DEFAULTS = {f.name: f.default for f in fields(ModelConfig)}
 # Fields transformers writes that do not change the maths (or are checked above).
 _HF_IGNORED = {

@@ -4,6 +4,10 @@ Each native key names the HF key(s) it is made from. A tuple means the HF tensor
 along dim 0 (our fused projections); `{e}` means one HF tensor per expert, stacked along a new dim 0.
 transformers >= 5 (and tools such as mergekit) may also write experts fused; `HF_FUSED_ALIASES`
 maps those names onto ours directly.
+
+A quantized model (`tinymixtral quantize`) keeps the same names for its integer weights, and puts each
+one's `scales` / `zeros` beside it: native `layers.0.attn.wo.scales` or `layers.0.ffn.experts.w13_scales`
+<-> HF `model.layers.0.self_attn.o_proj.scales` or `...experts.{e}.w1.scales` (split/stacked like the weight).
 """
 
 from __future__ import annotations
@@ -43,8 +47,31 @@ HF_FUSED_ALIASES = {
 }
 
 
+QUANT_SUFFIXES = ("scales", "zeros")
+
+
 def _names(template: str | tuple[str, ...]) -> tuple[str, ...]:
     return template if isinstance(template, tuple) else (template,)
+
+
+def _split_quant(native: str) -> tuple[str, str | None]:
+    """(the weight's native key, 'scales'/'zeros') for a quantized weight's companion; (native, None) otherwise."""
+    for suffix in QUANT_SUFFIXES:
+        if native.endswith("." + suffix):
+            return native.removesuffix(suffix) + "weight", suffix
+        if native.endswith("_" + suffix):
+            return native.removesuffix("_" + suffix), suffix
+    return native, None
+
+
+def _template(native: str) -> str | tuple[str, ...]:
+    """The HF name template(s) of a native key (a companion's sit beside its weight's)."""
+    base, suffix = _split_quant(native)
+    template = KEY_MAP[_template_of(base)]
+    if suffix is None:
+        return template
+    names = tuple(n.removesuffix("weight") + suffix for n in _names(template))
+    return names if isinstance(template, tuple) else names[0]
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -53,6 +80,10 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
     with torch.device("meta"):
         model = Transformer(cfg)
+    if cfg.quantization:
+        from .quantize import swap_modules
+
+        swap_modules(model, cfg.quantization)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -74,7 +105,7 @@ def from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Te
         if "<native>" + native in hf:
             out[native] = hf.pop("<native>" + native)
             continue
-        template = KEY_MAP[_template_of(native)]
+        template = _template(native)
         i = _layer_of(native)
         parts = []
         for j, name in enumerate(_names(template)):
@@ -107,7 +138,7 @@ def from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Te
 
 def _part_shape(native: str, j: int, n_parts: int, shape: tuple[int, ...], cfg: ModelConfig) -> tuple[int, ...]:
     """Shape of the j-th of the n_parts HF tensors (per expert, for expert weights) that make native key `native`."""
-    if "{e}" in str(KEY_MAP[_template_of(native)]):
+    if "{e}" in str(_template(native)):
         return (shape[1] // n_parts, *shape[2:])  # [E, n*R, C] -> [R, C] per expert
     sizes = _split_sizes(native, cfg) or [shape[0]]
     return (sizes[j], *shape[1:])
@@ -119,7 +150,7 @@ def to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tens
     for native, t in sd.items():
         if native == "lm_head.weight" and cfg.tie_embeddings:
             continue  # transformers ties it back to the embedding
-        template = KEY_MAP[_template_of(native)]
+        template = _template(native)
         names = [n.format(i=_layer_of(native), e="{e}") for n in _names(template)]
         if "{e}" in str(template):
             pieces = t.chunk(len(names), dim=-2)  # w13: [E, 2F, D] -> w1 [E, F, D], w3 [E, F, D]
@@ -134,6 +165,7 @@ def to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tens
 
 
 def _split_sizes(native: str, cfg: ModelConfig) -> list[int]:
+    native = _split_quant(native)[0]  # scales/zeros split by rows like their weight
     if native.endswith("attn.wqkv.weight"):
         return [cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim]
     if native.endswith("ffn.w13.weight"):

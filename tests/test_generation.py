@@ -4,11 +4,11 @@ at W slots, ragged batches equal single rows, and greedy text equals transformer
 import pytest
 import torch
 
-import tinymixtral.generate as gen_mod
+import tinymixtral.generation as gen_mod
 from tinymixtral import TinyMixtralError, save_model
 from tinymixtral.cache import KVCache
 from tinymixtral.config import ModelConfig
-from tinymixtral.generate import apply_repetition_penalty, generate, sample, stream
+from tinymixtral.generation import apply_repetition_penalty, generate, sample, stream
 from tinymixtral.model.transformer import Transformer
 
 
@@ -190,3 +190,14 @@ def test_bad_input():
 def test_chat_template():
     assert gen_mod.chat_template("Hi", None) == "[INST] Hi [/INST]"
     assert gen_mod.chat_template("Hi", "Be brief.") == "[INST] Be brief.\n\nHi [/INST]"
+
+
+def test_package_exports_the_functions():
+    """`tinymixtral.generate` is the function even after the CLI imported the module that holds it."""
+    import tinymixtral
+    import tinymixtral.cli  # noqa: F401
+    import tinymixtral.generation  # noqa: F401
+
+    assert tinymixtral.generate is generate and tinymixtral.stream is stream
+    model = tiny(8)
+    assert tinymixtral.generate(model, torch.tensor([[1, 2]]), 3).shape == (1, 5)
