@@ -54,7 +54,7 @@ def plot_expert_load(load: list[list[float]], out: Path, title: str = "expert lo
     """Heatmap of the fraction of assignments per (layer, expert); 1/E everywhere is perfect balance."""
     plt = _plt()
     n_layers, n_experts = len(load), len(load[0])
-    fig, ax = plt.subplots(figsize=(1 + 0.6 * n_experts, 1 + 0.45 * n_layers))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 + 0.6 * n_experts), 1.5 + 0.45 * n_layers))
     im = ax.imshow(load, cmap="viridis", aspect="auto", vmin=0)
     for i in range(n_layers):
         for e in range(n_experts):
