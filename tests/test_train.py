@@ -20,7 +20,8 @@ from tinymixtral import cli, load_model
 from tinymixtral.config import ModelConfig
 from tinymixtral.data import load_split, prepare
 from tinymixtral.run_state import read_metrics
-from tinymixtral.train import TrainConfig, bits_per_byte, get_lr, train
+from tinymixtral.evaluate import bits_per_byte, evaluate
+from tinymixtral.train import TrainConfig, get_lr, train
 
 PNG = b"\x89PNG\r\n\x1a\n"
 MODEL = dict(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, n_experts=4, top_k=2,
@@ -188,8 +189,8 @@ def test_evaluate_deterministic_and_bits_per_byte(trained, data_dir):
     out, _, final = trained
     model = load_model(out / "latest", dtype=torch.float32)
     val, meta = load_split(data_dir, "val")
-    a = T.evaluate(model, val, 8, 32, "cpu", 4)
-    b = T.evaluate(model, val, 8, 32, "cpu", 4)
+    a = evaluate(model, val, 8, 32, "cpu", 4)
+    b = evaluate(model, val, 8, 32, "cpu", 4)
     assert a == b and a == pytest.approx(final["val_loss"], rel=1e-5)
     assert bits_per_byte(a, meta, "val") == pytest.approx(a / math.log(2) * meta["val_tokens"] / meta["val_bytes"])
     assert final["val_bpb"] == pytest.approx(bits_per_byte(final["val_loss"], meta, "val"))
@@ -208,7 +209,7 @@ def test_eval_cli_json(trained, data_dir):
     assert res["bpb"] == pytest.approx(res["loss"] / math.log(2) * meta["val_tokens"] / meta["val_bytes"])
     model = load_model(out / "latest", dtype=torch.float32)
     val, _ = load_split(data_dir, "val")
-    assert res["loss"] == pytest.approx(T.evaluate(model, val, 8, 64, "cpu", None), rel=1e-6)
+    assert res["loss"] == pytest.approx(evaluate(model, val, 8, 64, "cpu", None), rel=1e-6)
 
 
 # ---- exact resume -----------------------------------------------------------------------------------

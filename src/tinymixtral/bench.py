@@ -35,6 +35,22 @@ def _time(fn, device) -> float:
     return time.perf_counter() - t0
 
 
+def measure_matmul_flops(device, dtype=torch.float32, n: int = 1024) -> float:
+    """FLOP/s of a square matmul here and now: the denominator of our MFU estimate."""
+    a = torch.ones(n, n, device=device, dtype=dtype)  # no RNG: a resumed run must draw what an unbroken one draws
+    b = torch.ones(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    t0, reps = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 0.3:
+        a @ b
+        reps += 1
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+
 def build_pair(cfg, device, hf: bool, seed: int = 0):
     """Our model with random weights, and transformers' model loaded from the same weights (or None)."""
     from .checkpoint import save_model
@@ -117,7 +133,7 @@ def decode_fns(ours, theirs, batch, new_tokens, device, prompt_len: int = 16):
 def run_bench(cfg, what=WHAT, batch=8, seq=256, decode_batches=(1, 8), new_tokens=64, rounds=5,
               device=None, hf=True) -> dict:
     """Time each phase for both models; returns {phase: {model: {median_s, min_s, max_s, tok_s}}, ...}."""
-    from .train import flops_per_token, measure_matmul_flops
+    from .params import flops_per_token
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     ours, theirs = build_pair(cfg, device, hf)

@@ -5,9 +5,40 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .errors import TinyMixtralError
+
+
+@torch.no_grad()
+def evaluate(model, data: np.ndarray, batch: int, seq_len: int, device, max_batches: int | None) -> float:
+    """Mean next-token loss over evenly spaced, non-overlapping windows of a split (deterministic)."""
+    n_windows = (len(data) - 1) // seq_len
+    if n_windows < 1:
+        raise TinyMixtralError(f"split has {len(data)} tokens, fewer than seq_len+1 ({seq_len + 1})")
+    if max_batches:
+        n_windows = min(n_windows, max_batches * batch)
+    stride = ((len(data) - 1) // seq_len) // n_windows * seq_len
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    starts = [i * stride for i in range(n_windows)]
+    for i in range(0, len(starts), batch):
+        x = torch.from_numpy(np.stack([data[s:s + seq_len + 1].astype(np.int64) for s in starts[i:i + batch]]))
+        x = x.to(device)
+        logits = model(x[:, :-1])
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
+        total += loss.item()
+        count += x[:, 1:].numel()
+    model.train(was_training)
+    return total / count
+
+
+def bits_per_byte(loss: float, meta: dict, split: str) -> float:
+    """Nats per token -> bits per UTF-8 byte of the text, using the split's token/byte ratio."""
+    return loss / math.log(2) * meta[f"{split}_tokens"] / meta[f"{split}_bytes"]
 
 
 def eval_model(model_dir: str, data_dir: str, split: str = "val", seq_len: int | None = None,
@@ -15,7 +46,6 @@ def eval_model(model_dir: str, data_dir: str, split: str = "val", seq_len: int |
     """{'loss', 'ppl', 'bpb', 'tokens'} of a model directory on a prepared data split."""
     from .checkpoint import load_model
     from .data import load_split
-    from .train import bits_per_byte, evaluate
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     data, meta = load_split(data_dir, split)

@@ -56,6 +56,13 @@ def count_params(cfg: ModelConfig) -> dict:
     }
 
 
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """6 x active non-embedding params + attention (PaLM appendix B), forward + backward."""
+    c = count_params(cfg)
+    n = c["active"] - c["components"]["embedding"]["active"]
+    return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+
+
 def report(cfg: ModelConfig, context: int | None = None, batch: int = 1) -> dict:
     """Parameter counts plus memory of weights, KV cache and training state (bytes; GB = 1e9)."""
     counts = count_params(cfg)

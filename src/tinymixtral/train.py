@@ -81,35 +81,6 @@ def loss_fn(model, x, y):
     return sum(parts.values()), parts
 
 
-@torch.no_grad()
-def evaluate(model, data: np.ndarray, batch: int, seq_len: int, device, max_batches: int | None) -> float:
-    """Mean next-token loss over evenly spaced, non-overlapping windows of a split (deterministic)."""
-    n_windows = (len(data) - 1) // seq_len
-    if n_windows < 1:
-        raise TinyMixtralError(f"split has {len(data)} tokens, fewer than seq_len+1 ({seq_len + 1})")
-    if max_batches:
-        n_windows = min(n_windows, max_batches * batch)
-    stride = ((len(data) - 1) // seq_len) // n_windows * seq_len
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    starts = [i * stride for i in range(n_windows)]
-    for i in range(0, len(starts), batch):
-        x = torch.from_numpy(np.stack([data[s:s + seq_len + 1].astype(np.int64) for s in starts[i:i + batch]]))
-        x = x.to(device)
-        logits = model(x[:, :-1])
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
-        total += loss.item()
-        count += x[:, 1:].numel()
-    model.train(was_training)
-    return total / count
-
-
-def bits_per_byte(loss: float, meta: dict, split: str) -> float:
-    """Nats per token -> bits per UTF-8 byte of the text, using the split's token/byte ratio."""
-    return loss / math.log(2) * meta[f"{split}_tokens"] / meta[f"{split}_bytes"]
-
-
 def _core(model):
     """The Transformer inside DDP / torch.compile wrappers."""
     model = getattr(model, "_orig_mod", model)
@@ -124,35 +95,6 @@ def expert_load(model) -> list[list[float]]:
         counts = torch.bincount(r.experts_NK.reshape(-1), minlength=e).float()
         out.append((counts / counts.sum()).tolist())
     return out
-
-
-def measure_matmul_flops(device, dtype=torch.float32, n: int = 1024) -> float:
-    """FLOP/s of a square matmul here and now: the denominator of our MFU estimate."""
-    a = torch.ones(n, n, device=device, dtype=dtype)  # no RNG: a resumed run must draw what an unbroken one draws
-    b = torch.ones(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    _sync(device)
-    t0, reps = time.perf_counter(), 0
-    while time.perf_counter() - t0 < 0.3:
-        a @ b
-        reps += 1
-    _sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """6 x active non-embedding params + attention (PaLM appendix B), forward + backward."""
-    from .params import count_params
-
-    c = count_params(cfg)
-    n = c["active"] - c["components"]["embedding"]["active"]
-    return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
-
-
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def parse_duration(text: str | float | None) -> float | None:
@@ -183,8 +125,11 @@ def load_run_config(run_dir: Path) -> tuple[TrainConfig, ModelConfig]:
 
 def train(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> dict:
     """Train (or resume) a run; returns the final metrics. The whole loop is here, top to bottom."""
+    from .bench import measure_matmul_flops
     from .data import load_split
+    from .evaluate import bits_per_byte, evaluate
     from .model.transformer import Transformer
+    from .params import flops_per_token
     from .run_state import append_metrics, latest_checkpoint, load_trainer_state, point, save_checkpoint
 
     # ---- setup: processes, device, data, model, optimizer ----------------------------------------
