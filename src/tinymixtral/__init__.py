@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ModelConfig": "config", "PRESETS": "config", "TinyMixtralError": "errors", "Transformer": "model.transformer",
     "load_model": "checkpoint", "save_model": "checkpoint", "generate": "generation", "stream": "generation", "load_tokenizer": "tokenizer",
+    "routing_stats": "analysis.stats", "upcycle": "upcycling", "merge": "merging",
 }
 __all__ = list(_EXPORTS)
 

@@ -17,8 +17,12 @@ COMMANDS = {
     "train": ("tinymixtral.train", "train a model, or resume a run"),
     "eval": ("tinymixtral.evaluate", "loss, perplexity and bits per byte of a model on a data split"),
     "generate": ("tinymixtral.generation", "generate text from a prompt"),
+    "quantize": ("tinymixtral.quantize", "int8 / int4 weight-only quantized model directory"),
     "plot": ("tinymixtral.plots", "PNG plots of a training run"),
     "bench": ("tinymixtral.bench", "training, prefill and decode speed vs transformers"),
+    "routes": ("tinymixtral.routes", "router statistics and pictures for a model on some text"),
+    "upcycle": ("tinymixtral.upcycling", "a Mixtral whose experts start as copies of a dense model's FFN"),
+    "merge": ("tinymixtral.merging", "an MoE from dense models (mergekit-moe YAML)"),
 }
 
 

@@ -110,6 +110,10 @@ def format_report(r: dict, title: str) -> str:
     lines += ["", "weights:  " + "   ".join(f"{d} {_gb(b)}" for d, b in r["weights_bytes"].items())]
     if "disk_bytes" in r:
         lines.append(f"on disk:  {_gb(r['disk_bytes'])}")
+    q = r.get("quantization")
+    if q:  # the counts and memory above are those of the full-precision model it came from
+        kind = "int8 per output channel" if q["bits"] == 8 else f"int4 in groups of {q['group_size']}"
+        lines.append(f"quantized: {kind} (weight-only); full precision: {', '.join(q['skip'])}")
     kv = r["kv_cache_bytes"]
     lines.append(f"KV cache (context {kv['context']:,}, batch {kv['batch']}): "
                  + "   ".join(f"{d} {_gb(b)}" for d, b in kv["full"].items()))
@@ -144,8 +148,11 @@ def run(args) -> int:
             raise TinyMixtralError(f"model directory not found: {src}")
         cfg, title = ModelConfig.load(src), str(src)
     r = report(cfg, args.context, args.batch)
+    if cfg.quantization:
+        r["quantization"] = cfg.quantization
     if args.model:
-        r["disk_bytes"] = sum(f.stat().st_size for f in Path(args.model).glob("*.safetensors"))
+        # the weights only (a run's checkpoint also holds trainer_state.safetensors)
+        r["disk_bytes"] = sum(f.stat().st_size for f in Path(args.model).glob("model*.safetensors"))
     if args.json:
         print(json.dumps({**r, "config": cfg.to_hf_dict()}, indent=2))
     else:

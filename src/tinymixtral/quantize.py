@@ -149,7 +149,7 @@ class _Quantized(nn.Module):
         if self.use_kernel and dtype in (torch.float32, torch.bfloat16, torch.float16) and \
                 kernel_applies(self.bits, N, self.group_size, x.device):
             base = getattr(self, name)  # views of a stack share its version counter
-            key = (dtype, base.device, base.data_ptr(), base._version, s._version)
+            key = (dtype, base.device, base.data_ptr(), *(p._version for p in (base, s, z) if p is not None))
             if self._packed.get((name, e), (None,))[0] != key:
                 self._packed[(name, e)] = (key, pack_for_kernel(w, s, z, dtype))
             y = kernel_matmul(x_MK.contiguous(), self._packed[(name, e)][1], self.group_size)
@@ -298,7 +298,8 @@ def set_compute_dtype(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
 # ---- command line --------------------------------------------------------------------------------
 def add_arguments(p):
     p.epilog = ("The quantized directory records its settings in config.json and loads with tinymixtral "
-                "(load_model, generate, eval, params), not with transformers. Router, embeddings and norms stay "
+                "(load_model, generate, eval, params), not with transformers (which would read the integers as "
+                "weights, with only a warning). Router, embeddings and norms stay "
                 "in full precision; an untied LM head is quantized.")
     p.add_argument("--model", required=True, help="a full-precision model directory")
     p.add_argument("--bits", type=int, required=True, help="8: int8 per output channel; 4: int4 in groups")
@@ -320,9 +321,12 @@ def run(args) -> int:
     qmodel = quantize_model(load_model(src), args.bits, args.group_size)
     tokenizer = src if any((src / f).is_file() for f in TOKENIZER_FILES) else None
     save_model(qmodel, out, tokenizer=tokenizer)
-    size = lambda d: sum(f.stat().st_size for f in Path(d).glob("model*.safetensors"))  # noqa: E731
     q = qmodel.cfg.quantization
     kind = "int8 per channel" if q["bits"] == 8 else f"int4 groups of {q['group_size']}"
-    print(f"wrote {out}: {kind}, {size(out) / 1e6:.2f} MB of weights (was {size(src) / 1e6:.2f} MB); "
+    print(f"wrote {out}: {kind}, {_size(out) / 1e6:.2f} MB of weights (was {_size(src) / 1e6:.2f} MB); "
           f"kept in full precision: {', '.join(q['skip'])} ({time.perf_counter() - t0:.1f} s)")
     return 0
+
+
+def _size(model_dir: Path) -> int:
+    return sum(f.stat().st_size for f in model_dir.glob("model*.safetensors"))

@@ -116,14 +116,19 @@ def table(stats: dict, layer: int, piece_of=str) -> str:
     for lay in stats["layers"]:
         mm = "inf" if lay["max_min"] is None else f"{lay['max_min']:.2f}"
         row = (f"{lay['layer']:>5} {lay['entropy']:>8.3f} {mm:>8} {lay['cv']:>6.3f} "
-               f"{_num(lay['repeat_top1'])} {lay['chance_top1']:>7.3f} {_ratio(lay['repeat_top1'], lay['chance_top1'])}")
+               f"{_num(lay['repeat_top1'])} {lay['chance_top1']:>7.3f} "
+               f"{_ratio(lay['repeat_top1'], lay['chance_top1'])}")
         if K > 1:
             row += (f" {_num(lay['overlap_topk'], 8)} {lay['chance_overlap_topk']:>7.3f} "
                     f"{_ratio(lay['overlap_topk'], lay['chance_overlap_topk'])}")
         lines.append(row)
-    lines += ["", "load (share of assignments; balanced = %.3f)" % (1 / E),
-              f"{'layer':>5} " + " ".join(f"{'e' + str(e):>6}" for e in range(E))]
-    lines += [f"{lay['layer']:>5} " + " ".join(f"{x:>6.3f}" for x in lay["load"]) for lay in stats["layers"]]
+    lines += ["", f"load: share of all assignments, and of tokens whose 1st / 2nd choice is each expert "
+              f"(balanced = {1 / E:.3f})", f"{'layer':>5} {'':>5} " + " ".join(f"{'e' + str(e):>6}" for e in range(E))]
+    for lay in stats["layers"]:
+        for name, key in (("all", "load"), ("1st", "first_choice"), ("2nd", "second_choice")):
+            if lay[key] is not None:
+                lines.append(f"{lay['layer'] if name == 'all' else '':>5} {name:>5} "
+                             + " ".join(f"{x:>6.3f}" for x in lay[key]))
     lay = stats["layers"][layer]
     if E <= 16:
         lines += ["", f"co-selection at layer {layer} (tokens with both experts in their top-{K})",

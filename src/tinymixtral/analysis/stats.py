@@ -107,11 +107,9 @@ def top_tokens(tokens_N: torch.Tensor, first_N: torch.Tensor, n_experts: int, n:
     out = []
     for e in range(n_experts):
         counts = torch.bincount(tokens_N[first_N == e], minlength=len(total))
-        k = min(n, int((counts > 0).sum()))
-        top = counts.topk(k) if k else None
-        out.append([] if top is None else [
-            {"id": int(i), "count": int(c), "frac": float(c) / float(total[i])}
-            for c, i in zip(top.values.tolist(), top.indices.tolist())])
+        ids = counts.nonzero().squeeze(1).tolist()
+        ids.sort(key=lambda i: (-int(counts[i]), i))  # most frequent first; ties by id (deterministic)
+        out.append([{"id": i, "count": int(counts[i]), "frac": int(counts[i]) / int(total[i])} for i in ids[:n]])
     return out
 
 
@@ -145,7 +143,7 @@ def summarize(routing: list[tuple[torch.Tensor, torch.Tensor]], tokens_N: torch.
 
 # ---- running a model ---------------------------------------------------------------------------------
 @torch.no_grad()
-def collect_routing(model, sequences: list[torch.Tensor], batch_size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def collect_routing(model, sequences: list[torch.Tensor], batch_size: int = 8) -> list[tuple]:
     """Per MoE layer, (logits_NE, experts_NK) for all tokens of `sequences` (1-D id tensors), in order.
 
     Reads model.routing() after each forward: the model's code is untouched. Sequences of equal length

@@ -41,7 +41,7 @@ EXPERT_KEYS = {"source_model", "positive_prompts", "negative_prompts"}
 UNSUPPORTED = {  # mergekit-moe features we know of and do not implement
     "shared_experts": "shared experts (Qwen-MoE / DeepSeek outputs)",
     "noise_scale": "per-expert noise_scale", "residual_scale": "per-expert residual_scale",
-    "tokenizer": "per-expert tokenizers", "tokenizer_source": "tokenizer_source", "lora": "LoRA sources",
+    "tokenizer": "per-expert tokenizers", "tokenizer_source": "tokenizer_source",
 }
 DEGENERATE_COSINE = 0.98
 
@@ -105,7 +105,8 @@ def check_config(d: dict, root: Path) -> dict:
         pos = _prompts(e.get("positive_prompts"), f"experts[{i}].positive_prompts")
         neg = _prompts(e.get("negative_prompts"), f"experts[{i}].negative_prompts")
         if mode != "random" and not pos:
-            raise TinyMixtralError(f"merge config: experts[{i}] has no positive_prompts, which gate_mode {mode!r} needs")
+            raise TinyMixtralError(f"merge config: experts[{i}] has no positive_prompts, which gate_mode "
+                                   f"{mode!r} needs")
         out["experts"].append({"source_model": _model_dir(e["source_model"], root, f"experts[{i}].source_model"),
                                "positive_prompts": pos, "negative_prompts": neg})
     prompts = [(tuple(e["positive_prompts"]), tuple(e["negative_prompts"])) for e in out["experts"]]
@@ -118,7 +119,7 @@ def check_config(d: dict, root: Path) -> dict:
 def _prompts(value, where: str) -> list[str]:
     if value is None:
         return []
-    if isinstance(value, str) or not isinstance(value, list) or not all(isinstance(p, str) and p.strip() for p in value):
+    if not isinstance(value, list) or not all(isinstance(p, str) and p.strip() for p in value):
         raise TinyMixtralError(f"merge config: {where} must be a list of non-empty strings")
     return value
 
@@ -128,6 +129,8 @@ def _model_dir(value, root: Path, where: str) -> Path:
         raise TinyMixtralError(f"merge config: {where} must be a path to a local model directory, got {value!r}")
     path = Path(value).expanduser()
     path = path if path.is_absolute() else root / path
+    if "+" in value and not path.exists():
+        raise TinyMixtralError(f"merge config: {where}: 'model+lora' sources are not supported ({value!r})")
     if not (path / "config.json").is_file():
         raise TinyMixtralError(f"merge config: {where}: no model directory at {path} (config.json missing); "
                                "sources must be local directories, relative to the YAML's folder")
@@ -146,7 +149,8 @@ def hidden_vector(model, tok, prompts: list[str]) -> torch.Tensor:
         for p in prompts:
             ids = tok.encode(p, bos=True)
             if len(ids) > model.cfg.max_seq_len:
-                raise TinyMixtralError(f"merge: a prompt of {len(ids)} tokens exceeds max_seq_len {model.cfg.max_seq_len}")
+                raise TinyMixtralError(f"merge: a prompt of {len(ids)} tokens exceeds the base's max_seq_len "
+                                       f"{model.cfg.max_seq_len}")
             captured.clear()
             model(torch.tensor([ids], device=next(model.parameters()).device), last_only=True)
             total += torch.stack(captured).cpu()
@@ -184,7 +188,7 @@ def gate_vectors(base, tok, experts: list[dict], mode: str, seed: int = 0) -> to
     return torch.stack(vecs, dim=1)
 
 
-def degenerate_pairs(gates_LED: torch.Tensor, threshold: float = DEGENERATE_COSINE) -> list[tuple[int, int, int, float]]:
+def degenerate_pairs(gates_LED: torch.Tensor, threshold: float = DEGENERATE_COSINE) -> list[tuple]:
     """(layer, i, j, cosine) for every pair of experts whose router vectors point nearly the same way."""
     unit = gates_LED.float() / gates_LED.float().norm(dim=-1, keepdim=True).clamp(min=1e-8)
     cos_LEE = unit @ unit.transpose(1, 2)
@@ -214,14 +218,16 @@ def merge(config: dict | str | Path, out: str | Path | None = None, seed: int = 
             raise TinyMixtralError(f"merge: {where} is an MoE; sources must be dense Mistral-architecture models")
         for f in ("vocab_size", "d_model", "n_layers"):
             if getattr(s, f) != getattr(base_cfg, f):
-                raise TinyMixtralError(f"merge: {where} has {f}={getattr(s, f)} but the base has {getattr(base_cfg, f)}")
+                raise TinyMixtralError(f"merge: {where} has {f}={getattr(s, f)} but the base has "
+                                       f"{getattr(base_cfg, f)}")
         if s.d_ff != src_cfgs[0].d_ff:
             raise TinyMixtralError(f"merge: {where} has d_ff={s.d_ff} but experts[0] has {src_cfgs[0].d_ff}; "
                                    "all experts need the same FFN size")
         _warn_tokenizer(base_dir, c["experts"][i]["source_model"], where)
     has_tok = any((base_dir / f).is_file() for f in TOKENIZER_FILES)
     if c["gate_mode"] != "random" and not has_tok:
-        raise TinyMixtralError(f"merge: gate_mode {c['gate_mode']!r} needs the base's tokenizer, but {base_dir} has none")
+        raise TinyMixtralError(f"merge: gate_mode {c['gate_mode']!r} needs the base's tokenizer, but {base_dir} "
+                               "has none")
     base = load_model(base_dir)
     dtype = DTYPES[c["dtype"]] if c["dtype"] else next(base.parameters()).dtype  # mergekit: the base's dtype
     base = base.float()

@@ -1,0 +1,316 @@
+"""Weight-only int8 / int4 quantization: error bounds, kernels vs fallback, a tiny MoE, save/load, CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinymixtral import cli, generate
+from tinymixtral.checkpoint import load_model, save_model
+from tinymixtral.config import ModelConfig
+from tinymixtral.errors import TinyMixtralError
+from tinymixtral.model.moe import Experts
+from tinymixtral.model.transformer import Transformer
+from tinymixtral.quantize import (
+    QuantExperts,
+    QuantLinear,
+    dequantize,
+    kernel_applies,
+    pack_nibbles,
+    quantize,
+    quantize_int4,
+    quantize_int8,
+    quantize_model,
+    set_compute_dtype,
+    unpack_nibbles,
+)
+
+# int4 kernel shapes (N % 16 == 0, K % 32 == 0) everywhere but the untied head (vocab 100): that one falls back.
+CFG = ModelConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, n_experts=4, top_k=2,
+                  max_seq_len=64)
+FP32_EPS = torch.finfo(torch.float32).eps
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return Transformer(CFG).eval()
+
+
+def _tiny_dir(tmp_path, cfg=CFG):
+    torch.manual_seed(0)
+    return save_model(Transformer(cfg).eval(), tmp_path / "fp")
+
+
+# ---- pure functions ------------------------------------------------------------------------------
+def test_int8_error_within_half_a_step_per_row():
+    torch.manual_seed(0)
+    w = torch.randn(3, 24, 40) * torch.rand(3, 24, 1) * 4  # rows of different ranges, stacked like experts
+    w[0, 5] = 0  # an all-zero row
+    q, s = quantize_int8(w)
+    assert q.dtype == torch.int8 and s.shape == (3, 24, 1) and q.abs().max() <= 127
+    w_hat = dequantize(q, s)
+    assert torch.isfinite(w_hat).all() and (w_hat[0, 5] == 0).all()
+    err = (w - w_hat).abs().amax(dim=-1, keepdim=True)
+    assert (err <= s / 2 + 4 * FP32_EPS * w.abs().amax(-1, keepdim=True)).all()
+
+
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_int4_error_within_half_a_step_per_group(group_size):
+    torch.manual_seed(0)
+    w = torch.randn(2, 16, 128) + torch.randn(2, 16, 1)  # offsets: the zero point matters
+    w[0, 3, :group_size] = 0  # a zero group
+    w[1, 7, group_size:2 * group_size] = 0.25  # a constant group
+    packed, s, z = quantize_int4(w, group_size)
+    G = 128 // group_size
+    assert packed.dtype == torch.uint8 and packed.shape == (2, 16, 64) and s.shape == z.shape == (2, 16, G)
+    w_hat = dequantize(packed, s, z)
+    assert torch.isfinite(w_hat).all()
+    assert (w_hat[0, 3, :group_size] == 0).all() and torch.allclose(w_hat[1, 7, group_size:2 * group_size],
+                                                                      torch.tensor(0.25))
+    err = (w - w_hat).abs().reshape(2, 16, G, group_size).amax(-1)
+    slack = 8 * FP32_EPS * w.abs().reshape(2, 16, G, group_size).amax(-1)  # rounding of (q - 8) s + zero
+    assert (err <= s / 2 + slack).all()
+
+
+def test_nibbles_round_trip():
+    q = torch.randint(0, 16, (5, 64), dtype=torch.uint8)
+    assert torch.equal(unpack_nibbles(pack_nibbles(q)), q)
+    assert pack_nibbles(torch.tensor([[1, 2]], dtype=torch.uint8)).item() == 0x21  # even column: low nibble
+
+
+# ---- modules: kernel == dequantize-then-matmul ---------------------------------------------------
+def _quant_linear(w, bits, group_size):
+    m = QuantLinear(w.shape[1], w.shape[0], bits, group_size)
+    m.load_state_dict(quantize(w, bits, group_size))
+    return m
+
+
+@pytest.mark.parametrize("bits,group_size", [(8, None), (4, 32), (4, 64)])
+def test_quant_linear_kernel_equals_dequantized_linear(bits, group_size):
+    torch.manual_seed(0)
+    w, x = torch.randn(48, 128), torch.randn(2, 3, 128)
+    m = _quant_linear(w, bits, group_size)
+    w_hat = dequantize(*quantize(w, bits, group_size).values())
+    assert kernel_applies(bits, 48, group_size, x.device)
+
+    m.compute_dtype = None  # fp32 activations: kernel and reference agree to rounding
+    y = m(x)
+    assert m._packed, "the kernel path did not run"
+    torch.testing.assert_close(y, F.linear(x, w_hat), rtol=1e-5, atol=1e-5)
+    m.use_kernel = False
+    torch.testing.assert_close(m(x), y, rtol=1e-5, atol=1e-5)
+
+    m.use_kernel, m.compute_dtype = True, torch.bfloat16  # the default: bf16 activations, fp32 out
+    y = m(x)
+    assert y.dtype == torch.float32
+    two_ulps = 2 * 2**-8 * y.abs().max().item()  # bf16 keeps 8 significant bits: outputs round to bf16
+    torch.testing.assert_close(y, F.linear(x.bfloat16().float(), w_hat), rtol=0, atol=two_ulps)
+    m.use_kernel = False  # the fallback also rounds the dequantized weight to bf16
+    torch.testing.assert_close(m(x), y, rtol=0, atol=two_ulps)
+
+
+def test_int4_odd_shape_falls_back():
+    torch.manual_seed(0)
+    w, x = torch.randn(100, 64), torch.randn(4, 64)  # N=100 is not a multiple of 16: no CPU kernel
+    assert not kernel_applies(4, 100, 32, x.device)
+    m = _quant_linear(w, 4, 32)
+    m.compute_dtype = None
+    torch.testing.assert_close(m(x), F.linear(x, dequantize(*quantize(w, 4, 32).values())), rtol=1e-5, atol=1e-5)
+    assert not m._packed
+
+
+@pytest.mark.parametrize("bits,group_size", [(8, None), (4, 32)])
+def test_quant_experts_equal_fp_experts_with_dequantized_weights(bits, group_size):
+    torch.manual_seed(0)
+    ex = Experts(CFG)
+    torch.nn.init.normal_(ex.w13, 0, 0.1)
+    torch.nn.init.normal_(ex.w2, 0, 0.1)
+    q13, q2 = quantize(ex.w13.data, bits, group_size), quantize(ex.w2.data, bits, group_size)
+    qex = QuantExperts(CFG.n_experts, CFG.d_model, CFG.d_ff, bits, group_size)
+    qex.load_state_dict({("w13_" + k if k != "weight" else "w13"): v for k, v in q13.items()}
+                        | {("w2_" + k if k != "weight" else "w2"): v for k, v in q2.items()})
+    with torch.no_grad():
+        ex.w13.copy_(dequantize(*q13.values()))
+        ex.w2.copy_(dequantize(*q2.values()))
+    x = torch.randn(10, CFG.d_model)
+    weights = torch.rand(10, 2).softmax(-1)
+    experts = torch.stack([torch.tensor([0, 2])] * 6 + [torch.tensor([2, 1])] * 4)  # expert 3 unused
+    with torch.no_grad():
+        ref, _ = ex(x, weights, experts)
+        qex.compute_dtype = None
+        y, dropped = qex(x, weights, experts)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        assert dropped == 0 and len(qex._packed) == 6  # 3 active experts x (w13, w2) through the kernel
+        qex.use_kernel = False
+        torch.testing.assert_close(qex(x, weights, experts)[0], ref, rtol=1e-5, atol=1e-5)
+
+
+# ---- a tiny MoE ----------------------------------------------------------------------------------
+def _routing_agreement(ref, q) -> list[float]:
+    """Per layer: fraction of tokens whose set of chosen experts is unchanged."""
+    return [(a.experts_NK.sort(-1).values == b.experts_NK.sort(-1).values).all(-1).float().mean().item()
+            for a, b in zip(ref.routing(), q.routing())]
+
+
+@pytest.mark.parametrize("bits,group_size,max_rel,min_agree", [(8, None, 0.02, 0.95), (4, 32, 0.15, 0.85)])
+def test_tiny_moe_logits_and_routing_stay_close(tiny, bits, group_size, max_rel, min_agree):
+    """Measured (seeds 0-2): int8 rel. logit error 0.6-0.7%, routing 98-100%; int4 g32 8.5-9%, 94-100%."""
+    qm = quantize_model(tiny, bits, group_size)
+    assert isinstance(qm.layers[0].ffn.experts, QuantExperts) and isinstance(qm.layers[0].attn.wqkv, QuantLinear)
+    assert isinstance(qm.lm_head, QuantLinear) and type(qm.layers[0].ffn.router.weight) is torch.nn.Parameter
+    x = torch.randint(0, CFG.vocab_size, (4, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, y = tiny(x), qm(x)
+    rel = ((y - ref).norm() / ref.norm()).item()
+    assert rel < max_rel, rel
+    assert min(_routing_agreement(tiny, qm)) >= min_agree
+    for i in range(CFG.n_layers):
+        assert torch.equal(qm.layers[i].ffn.router.weight, tiny.layers[i].ffn.router.weight)
+    assert torch.equal(qm.embed.weight, tiny.embed.weight)
+
+
+def test_save_load_generate_and_params(tmp_path, tiny, capsys):
+    qm = quantize_model(tiny, 4, 32)
+    save_model(qm, tmp_path / "q4")
+    saved = json.loads((tmp_path / "q4" / "config.json").read_text())
+    assert saved["quantization"] == {"method": "tinymixtral-weight-only", "bits": 4, "group_size": 32,
+                                     "skip": ["embed", "norm", "router"]}
+    assert "quantization_config" not in saved  # transformers' key: it would try to interpret it
+    loaded = load_model(tmp_path / "q4")
+    assert loaded.cfg == qm.cfg
+    for k, v in qm.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    assert torch.equal(loaded.layers[1].ffn.router.weight, tiny.layers[1].ffn.router.weight)
+    prompt = torch.tensor([[1, 5, 9, 3]])
+    out = generate(loaded, prompt, max_new_tokens=8)
+    assert out.shape == (1, 12) and torch.equal(out, generate(qm, prompt, max_new_tokens=8))
+
+    save_model(tiny, tmp_path / "fp")
+    save_model(quantize_model(tiny, 8), tmp_path / "q8")
+    size = {d: (tmp_path / d / "model.safetensors").stat().st_size for d in ("fp", "q8", "q4")}
+    assert cli.main(["params", "--model", str(tmp_path / "q8"), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["disk_bytes"] == size["q8"] and size["q4"] < size["q8"] < size["fp"]
+    # int8: 1 byte per quantized weight (1/4 of fp32) + a 4-byte scale per output row (12.5% here: rows of 32)
+    q8 = load_model(tmp_path / "q8").state_dict()
+    n_fp = sum(p.numel() for n, p in tiny.named_parameters() if "router" in n or "norm" in n or n == "embed.weight")
+    n_q = sum(p.numel() for p in tiny.parameters()) - n_fp
+    assert sum(t.numel() for t in q8.values() if t.dtype == torch.int8) == n_q
+    n_rows = sum(t.numel() // t.shape[-1] for t in q8.values() if t.dtype == torch.int8)
+    assert sum(t.numel() for k, t in q8.items() if "scales" in k) == n_rows
+    assert size["q8"] < 0.4 * size["fp"] and size["q4"] < 0.3 * size["fp"]
+
+
+def test_load_errors(tmp_path, tiny):
+    from safetensors.torch import load_file, save_file
+
+    save_model(quantize_model(tiny, 8), tmp_path / "q")
+    file = tmp_path / "q" / "model.safetensors"
+    sd = load_file(file)
+    save_file({k: v for k, v in sd.items() if not k.endswith(".self_attn.o_proj.scales")}, file)
+    with pytest.raises(TinyMixtralError, match=r"missing 2 weight\(s\): model.layers.0.self_attn.o_proj.scales"):
+        load_model(tmp_path / "q")
+    sd["model.layers.0.self_attn.o_proj.weight"] = sd["model.layers.0.self_attn.o_proj.weight"].float()
+    save_file(sd, file)
+    with pytest.raises(TinyMixtralError, match="layers.0.attn.wo.weight has dtype torch.float32"):
+        load_model(tmp_path / "q")
+
+
+def test_quantize_errors(tiny):
+    with pytest.raises(TinyMixtralError, match="already quantized"):
+        quantize_model(quantize_model(tiny, 8), 4)
+    with pytest.raises(TinyMixtralError, match="--bits must be 8 or 4"):
+        quantize_model(tiny, 3)
+    with pytest.raises(TinyMixtralError, match=r"does not divide the input dim 32 of layers.0.attn.wqkv.weight"):
+        quantize_model(tiny, 4, 64)
+
+
+def test_config_round_trips_quantization(tmp_path):
+    q = {"method": "tinymixtral-weight-only", "bits": 8, "group_size": None, "skip": ["embed", "norm", "router"]}
+    cfg = CFG.replace(quantization=q)
+    assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+    assert "quantization" not in CFG.to_hf_dict()
+    for bad in ({**q, "bits": 3}, {**q, "skip": ["embed"]}, {**q, "method": "gptq"}, {**q, "group_size": 32}):
+        with pytest.raises(TinyMixtralError, match="quantization"):
+            CFG.replace(quantization=bad)
+    with pytest.raises(TinyMixtralError, match="lm_head"):  # a tied head is the embedding: it stays fp
+        CFG.replace(tie_embeddings=True, quantization=q)
+
+
+def test_dense_ffn_is_quantized_and_kernel_equals_fallback(tmp_path):
+    torch.manual_seed(0)
+    dense = Transformer(CFG.replace(n_experts=0)).eval()
+    qm = set_compute_dtype(quantize_model(dense, 4, 32), None)
+    assert isinstance(qm.layers[0].ffn.w13, QuantLinear) and isinstance(qm.layers[0].ffn.w2, QuantLinear)
+    x = torch.randint(0, CFG.vocab_size, (2, 16))
+    with torch.no_grad():
+        y = qm(x)
+        assert ((y - dense(x)).norm() / dense(x).norm()).item() < 0.15
+        for m in qm.modules():
+            m.use_kernel = False
+        torch.testing.assert_close(qm(x), y, rtol=1e-4, atol=1e-5)
+    save_model(qm, tmp_path / "q")
+    with torch.no_grad():
+        torch.testing.assert_close(set_compute_dtype(load_model(tmp_path / "q"), None)(x), y)
+
+
+def test_tied_head_stays_full_precision(tmp_path):
+    torch.manual_seed(0)
+    qm = quantize_model(Transformer(CFG.replace(tie_embeddings=True)), 8)
+    assert "lm_head" in qm.cfg.quantization["skip"] and qm.lm_head.weight is qm.embed.weight
+    save_model(qm, tmp_path / "q")
+    loaded = load_model(tmp_path / "q")
+    assert loaded.lm_head.weight is loaded.embed.weight
+    x = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), qm(x))
+
+
+# ---- command line --------------------------------------------------------------------------------
+def test_cli_quantize(tmp_path):
+    fp = _tiny_dir(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "tinymixtral", "quantize", "--model", str(fp), "--bits", "8",
+                        "--out", str(tmp_path / "q")], capture_output=True, text=True, env=env, timeout=120,
+                       check=False)
+    assert r.returncode == 0, r.stderr
+    assert "int8 per channel" in r.stdout
+    model = load_model(tmp_path / "q")
+    assert model.cfg.quantization["bits"] == 8 and isinstance(model.layers[0].attn.wo, QuantLinear)
+    r = subprocess.run([sys.executable, "-m", "tinymixtral", "quantize", "--model", str(fp), "--bits", "3",
+                        "--out", str(tmp_path / "bad")], capture_output=True, text=True, env=env, timeout=120,
+                       check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == "tinymixtral quantize: error: --bits must be 8 or 4, got 3"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--bits", "3"], "--bits must be 8 or 4"),
+    (["--bits", "4", "--group-size", "64"], "does not divide the input dim 32 of layers.0.attn.wqkv.weight"),
+    (["--bits", "4", "--group-size", "48"], "--group-size must be one of 32, 64, 128, 256"),
+    (["--bits", "8", "--group-size", "32"], "--group-size is for --bits 4 only"),
+    (["--bits", "8", "--model", "QUANTIZED"], "already quantized"),
+    (["--bits", "8", "--model", "MISSING"], "no model directory"),
+])
+def test_cli_bad_input_exits_2_without_output(tmp_path, capsys, flags, message):
+    fp = _tiny_dir(tmp_path)
+    save_model(quantize_model(load_model(fp), 8), tmp_path / "quantized")
+    names = {"QUANTIZED": str(tmp_path / "quantized"), "MISSING": str(tmp_path / "nope")}
+    flags = [names.get(f, f) for f in flags]
+    model = [] if "--model" in flags else ["--model", str(fp)]
+    assert cli.main(["quantize", *model, *flags, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tinymixtral quantize: error: ") and message in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp", "quantized"]  # no output, no temp dir
