@@ -200,6 +200,7 @@ def add_arguments(p):
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", default=None, help="a preset (default: demo)")
     src.add_argument("--model", default=None, help="take the config of a model directory (weights are random)")
+    src.add_argument("--config", default=None, help="a config.json")
     p.add_argument("--what", default="train,prefill,decode", help="comma list of: " + ", ".join(WHAT))
     p.add_argument("--batch", type=int, default=8, help="training batch")
     p.add_argument("--seq", type=int, default=256, help="training and prefill length")
@@ -224,7 +225,8 @@ def run(args) -> int:
         raise TinyMixtralError(f"--decode-batch must be comma-separated integers, got {args.decode_batch!r}") from None
     if min(args.batch, args.seq, args.new_tokens, args.rounds, *decode_batches) < 1:
         raise TinyMixtralError("--batch, --seq, --new-tokens, --rounds and --decode-batch must be >= 1")
-    cfg = ModelConfig.load(args.model) if args.model else ModelConfig.from_name(args.preset or "demo")
+    src = args.model or args.config
+    cfg = ModelConfig.load(src) if src else ModelConfig.from_name(args.preset or "demo")
     r = run_bench(cfg, what, args.batch, args.seq, decode_batches, args.new_tokens, args.rounds, args.device,
                   hf=not args.no_hf)
     print(json.dumps(r, indent=2) if args.json else format_result(r))
