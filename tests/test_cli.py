@@ -17,15 +17,6 @@ from tinymixtral.config import PRESETS, ModelConfig
 from tinymixtral.train import TrainConfig
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster when other processes share the 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tm(*args, timeout=120):
     """`python -m tinymixtral ARGS` in a subprocess."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

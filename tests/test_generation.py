@@ -12,14 +12,6 @@ from tinymixtral.generation import apply_repetition_penalty, generate, sample, s
 from tinymixtral.model.transformer import Transformer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def tiny(window=8, n_experts=4, layers=2, vocab=97, seed=0, **kw):
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=vocab, d_model=32, n_layers=layers, n_heads=4, n_kv_heads=2, d_ff=48,
@@ -201,3 +193,54 @@ def test_package_exports_the_functions():
     assert tinymixtral.generate is generate and tinymixtral.stream is stream
     model = tiny(8)
     assert tinymixtral.generate(model, torch.tensor([[1, 2]]), 3).shape == (1, 5)
+
+
+# ---- the command line ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tinymixtral.tokenizer import train_bpe
+
+    tok = train_bpe([f"the cat sat on mat number {i}. the dog ran." for i in range(200)], 300)
+    model = tiny(8, vocab=tok.vocab_size)
+    out = tmp_path_factory.mktemp("gen") / "model"
+    save_model(model, out, tokenizer=tok)
+    return out
+
+
+def run_cli(*argv):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "tinymixtral", "generate", *argv], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_prompt_file_batch_num_samples_and_stop(model_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the cat\n\nthe dog ran\n")
+    r = run_cli("--model", str(model_dir), "--prompt-file", str(prompts), "--num-samples", "2",
+                "--max-new-tokens", "12", "--temperature", "1.0", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("--- ")]
+    assert len(rows) == 4  # 2 prompts (the blank line is skipped) x 2 samples
+    assert rows[0].startswith("--- 0: the cat") and rows[3].startswith("--- 3: the dog ran")
+    assert "batch 4" in r.stderr and "tok/s" in r.stderr
+    # --stop cuts each row at the first stop string (greedy, so the text is known in advance)
+    full = run_cli("--model", str(model_dir), "--prompt", "the cat", "--max-new-tokens", "20", "--temperature", "0")
+    new_text = full.stdout.rstrip("\n")[len("the cat"):]
+    stop = new_text.strip()[:2]
+    assert stop, "the greedy continuation is empty: the test needs some text"
+    cut = run_cli("--model", str(model_dir), "--prompt", "the cat", "--max-new-tokens", "20", "--temperature", "0",
+                  "--stop", stop)
+    assert cut.returncode == 0 and stop not in cut.stdout[len("the cat"):]
+    assert cut.stdout.rstrip("\n") == "the cat" + new_text[:new_text.index(stop)]
+
+
+def test_cli_chat_and_bad_prompt_file(model_dir, tmp_path):
+    r = run_cli("--model", str(model_dir), "--prompt", "hi", "--chat", "--system", "be kind", "--max-new-tokens", "3")
+    assert r.returncode == 0 and r.stdout.startswith("[INST] be kind\n\nhi [/INST]")
+    r = run_cli("--model", str(model_dir), "--prompt-file", str(tmp_path / "none.txt"))
+    assert r.returncode == 2 and "prompt file not found" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "empty.txt").write_text("\n \n")
+    r = run_cli("--model", str(model_dir), "--prompt-file", str(tmp_path / "empty.txt"))
+    assert r.returncode == 2 and "holds no prompts" in r.stderr

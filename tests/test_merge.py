@@ -33,14 +33,6 @@ DENSE = dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_
 LOSS_BOUND = 1.05  # merged loss on a kind <= 5% above its source model's (measured: about 1-2%)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def animals(n: int, seed: int) -> list[str]:
     r = random.Random(seed)
     adj, ani = ["small", "big", "brown", "happy", "old", "little", "soft", "lazy"], ["cat", "dog", "bird", "horse",

@@ -19,15 +19,6 @@ from tinymixtral.model.rope import apply_rope, rope_cos_sin
 from tinymixtral.model.transformer import Transformer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and lose a lot when the 2 cores are busy elsewhere."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_cfg(**kw) -> ModelConfig:
     base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=32, n_experts=4, top_k=2,
                 max_seq_len=128, rope_theta=1e4)

@@ -26,15 +26,6 @@ FWD_ATOL = 1e-5
 GRAD_ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and lose a lot when the 2 cores are busy elsewhere."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---- helpers -------------------------------------------------------------------------------------
 def make_cfg(E=4, K=2, D=16, Fd=8, **kw) -> ModelConfig:
     return ModelConfig(vocab_size=32, d_model=D, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=4, d_ff=Fd,
@@ -186,7 +177,7 @@ def test_moe_matches_reference_unaligned_sizes(D, Fd):
 
 def test_moe_bf16_close_to_fp32_reference():
     cfg = make_cfg(E=4, K=2)
-    m = make_moe(cfg)
+    make_moe(cfg)  # draws the RNG to the state whose routing has no near ties (checked below)
     x = torch.randn(2, 6, cfg.d_model)
     m16 = make_moe(cfg).to(torch.bfloat16)
     x16 = x.to(torch.bfloat16)

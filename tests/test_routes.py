@@ -20,14 +20,6 @@ TINY = dict(vocab_size=300, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_f
             max_seq_len=64, rope_theta=1e4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def random_topk(n: int, e: int, k: int, seed: int = 0) -> torch.Tensor:
     """[n, k] distinct experts per token, uniformly at random."""
     g = torch.Generator().manual_seed(seed)

@@ -28,15 +28,6 @@ MODEL = dict(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_
              max_seq_len=64, rope_theta=1e4, router_aux_loss_coef=0.01)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster when other processes share the 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_docs(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     names, verbs = ["Tom", "Lily", "Ben", "Mia", "Sam", "Anna"], ["ran to", "looked at", "played with", "found"]

@@ -211,20 +211,30 @@ def run(args) -> int:
                 if live[b] and any(s in text for s in args.stop):
                     live[b] = False
         if streaming:
-            text = _cut(outs[0], args.stop)
+            text = _printable(_cut(outs[0], args.stop), args.stop if live[0] else None)
             print(text[len(shown):], end="", flush=True)
             shown = text
         if not any(live):
             break
     dt = time.perf_counter() - t0
     if streaming:
-        print()
+        final = _cut(tok.decode(rows[0] + new[0])[len(echoed[0]):], args.stop)
+        print(final[len(shown):])  # whatever was held back
     else:
         for b in range(len(rows)):
             print(f"--- {b}: " + texts[b] + _cut(tok.decode(rows[b] + new[b])[len(echoed[b]):], args.stop))
     print(f"[{n_tokens} tokens in {dt:.2f} s, {n_tokens / max(dt, 1e-9):.1f} tok/s, batch {len(rows)}]",
           file=sys.stderr)
     return 0
+
+
+def _printable(text: str, stops: list[str] | None) -> str:
+    """The part of streamed text that is safe to print: not a half-decoded UTF-8 character at the end
+    (byte-level tokens can split one), nor an end that may yet become a stop string."""
+    text = text.rstrip("\ufffd")
+    hold = max((k for s in stops or [] for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])),
+               default=0)
+    return text[:len(text) - hold]
 
 
 def _cut(text: str, stops: list[str] | None) -> str:
