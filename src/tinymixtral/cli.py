@@ -14,7 +14,7 @@ import sys
 COMMANDS = {
     "params": ("tinymixtral.params", "parameter count, active parameters and memory of a model"),
     "prepare": ("tinymixtral.data", "tokenize a text source into train/val shards"),
-    "train": ("tinymixtral.train", "train a model, or resume a run"),
+    "train": ("tinymixtral.train_cli", "train a model, or resume a run"),
     "eval": ("tinymixtral.evaluate", "loss, perplexity and bits per byte of a model on a data split"),
     "generate": ("tinymixtral.generation", "generate text from a prompt"),
     "quantize": ("tinymixtral.quantize", "int8 / int4 weight-only quantized model directory"),

@@ -1,0 +1,108 @@
+"""`tinymixtral train` on the command line: every TrainConfig and ModelConfig field is a flag.
+
+The loop itself is `tinymixtral.train.train`; this module only turns flags into the two configs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from pathlib import Path
+
+from . import train as T
+from .config import ModelConfig
+from .errors import TinyMixtralError
+from .train import TrainConfig
+
+_SKIP = {"data", "out"}  # positional to the run, not training knobs
+
+
+def add_arguments(p):
+    p.add_argument("--preset", default="demo", help="model preset (default: demo)")
+    p.add_argument("--config", default=None, help="a model config.json instead of a preset")
+    p.add_argument("--data", help="a prepared data directory")
+    p.add_argument("--out", help="the run directory")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run where it stopped")
+    train = p.add_argument_group("training (TrainConfig fields)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in _SKIP:
+            _add_field(train, f)
+    model = p.add_argument_group("model overrides (ModelConfig fields)")
+    for f in dataclasses.fields(ModelConfig):
+        _add_field(model, f)
+
+
+def _add_field(group, f):
+    flag = "--" + f.name.replace("_", "-")
+    typ = str(f.type)
+    if "bool" in typ:
+        group.add_argument(flag, dest=f.name, default=None, type=_bool, metavar="true|false")
+    elif f.name == "max_time":
+        group.add_argument(flag, dest=f.name, default=None, help="seconds, or 10m / 1h")
+    else:
+        conv = int if typ.startswith("int") else float if typ.startswith("float") else str
+        group.add_argument(flag, dest=f.name, default=None, type=conv)
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    # argparse turns this into its usual "error: argument --flag: ..." and exit 2; any other exception
+    # type raised from a `type=` converter escapes parse_args as a traceback.
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def run(args) -> int:
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    train_over = {k: v for k, v in given.items() if k in train_fields and k not in _SKIP}
+    model_over = {k: v for k, v in given.items() if k in model_fields}
+    if "max_time" in train_over:
+        train_over["max_time"] = parse_duration(train_over["max_time"])
+    if args.resume:
+        tcfg, mcfg = T.load_run_config(Path(args.resume))
+        if model_over:
+            raise TinyMixtralError("model fields cannot change when resuming a run")
+        tcfg = dataclasses.replace(tcfg, out=args.resume, **train_over)
+    else:
+        if not args.data or not args.out:
+            raise TinyMixtralError("train needs --data DIR and --out RUN_DIR (or --resume RUN_DIR)")
+        mcfg = ModelConfig.load(args.config) if args.config else ModelConfig.from_name(args.preset)
+        mcfg = mcfg.replace(**model_over) if model_over else mcfg
+        tcfg = TrainConfig(data=args.data, out=args.out, **train_over)
+        if Path(args.out, "run.json").exists():
+            raise TinyMixtralError(f"{args.out} already holds a run; use --resume {args.out} or another --out")
+    _check(tcfg)
+    final = T.train(tcfg, mcfg, resume=bool(args.resume))
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"done: step {final.get('step')}, val loss {final.get('val_loss', float('nan')):.4f}, "
+              f"val bpb {final.get('val_bpb', float('nan')):.4f}; checkpoints in {tcfg.out}/checkpoints")
+    return 0
+
+
+def _check(t: TrainConfig):
+    for name in ("batch_size", "seq_len", "grad_accum", "max_steps", "eval_interval", "log_interval",
+                 "ckpt_interval", "eval_batches"):
+        if getattr(t, name) < 1:
+            raise TinyMixtralError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(t, name)}")
+    if t.lr <= 0:
+        raise TinyMixtralError(f"--lr must be > 0, got {t.lr}")
+    if t.autocast not in ("none", "bf16", "fp16"):
+        raise TinyMixtralError(f"--autocast must be none, bf16 or fp16, got {t.autocast!r}")
+
+
+def parse_duration(text: str | float | None) -> float | None:
+    """'90', '90s', '10m', '1.5h' -> seconds."""
+    if text is None or isinstance(text, (int, float)):
+        return text
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        if text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except (ValueError, IndexError):
+        raise TinyMixtralError(f"--max-time must look like 600, 10m or 1h, got {text!r}") from None
