@@ -368,6 +368,16 @@ def test_z_loss_value_and_scale():
 
 
 # ---- 4c. router jitter ----------------------------------------------------------------------------
+def seeded_train_runs(m, x, seeds):
+    """(output, routing) of one train-mode forward per torch seed."""
+    m.train()
+    runs = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        runs.append((m(x), m.routing))
+    return runs
+
+
 def test_router_jitter():
     cfg = make_cfg(E=8, K=2, router_jitter_noise=0.5)
     m = make_moe(cfg, std=0.5)
@@ -376,13 +386,7 @@ def test_router_jitter():
     torch.manual_seed(5)
     x = torch.randn(4, 16, cfg.d_model)
 
-    m.train()
-    torch.manual_seed(1)
-    y1 = m(x)
-    r1 = m.routing
-    torch.manual_seed(2)
-    y2 = m(x)
-    r2 = m.routing
+    (y1, r1), (y2, r2) = seeded_train_runs(m, x, seeds=(1, 2))
     assert not torch.equal(r1.logits_NE, r2.logits_NE)
     assert not torch.equal(r1.experts_NK, r2.experts_NK)
     assert not torch.allclose(y1, y2)
@@ -420,13 +424,7 @@ def test_noisy_gating_train_and_eval():
     torch.manual_seed(5)
     x = torch.randn(4, 16, cfg.d_model)
 
-    m.train()
-    torch.manual_seed(1)
-    y1 = m(x)
-    r1 = m.routing
-    torch.manual_seed(2)
-    m(x)
-    r2 = m.routing
+    (y1, r1), (_, r2) = seeded_train_runs(m, x, seeds=(1, 2))
     assert not torch.equal(r1.experts_NK, r2.experts_NK)
     # logits in Routing are the clean ones (the noise only affects the selection)
     torch.testing.assert_close(r1.logits_NE, r2.logits_NE)

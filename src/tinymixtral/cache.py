@@ -22,6 +22,7 @@ class KVCache(nn.Module):
                  window: int | None, dtype=torch.float32, device=None):
         super().__init__()
         self.window, self.t = window, 0  # t: time steps written so far
+        self._write_first, self._slots, self._n_keys, self._qpos = True, None, 0, None  # set by plan()
         shape = (n_layers, batch, n_kv_heads, slots, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -44,58 +45,51 @@ class KVCache(nn.Module):
         self.t = 0
         self.pos.fill_(-1)
 
-    def plan(self, qpos_BS: torch.Tensor):
-        """Decide how the S new tokens at time steps t..t+S-1 are attended, and build the mask.
+    def plan(self, qpos_BS: torch.Tensor) -> torch.Tensor:
+        """Decide how the S new tokens at time steps t..t+S-1 are attended; return the mask [B, 1, S, keys].
 
         If the new tokens land in slots that hold nothing a query still needs (no wrap, or S = 1),
         they are written first and attention reads the cache alone. Otherwise (a prefill chunk that
         wraps the rolling buffer) attention reads [old cache ; new tokens] and the write comes after.
-        Returns (write_first, n_keys, mask [B, 1, S, keys]).
+        The decision and the slots are kept for attend_keys(), which every layer calls.
         """
         S, T = qpos_BS.shape[1], self.slots
         if S > T:
             raise ValueError(f"a chunk of {S} tokens does not fit a cache of {T} slots; prefill in chunks")
         if (self.window is None or T < self.window) and self.t + S > T:
             raise ValueError(f"the cache holds {T} time steps and is full; make it for a longer max_len")
-        write_first = self.t + S <= T or S == 1
-        slots = torch.arange(self.t, self.t + S, device=qpos_BS.device) % T
-        if write_first:
-            self.pos[:, slots] = qpos_BS
-            n = min(self.t + S, T)
-            kpos_BK = self.pos[:, :n]
+        self._write_first = self.t + S <= T or S == 1
+        # contiguous slots are a slice (a view write); wrapped ones need an index tensor
+        self._slots = (slice(self.t, self.t + S) if self.t + S <= T
+                       else torch.arange(self.t, self.t + S, device=qpos_BS.device) % T)
+        if self._write_first:
+            self.pos[:, self._slots] = qpos_BS
+            self._n_keys = min(self.t + S, T)
+            kpos_BK = self.pos[:, :self._n_keys]
         else:
-            n = T + S
             kpos_BK = torch.cat([self.pos, qpos_BS], dim=1)
+        self._qpos = qpos_BS
         q, k = qpos_BS[:, :, None], kpos_BK[:, None, :]
         allowed = (k >= 0) & (k <= q)
         if self.window is not None:
             allowed &= k > q - self.window
         allowed |= (q < 0)  # padding queries: anything (their output is ignored), never an all-masked row
-        self._pending = None if write_first else (slots, qpos_BS)
-        return write_first, n, allowed[:, None]
+        return allowed[:, None]
 
-    def attend_keys(self, layer: int, k_BGSC, v_BGSC, write_first: bool, n: int):
+    def attend_keys(self, layer: int, k_BGSC, v_BGSC):
         """Store the new keys/values of one layer and return the keys/values to attend over."""
-        S, T = k_BGSC.shape[2], self.slots
-        slots = torch.arange(self.t, self.t + S, device=k_BGSC.device) % T
-        if write_first:
-            if self.t + S <= T:  # contiguous: a slice write, no index tensor
-                self.k[layer, :, :, self.t:self.t + S] = k_BGSC
-                self.v[layer, :, :, self.t:self.t + S] = v_BGSC
-            else:
-                self.k[layer, :, :, slots] = k_BGSC
-                self.v[layer, :, :, slots] = v_BGSC
-            return self.k[layer, :, :, :n], self.v[layer, :, :, :n]
+        if self._write_first:
+            self.k[layer, :, :, self._slots] = k_BGSC
+            self.v[layer, :, :, self._slots] = v_BGSC
+            return self.k[layer, :, :, :self._n_keys], self.v[layer, :, :, :self._n_keys]
         keys = torch.cat([self.k[layer], k_BGSC], dim=2)
         values = torch.cat([self.v[layer], v_BGSC], dim=2)
-        self.k[layer, :, :, slots] = k_BGSC
-        self.v[layer, :, :, slots] = v_BGSC
+        self.k[layer, :, :, self._slots] = k_BGSC
+        self.v[layer, :, :, self._slots] = v_BGSC
         return keys, values
 
     def advance(self, S: int):
         """Close a forward pass of S tokens: commit positions written after attention, move t on."""
-        if self._pending is not None:
-            slots, qpos = self._pending
-            self.pos[:, slots] = qpos
-            self._pending = None
+        if not self._write_first:
+            self.pos[:, self._slots] = self._qpos
         self.t += S

@@ -141,6 +141,11 @@ def _write_shards(sd: dict[str, torch.Tensor], out: Path, max_shard_bytes: int):
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
+def has_tokenizer(path: str | Path) -> bool:
+    """Whether a directory holds tokenizer files that save_model(tokenizer=path) can copy."""
+    return any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
+
+
 def _save_tokenizer(tokenizer, out: Path):
     if hasattr(tokenizer, "save"):
         tokenizer.save(out)

@@ -15,16 +15,10 @@ from .errors import TinyMixtralError
 @torch.no_grad()
 def evaluate(model, data: np.ndarray, batch: int, seq_len: int, device, max_batches: int | None) -> float:
     """Mean next-token loss over evenly spaced, non-overlapping windows of a split (deterministic)."""
-    n_windows = (len(data) - 1) // seq_len
-    if n_windows < 1:
-        raise TinyMixtralError(f"split has {len(data)} tokens, fewer than seq_len+1 ({seq_len + 1})")
-    if max_batches:
-        n_windows = min(n_windows, max_batches * batch)
-    stride = ((len(data) - 1) // seq_len) // n_windows * seq_len
+    starts = window_starts(len(data), batch, seq_len, max_batches)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    starts = [i * stride for i in range(n_windows)]
     for i in range(0, len(starts), batch):
         x = torch.from_numpy(np.stack([data[s:s + seq_len + 1].astype(np.int64) for s in starts[i:i + batch]]))
         x = x.to(device)
@@ -34,6 +28,16 @@ def evaluate(model, data: np.ndarray, batch: int, seq_len: int, device, max_batc
         count += x[:, 1:].numel()
     model.train(was_training)
     return total / count
+
+
+def window_starts(n_tokens: int, batch: int, seq_len: int, max_batches: int | None) -> list[int]:
+    """Starts of the evaluation windows: all that fit, or max_batches * batch of them spread evenly."""
+    n_fit = (n_tokens - 1) // seq_len
+    if n_fit < 1:
+        raise TinyMixtralError(f"split has {n_tokens} tokens, fewer than seq_len+1 ({seq_len + 1})")
+    n_windows = min(n_fit, max_batches * batch) if max_batches else n_fit
+    stride = n_fit // n_windows * seq_len
+    return [i * stride for i in range(n_windows)]
 
 
 def bits_per_byte(loss: float, meta: dict, split: str) -> float:
@@ -55,9 +59,7 @@ def eval_model(model_dir: str, data_dir: str, split: str = "val", seq_len: int |
                                f"{model.cfg.vocab_size}: this data was not prepared for this model")
     seq_len = min(seq_len or 512, model.cfg.max_seq_len, len(data) - 1)
     loss = evaluate(model, data, batch_size, seq_len, device, max_batches)
-    n_windows = (len(data) - 1) // seq_len
-    if max_batches:
-        n_windows = min(n_windows, max_batches * batch_size)
+    n_windows = len(window_starts(len(data), batch_size, seq_len, max_batches))
     return {"split": split, "loss": loss, "ppl": math.exp(min(loss, 50)), "bpb": bits_per_byte(loss, meta, split),
             "tokens": n_windows * seq_len, "seq_len": seq_len}
 

@@ -200,7 +200,7 @@ def degenerate_pairs(gates_LED: torch.Tensor, threshold: float = DEGENERATE_COSI
 # ---- the merge --------------------------------------------------------------------------------------
 def merge(config: dict | str | Path, out: str | Path | None = None, seed: int = 0):
     """Build (and with `out`, save) the MoE a mergekit-moe config describes; returns the Transformer."""
-    from .checkpoint import TOKENIZER_FILES, load_model, save_model
+    from .checkpoint import has_tokenizer, load_model, save_model
     from .config import ModelConfig
     from .model.transformer import Transformer
     from .tokenizer import load_tokenizer
@@ -224,7 +224,7 @@ def merge(config: dict | str | Path, out: str | Path | None = None, seed: int = 
             raise TinyMixtralError(f"merge: {where} has d_ff={s.d_ff} but experts[0] has {src_cfgs[0].d_ff}; "
                                    "all experts need the same FFN size")
         _warn_tokenizer(base_dir, c["experts"][i]["source_model"], where)
-    has_tok = any((base_dir / f).is_file() for f in TOKENIZER_FILES)
+    has_tok = has_tokenizer(base_dir)
     if c["gate_mode"] != "random" and not has_tok:
         raise TinyMixtralError(f"merge: gate_mode {c['gate_mode']!r} needs the base's tokenizer, but {base_dir} "
                                "has none")

@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed), imported on first use."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,7 +33,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 
 
 def plot_loss(rows: list[dict], out: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     train = [r for r in rows if "loss" in r]
     val = [r for r in rows if "val_loss" in r]
     fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(3, 1))
@@ -47,12 +48,12 @@ def plot_loss(rows: list[dict], out: Path) -> Path:
     ax_lr.set_xlabel("step")
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, plt, out)
+    return save_png(fig, plt, out)
 
 
 def plot_expert_load(load: list[list[float]], out: Path, title: str = "expert load") -> Path:
     """Heatmap of the fraction of assignments per (layer, expert); 1/E everywhere is perfect balance."""
-    plt = _plt()
+    plt = pyplot()
     n_layers, n_experts = len(load), len(load[0])
     fig, ax = plt.subplots(figsize=(max(5.0, 1.5 + 0.6 * n_experts), 1.5 + 0.45 * n_layers))
     im = ax.imshow(load, cmap="viridis", aspect="auto", vmin=0)
@@ -66,10 +67,11 @@ def plot_expert_load(load: list[list[float]], out: Path, title: str = "expert lo
     ax.set_title(f"{title} (balanced = {1 / n_experts:.2f})")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    return _save(fig, plt, out)
+    return save_png(fig, plt, out)
 
 
-def _save(fig, plt, out: Path) -> Path:
+def save_png(fig, plt, out: Path) -> Path:
+    """Save and close a figure, under a temporary name first."""
     tmp = out.with_name(f".{out.stem}.tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)

@@ -309,7 +309,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from .checkpoint import TOKENIZER_FILES, load_model, save_model
+    from .checkpoint import has_tokenizer, load_model, save_model
 
     src, out = Path(args.model), Path(args.out)
     if not (src / "config.json").is_file():
@@ -319,7 +319,7 @@ def run(args) -> int:
     make_settings(ModelConfig.load(src), args.bits, args.group_size)  # bad flags fail before the weights are read
     t0 = time.perf_counter()
     qmodel = quantize_model(load_model(src), args.bits, args.group_size)
-    tokenizer = src if any((src / f).is_file() for f in TOKENIZER_FILES) else None
+    tokenizer = src if has_tokenizer(src) else None
     save_model(qmodel, out, tokenizer=tokenizer)
     q = qmodel.cfg.quantization
     kind = "int8 per channel" if q["bits"] == 8 else f"int4 groups of {q['group_size']}"

@@ -89,12 +89,9 @@ def _core(model):
 
 def expert_load(model) -> list[list[float]]:
     """Per layer, the fraction of token-expert assignments each expert got in the last forward."""
-    out = []
-    for r in _core(model).routing():
-        e = r.logits_NE.shape[-1]
-        counts = torch.bincount(r.experts_NK.reshape(-1), minlength=e).float()
-        out.append((counts / counts.sum()).tolist())
-    return out
+    from .analysis.stats import expert_load as load_E
+
+    return [load_E(r.experts_NK, r.logits_NE.shape[-1]).tolist() for r in _core(model).routing()]
 
 
 def save_run_config(out: Path, tcfg: TrainConfig, mcfg: ModelConfig):

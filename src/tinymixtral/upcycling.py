@@ -15,8 +15,6 @@ broken by expert index, so the first K experts are chosen until training moves t
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from .errors import TinyMixtralError
@@ -86,16 +84,16 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from .checkpoint import TOKENIZER_FILES, load_model, save_model
+    from .checkpoint import has_tokenizer, load_model, save_model
 
     dense = load_model(args.model)
     model = upcycle(dense, args.experts, args.top_k, args.noise, args.router, args.seed)
-    has_tokenizer = any((Path(args.model) / f).is_file() for f in TOKENIZER_FILES)
-    if not has_tokenizer:
+    tokenizer = args.model if has_tokenizer(args.model) else None
+    if tokenizer is None:
         import sys
 
         print(f"upcycle: warning: {args.model} has no tokenizer files; none copied", file=sys.stderr)
-    save_model(model, args.out, tokenizer=args.model if has_tokenizer else None)
+    save_model(model, args.out, tokenizer=tokenizer)
     n_dense, n_moe = dense.num_params(), model.num_params()
     print(f"{args.out}: {args.experts} experts, top-{args.top_k}, router {args.router}, noise {args.noise}; "
           f"{n_moe:,} parameters (dense model: {n_dense:,})")

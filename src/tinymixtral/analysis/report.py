@@ -10,27 +10,12 @@ import html
 import os
 from pathlib import Path
 
+from ..plots import pyplot, save_png
+
 # tab20-like colours, readable behind black text; experts beyond 20 reuse them (the title still says which).
 PALETTE = ["#8dd3c7", "#ffffb3", "#bebada", "#fb8072", "#80b1d3", "#fdb462", "#b3de69", "#fccde5", "#d9d9d9",
            "#bc80bd", "#ccebc5", "#ffed6f", "#a6cee3", "#b2df8a", "#fb9a99", "#fdbf6f", "#cab2d6", "#ffff99",
            "#1f78b4", "#33a02c"]
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save_png(fig, plt, out: Path) -> Path:
-    tmp = out.with_name(f".{out.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
 
 
 def write_text(path: Path, text: str) -> Path:
@@ -51,7 +36,7 @@ def plot_load_heatmap(stats: dict, out: Path) -> Path:
 
 def plot_repeat_rates(stats: dict, out: Path) -> Path:
     """Per layer, consecutive tokens with the same first choice (and overlapping top-k sets) vs chance."""
-    plt = _plt()
+    plt = pyplot()
     layers = [lay["layer"] for lay in stats["layers"]]
     k = stats["top_k"]
     series = [("repeat_top1", "chance_top1", "same first choice", "tab:blue")]
@@ -72,7 +57,7 @@ def plot_repeat_rates(stats: dict, out: Path) -> Path:
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    return _save_png(fig, plt, out)
+    return save_png(fig, plt, out)
 
 
 # ---- HTML page --------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ class Attention(nn.Module):
     def forward(self, x_BSD, cos, sin, mask=None, kv=None):
         """mask: None for plain causal attention, else bool (True = may attend), [S, S] or [B, 1, S, keys].
 
-        kv: None, or (cache, layer index, write_first, n_keys) from KVCache.plan() when decoding.
+        kv: None, or (KVCache, layer index) when decoding; the cache has planned this step (KVCache.plan).
         """
         B, S, _ = x_BSD.shape
         H, G, C = self.n_heads, self.n_kv_heads, self.head_dim
@@ -32,8 +32,8 @@ class Attention(nn.Module):
         v_BGSC = v.view(B, S, G, C).transpose(1, 2)
         q_BHSC, k_BGSC = apply_rope(q_BHSC, cos, sin), apply_rope(k_BGSC, cos, sin)
         if kv is not None:
-            cache, layer, write_first, n_keys = kv
-            k_BGSC, v_BGSC = cache.attend_keys(layer, k_BGSC, v_BGSC, write_first, n_keys)
+            cache, layer = kv
+            k_BGSC, v_BGSC = cache.attend_keys(layer, k_BGSC, v_BGSC)
         y_BHSC = F.scaled_dot_product_attention(
             q_BHSC, k_BGSC, v_BGSC, attn_mask=mask, is_causal=mask is None, enable_gqa=G != H
         )

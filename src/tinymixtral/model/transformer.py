@@ -70,9 +70,9 @@ class Transformer(nn.Module):
                 positions_BS = torch.arange(cache.t, cache.t + S, device=input_ids_BS.device).expand(B, S)
             cos, sin = rope_cos_sin(positions_BS.clamp(min=0), self.cfg.head_dim, self.cfg.rope_theta, x_BSD.dtype)
             cos, sin = cos[:, None], sin[:, None]  # [B, 1, S, C]: one rotation per row and position
-            write_first, n_keys, mask = cache.plan(positions_BS)
+            mask = cache.plan(positions_BS)
             for i, layer in enumerate(self.layers):
-                x_BSD = layer(x_BSD, cos, sin, mask, (cache, i, write_first, n_keys))
+                x_BSD = layer(x_BSD, cos, sin, mask, (cache, i))
             cache.advance(S)
         if last_only:
             x_BSD = x_BSD[:, -1:]  # the head over 32000 tokens is costly: only where we sample
