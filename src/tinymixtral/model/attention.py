@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .linear import Linear
 from .rope import apply_rope
 
 
@@ -16,8 +17,8 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         # q, k and v in one matmul; the converter splits/joins HF's q_proj, k_proj, v_proj.
-        self.wqkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.wqkv = Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim)
+        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.d_model)
 
     def forward(self, x_BSD, cos, sin, mask=None, kv=None):
         """mask: None for plain causal attention, else bool (True = may attend), [S, S] or [B, 1, S, keys].

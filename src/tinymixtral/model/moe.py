@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .linear import Linear, linear
 
 
 class FeedForward(nn.Module):
@@ -26,8 +27,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int):
         super().__init__()
-        self.w13 = nn.Linear(d_model, 2 * d_ff, bias=False)
-        self.w2 = nn.Linear(d_ff, d_model, bias=False)
+        self.w13 = Linear(d_model, 2 * d_ff)
+        self.w2 = Linear(d_ff, d_model)
 
     def forward(self, x):
         gate, up = self.w13(x).chunk(2, dim=-1)
@@ -83,6 +84,8 @@ class Experts(nn.Module):
         """Σ_k weight_k · expert_k(x): tokens sorted by expert, each group one matrix product."""
         N, K = experts_NK.shape
         E = self.n_experts
+        if N * K <= E and capacity is None and not torch.is_grad_enabled():
+            return self.forward_few(x_ND, weights_NK, experts_NK), 0
         flat_M = experts_NK.reshape(-1)
         # Stable sort keeps token order inside each expert's group (first come, first served under capacity).
         expert_sorted_M, order_M = flat_M.sort(stable=True)
@@ -104,6 +107,26 @@ class Experts(nn.Module):
         y_MD = _grouped_mm(F.silu(gate) * up, self.w2.transpose(-2, -1), offs_E, counts_E)
         y_MD = y_MD * weights_NK.reshape(-1)[order_M, None].to(y_MD.dtype)
         return torch.zeros_like(x_ND).index_add_(0, token_M, y_MD), n_dropped
+
+
+    def forward_few(self, x_ND, weights_NK, experts_NK):
+        """The same sums for a handful of tokens (decode): one matrix-vector product per chosen expert.
+
+        Sorting, counting and scattering cost more than the products themselves at batch 1, and
+        grouped_mm visits every expert, chosen or not. Here the choices come to the host (one sync,
+        as any sampler makes anyway) and each chosen expert multiplies just its own tokens.
+        """
+        groups: dict[int, list[tuple[int, float]]] = {}  # expert -> [(token, weight)]
+        for n, (chosen, weights) in enumerate(zip(experts_NK.tolist(), weights_NK.tolist())):
+            for e, w in zip(chosen, weights):
+                groups.setdefault(e, []).append((n, w))
+        y_ND = torch.zeros_like(x_ND)
+        for e, members in groups.items():
+            idx_M = torch.tensor([n for n, _ in members], device=x_ND.device)
+            w_M1 = torch.tensor([[w] for _, w in members], dtype=x_ND.dtype, device=x_ND.device)
+            gate, up = linear(x_ND[idx_M], self.w13[e]).chunk(2, dim=-1)
+            y_ND.index_add_(0, idx_M, linear(F.silu(gate) * up, self.w2[e]) * w_M1)
+        return y_ND
 
 
 class MoE(nn.Module):

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import Attention, sliding_window_mask
+from .linear import Linear
 from .moe import FeedForward, MoE, Routing, load_balancing_loss, router_z_loss
 from .norm import RMSNorm
 from .rope import rope_cos_sin
@@ -35,7 +36,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.reset_parameters()

@@ -1,0 +1,96 @@
+"""The decode fast paths equal the plain ones: the row-split `linear` and the few-token expert path."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from test_moe import make_cfg, make_moe, no_loop, ref_moe
+from tinymixtral.cache import KVCache
+from tinymixtral.config import ModelConfig
+from tinymixtral.model import moe as moe_mod
+from tinymixtral.model.linear import FEW_ROWS, linear
+from tinymixtral.model.transformer import Transformer
+
+
+@contextlib.contextmanager
+def threads(n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("n_threads", [2, 3])
+@pytest.mark.parametrize("x_shape", [(1, 1, 48), (4, 1, 48), (1, FEW_ROWS, 48), (2, 9, 48), (48,)])
+@pytest.mark.parametrize("O", [96, 97])  # 97: rows do not split evenly over the threads
+def test_linear_equals_f_linear(n_threads, x_shape, O):
+    torch.manual_seed(0)
+    x, w = torch.randn(*x_shape), torch.randn(O, 48)
+    with threads(n_threads):
+        y = linear(x, w)
+    assert y.shape == F.linear(x, w).shape
+    torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_gradients_equal_f_linear():
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 1, 32, requires_grad=True), torch.randn(64, 32, requires_grad=True)
+    g = torch.randn(2, 1, 64)
+    with threads(2):
+        gx, gw = torch.autograd.grad((linear(x, w) * g).sum(), (x, w))
+    rx, rw = torch.autograd.grad((F.linear(x, w) * g).sum(), (x, w))
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gw, rw)
+
+
+@pytest.mark.parametrize("N", [1, 2, 3])
+@pytest.mark.parametrize("E,K", [(4, 2), (8, 2), (6, 3)])
+def test_few_token_experts_equal_reference(N, E, K, monkeypatch):
+    """N*K <= E under no_grad takes forward_few; it must equal the loop reference and the grouped path."""
+    if N * K > E:
+        pytest.skip("not the few-token path")
+    cfg = make_cfg(E=E, K=K)
+    m = make_moe(cfg).eval()
+    x = torch.randn(1, N, cfg.d_model)
+    ref, _ = ref_moe(x, m.router.weight, m.experts.w13, m.experts.w2, K)
+    grouped = m(x).detach()  # grad enabled: the sorted grouped path
+    monkeypatch.setattr(moe_mod, "_grouped_mm", no_loop)  # from here on, the grouped path would fail
+    for n_threads in (1, 2):
+        with threads(n_threads), torch.no_grad():
+            fast = m(x)
+        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast, grouped, rtol=1e-5, atol=1e-5)
+
+
+def test_few_token_path_with_repeated_experts():
+    """Two tokens that chose the same expert share one product; weights stay with their tokens."""
+    cfg = make_cfg(E=8, K=2)
+    m = make_moe(cfg).eval()
+    x = torch.randn(3, cfg.d_model)
+    experts = torch.tensor([[5, 1], [1, 5], [2, 1]])
+    weights = torch.tensor([[0.7, 0.3], [0.6, 0.4], [0.9, 0.1]])
+    with torch.no_grad():
+        few = m.experts.forward_few(x, weights, experts)
+    ref, _ = ref_moe(x[None], m.router.weight, m.experts.w13, m.experts.w2, 2, routing=(weights, experts))
+    torch.testing.assert_close(few, ref[0], rtol=1e-5, atol=1e-5)
+
+
+def test_decode_with_fast_paths_equals_full_forward():
+    """Batch-1 decode on 2 threads (row-split linear + few-token experts) reproduces the full forward's logits."""
+    cfg = ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, n_experts=4,
+                      top_k=2, sliding_window=8, max_seq_len=64)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    ids = torch.randint(0, 96, (1, 20))
+    with torch.no_grad():
+        full = model(ids)
+        with threads(2):
+            cache = KVCache.for_model(model, 1, 20)
+            steps = [model(ids[:, :4], cache=cache)] + [model(ids[:, i:i + 1], cache=cache) for i in range(4, 20)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
