@@ -108,7 +108,6 @@ class Experts(nn.Module):
         y_MD = y_MD * weights_NK.reshape(-1)[order_M, None].to(y_MD.dtype)
         return torch.zeros_like(x_ND).index_add_(0, token_M, y_MD), n_dropped
 
-
     def forward_few(self, x_ND, weights_NK, experts_NK):
         """The same sums for a handful of tokens (decode): one matrix-vector product per chosen expert.
 
@@ -122,10 +121,12 @@ class Experts(nn.Module):
                 groups.setdefault(e, []).append((n, w))
         y_ND = torch.zeros_like(x_ND)
         for e, members in groups.items():
-            idx_M = torch.tensor([n for n, _ in members], device=x_ND.device)
-            w_M1 = torch.tensor([[w] for _, w in members], dtype=x_ND.dtype, device=x_ND.device)
-            gate, up = linear(x_ND[idx_M], self.w13[e]).chunk(2, dim=-1)
-            y_ND.index_add_(0, idx_M, linear(F.silu(gate) * up, self.w2[e]) * w_M1)
+            tokens, weights = zip(*members)  # distinct tokens: a token picks an expert at most once
+            # one token (always so at batch 1): a view, not a gather
+            rows = slice(tokens[0], tokens[0] + 1) if len(tokens) == 1 else torch.tensor(tokens, device=x_ND.device)
+            w_M1 = torch.tensor(weights, dtype=x_ND.dtype, device=x_ND.device)[:, None]
+            gate, up = linear(x_ND[rows], self.w13[e]).chunk(2, dim=-1)
+            y_ND[rows] += linear(F.silu(gate) * up, self.w2[e]) * w_M1
         return y_ND
 
 
