@@ -131,12 +131,21 @@ def decode_fns(ours, theirs, batch, new_tokens, device, prompt_len: int = 16):
 
 
 def run_bench(cfg, what=WHAT, batch=8, seq=256, decode_batches=(1, 8), new_tokens=64, rounds=5,
-              device=None, hf=True) -> dict:
-    """Time each phase for both models; returns {phase: {model: {median_s, min_s, max_s, tok_s}}, ...}."""
+              device=None, hf=True, bits=None) -> dict:
+    """Time each phase for both models; returns {phase: {model: {median_s, min_s, max_s, tok_s}}, ...}.
+
+    bits: 8 or 4 quantizes our model (weight-only) after loading; transformers keeps the full weights.
+    """
     from .params import flops_per_token
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if bits and "train" in what:
+        raise TinyMixtralError("a quantized model is for inference: leave 'train' out of --what with --bits")
     ours, theirs = build_pair(cfg, device, hf)
+    if bits:
+        from .quantize import quantize_model
+
+        ours = quantize_model(ours, bits).eval()
     peak = measure_matmul_flops(device)
     phases = []
     if "train" in what:
@@ -150,7 +159,7 @@ def run_bench(cfg, what=WHAT, batch=8, seq=256, decode_batches=(1, 8), new_token
             phases.append((f"decode batch {b}", lambda b=b: decode_fns(ours.eval(), theirs and theirs.eval(), b,
                                                                         new_tokens, device), False))
     result = {"config": cfg.to_hf_dict(), "device": str(device), "threads": torch.get_num_threads(),
-              "matmul_flops": peak, "phases": {}}
+              "matmul_flops": peak, "ours_bits": bits, "phases": {}}
     for name, make, training in phases:
         fns, tokens = make()
         for fn in fns.values():  # warm-up (allocator, kernels, lazy init)
@@ -180,7 +189,8 @@ def run_bench(cfg, what=WHAT, batch=8, seq=256, decode_batches=(1, 8), new_token
 
 
 def format_result(r: dict) -> str:
-    lines = [f"device {r['device']}, {r['threads']} threads, matmul {r['matmul_flops'] / 1e9:.0f} GFLOP/s (fp32)",
+    quant = f"; ours int{r['ours_bits']} weight-only vs transformers full precision" if r.get("ours_bits") else ""
+    lines = [f"device {r['device']}, {r['threads']} threads, matmul {r['matmul_flops'] / 1e9:.0f} GFLOP/s (fp32){quant}",
              f"{'phase':<18}{'ours tok/s':>12}{'hf tok/s':>12}{'speedup':>9}{'  range':<14}{'ours MFU':>9}"]
     for name, row in r["phases"].items():
         o, t, s = row["ours"], row.get("transformers"), row.get("speedup")
@@ -208,6 +218,8 @@ def add_arguments(p):
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--no-hf", action="store_true", help="time ours only")
+    p.add_argument("--bits", type=int, choices=(8, 4), default=None,
+                   help="quantize ours (weight-only int8/int4; prefill/decode only) against full-precision transformers")
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true")
 
@@ -228,6 +240,6 @@ def run(args) -> int:
     src = args.model or args.config
     cfg = ModelConfig.load(src) if src else ModelConfig.from_name(args.preset or "demo")
     r = run_bench(cfg, what, args.batch, args.seq, decode_batches, args.new_tokens, args.rounds, args.device,
-                  hf=not args.no_hf)
+                  hf=not args.no_hf, bits=args.bits)
     print(json.dumps(r, indent=2) if args.json else format_result(r))
     return 0
