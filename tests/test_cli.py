@@ -275,10 +275,11 @@ def run_dir(tmp_path_factory):
     return root / "run"
 
 
-def test_generate_from_a_trained_model(run_dir):
+@pytest.mark.parametrize("compile_flag", [[], ["--compile"]])
+def test_generate_from_a_trained_model(run_dir, compile_flag):
     prompt = "Tom ran to"
     r = tm("generate", "--model", str(run_dir / "latest"), "--prompt", prompt, "--max-new-tokens", "5",
-           "--temperature", "0")
+           "--temperature", "0", *compile_flag)
     assert r.returncode == 0, r.stderr
     text = r.stdout.rstrip("\n")
     assert text.startswith(prompt) and len(text) > len(prompt) and "\n" not in text

@@ -118,12 +118,12 @@ def prefill_fns(ours, theirs, batch, seq, device):
     return fns, batch * seq
 
 
-def decode_fns(ours, theirs, batch, new_tokens, device, prompt_len: int = 16):
-    """Greedy generation of new_tokens after a short prompt."""
+def decode_fns(ours, theirs, batch, new_tokens, device, prompt_len: int = 16, compile: bool = True):
+    """Greedy generation of new_tokens after a short prompt (ours with a compiled decode step, unless told not)."""
     from .generation import generate
 
     x = torch.randint(3, ours.cfg.vocab_size, (batch, prompt_len), device=device)
-    fns = {"ours": lambda: generate(ours, x, new_tokens)}
+    fns = {"ours": lambda: generate(ours, x, new_tokens, compile=compile)}
     if theirs is not None:
         fns["transformers"] = lambda: theirs.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                                       do_sample=False, pad_token_id=0)
@@ -131,10 +131,11 @@ def decode_fns(ours, theirs, batch, new_tokens, device, prompt_len: int = 16):
 
 
 def run_bench(cfg, what=WHAT, batch=8, seq=256, decode_batches=(1, 8), new_tokens=64, rounds=5,
-              device=None, hf=True, bits=None) -> dict:
+              device=None, hf=True, bits=None, compile: bool = True) -> dict:
     """Time each phase for both models; returns {phase: {model: {median_s, min_s, max_s, tok_s}}, ...}.
 
     bits: 8 or 4 quantizes our model (weight-only) after loading; transformers keeps the full weights.
+    compile: our decode step through torch.compile (compiled in the warm-up, not timed).
     """
     from .params import flops_per_token
 
@@ -157,9 +158,10 @@ def run_bench(cfg, what=WHAT, batch=8, seq=256, decode_batches=(1, 8), new_token
     if "decode" in what:
         for b in decode_batches:
             phases.append((f"decode batch {b}", lambda b=b: decode_fns(ours.eval(), theirs and theirs.eval(), b,
-                                                                        new_tokens, device), False))
+                                                                        new_tokens, device, compile=compile), False))
     result = {"config": cfg.to_hf_dict(), "device": str(device), "threads": torch.get_num_threads(),
-              "matmul_flops": peak, "ours_bits": bits, "phases": {}}
+              "matmul_flops": peak, "ours_bits": bits,
+              "ours_compiled_decode": compile and "decode" in what, "phases": {}}
     for name, make, training in phases:
         fns, tokens = make()
         for fn in fns.values():  # warm-up (allocator, kernels, lazy init)
@@ -190,6 +192,7 @@ def run_bench(cfg, what=WHAT, batch=8, seq=256, decode_batches=(1, 8), new_token
 
 def format_result(r: dict) -> str:
     quant = f"; ours int{r['ours_bits']} weight-only vs transformers full precision" if r.get("ours_bits") else ""
+    quant += "; our decode compiled" if r.get("ours_compiled_decode") else ""
     lines = [f"device {r['device']}, {r['threads']} threads, matmul {r['matmul_flops'] / 1e9:.0f} GFLOP/s (fp32){quant}",
              f"{'phase':<18}{'ours tok/s':>12}{'hf tok/s':>12}{'speedup':>9}{'  range':<14}{'ours MFU':>9}"]
     for name, row in r["phases"].items():
@@ -220,6 +223,7 @@ def add_arguments(p):
     p.add_argument("--no-hf", action="store_true", help="time ours only")
     p.add_argument("--bits", type=int, choices=(8, 4), default=None,
                    help="quantize ours (weight-only int8/int4; prefill/decode only) against full-precision transformers")
+    p.add_argument("--no-compile", action="store_true", help="decode eagerly (default: our decode step compiled)")
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true")
 
@@ -240,6 +244,6 @@ def run(args) -> int:
     src = args.model or args.config
     cfg = ModelConfig.load(src) if src else ModelConfig.from_name(args.preset or "demo")
     r = run_bench(cfg, what, args.batch, args.seq, decode_batches, args.new_tokens, args.rounds, args.device,
-                  hf=not args.no_hf, bits=args.bits)
+                  hf=not args.no_hf, bits=args.bits, compile=not args.no_compile)
     print(json.dumps(r, indent=2) if args.json else format_result(r))
     return 0

@@ -9,6 +9,8 @@ window it is a static cache of T = prompt + new tokens. Nothing is ever shifted 
 Slots are indexed by time step, not by position, so a batch of prompts of different lengths can be
 left-padded and still share one slot index per step: each row's own positions are kept in `pos`
 (-1 marks an empty slot or a padding token, which no query may attend to).
+
+`StaticStep` is the same cache seen by one decode step through tensors only, for torch.compile.
 """
 
 from __future__ import annotations
@@ -69,12 +71,7 @@ class KVCache(nn.Module):
         else:
             kpos_BK = torch.cat([self.pos, qpos_BS], dim=1)
         self._qpos = qpos_BS
-        q, k = qpos_BS[:, :, None], kpos_BK[:, None, :]
-        allowed = (k >= 0) & (k <= q)
-        if self.window is not None:
-            allowed &= k > q - self.window
-        allowed |= (q < 0)  # padding queries: anything (their output is ignored), never an all-masked row
-        return allowed[:, None]
+        return attention_mask(qpos_BS, kpos_BK, self.window)
 
     def attend_keys(self, layer: int, k_BGSC, v_BGSC):
         """Store the new keys/values of one layer and return the keys/values to attend over."""
@@ -93,3 +90,44 @@ class KVCache(nn.Module):
         if not self._write_first:
             self.pos[:, self._slots] = self._qpos
         self.t += S
+
+    def static_step(self) -> tuple[torch.Tensor, ...]:
+        """The tensors a compiled decode step works on: k, v, pos and the slot of the next time step."""
+        if self.window is None and self.t >= self.slots:
+            raise ValueError(f"the cache holds {self.slots} time steps and is full; make it for a longer max_len")
+        return self.k, self.v, self.pos, torch.tensor([self.t % self.slots], device=self.pos.device)
+
+
+class StaticStep:
+    """A KVCache as one decode step (one new token per row) sees it, with tensor indices only.
+
+    The slot to write is a tensor (t mod T), not a Python slice, and attention reads all T slots,
+    empty ones masked by pos = -1. So every step has the same shapes and no Python number that
+    changes, and one compiled graph serves the whole generation (gpt-fast's static cache). The
+    caller moves KVCache.t on. Results equal KVCache.plan / attend_keys for S = 1.
+    """
+
+    def __init__(self, k, v, pos, slot_1, window: int | None):
+        self.k, self.v, self.pos, self.slot, self.window = k, v, pos, slot_1, window
+
+    def plan(self, qpos_B1: torch.Tensor) -> torch.Tensor:
+        self.pos.index_copy_(1, self.slot, qpos_B1)
+        return attention_mask(qpos_B1, self.pos, self.window)
+
+    def attend_keys(self, layer: int, k_BG1C, v_BG1C):
+        self.k[layer].index_copy_(2, self.slot, k_BG1C)
+        self.v[layer].index_copy_(2, self.slot, v_BG1C)
+        return self.k[layer], self.v[layer]
+
+    def advance(self, S: int):
+        pass
+
+
+def attention_mask(qpos_BS: torch.Tensor, kpos_BK: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[B, 1, S, K] bool from query and key positions: causal, within the window, never an empty key."""
+    q, k = qpos_BS[:, :, None], kpos_BK[:, None, :]
+    allowed = (k >= 0) & (k <= q)
+    if window is not None:
+        allowed &= k > q - window
+    allowed |= (q < 0)  # padding queries: anything (their output is ignored), never an all-masked row
+    return allowed[:, None]

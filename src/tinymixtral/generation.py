@@ -4,6 +4,11 @@ The prompt is prefilled in chunks (at most the sliding window each, so memory st
 each step feeds one token per row and reads everything else from the cache. A batch of prompts of
 different lengths is left-padded; each row keeps its own positions, so its tokens are exactly those
 it would get alone.
+
+With compile=True the decode step runs through torch.compile on a static view of the cache
+(`cache.StaticStep`): same shapes every step, so one graph serves the whole generation, and the
+~550 small PyTorch ops of an eager step become a few fused kernels. It pays on long generations:
+the first step compiles for tens of seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .cache import KVCache
+from .cache import KVCache, StaticStep
 from .errors import TinyMixtralError
 
 
@@ -55,11 +60,12 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0, device=None):
 @torch.no_grad()
 def stream(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
            top_p: float | None = None, seed: int | None = None, eos_id: int | None = None,
-           repetition_penalty: float | None = None, prefill_chunk: int | None = None) -> Iterator[torch.Tensor]:
+           repetition_penalty: float | None = None, prefill_chunk: int | None = None,
+           compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield the next token id of every row, [B], one step at a time.
 
     prompts: ids [B, S] or a list of id lists (ragged). Rows that produced eos_id keep yielding it;
-    the loop ends when all have, or after max_new_tokens.
+    the loop ends when all have, or after max_new_tokens. compile: decode through torch.compile.
     """
     check_sampling(temperature, top_k, top_p, repetition_penalty)
     cfg, device = model.cfg, model.embed.weight.device
@@ -96,8 +102,37 @@ def stream(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_k:
             return  # no forward pass for a token nobody will sample after
         if seen is not None:
             seen.scatter_(1, nxt[:, None], True)
-        logits = model(nxt[:, None], cache=cache, positions_BS=next_pos)
+        if compile:
+            logits = decode_compiled(model, cache, nxt[:, None], next_pos)
+        else:
+            logits = model(nxt[:, None], cache=cache, positions_BS=next_pos)
         next_pos = next_pos + 1
+
+
+def _decode_step(model, k, v, pos, slot_1, ids_B1, pos_B1):
+    return model(ids_B1, cache=StaticStep(k, v, pos, slot_1, model.cfg.sliding_window), positions_BS=pos_B1)
+
+
+_compiled_step = None
+
+
+def decode_compiled(model, cache: KVCache, ids_B1: torch.Tensor, pos_B1: torch.Tensor) -> torch.Tensor:
+    """model(ids_B1, cache=cache, positions_BS=pos_B1) for one token per row, compiled.
+
+    Compiles on first use and again for a new batch size or cache size (shapes are static).
+    """
+    global _compiled_step
+    if _compiled_step is None:
+        _compiled_step = torch.compile(_decode_step, dynamic=False)
+    try:
+        logits = _compiled_step(model, *cache.static_step(), ids_B1, pos_B1)
+    except Exception as e:  # no C++ compiler, an unsupported op...: one line, not inductor's pages
+        if isinstance(e, ValueError):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TinyMixtralError(f"torch.compile failed ({first[:200]}); generate without compiling") from e
+    cache.t += 1
+    return logits
 
 
 def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
@@ -146,6 +181,8 @@ def add_arguments(p):
     p.add_argument("--stop", action="append", default=None, help="stop a row at this string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile: ~2x faster per token on a CPU, after ~20 s of compiling")
 
 
 def chat_template(prompt: str, system: str | None) -> str:
@@ -198,7 +235,7 @@ def run(args) -> int:
         print(texts[0], end="", flush=True)
     shown, t0, n_tokens = "", time.perf_counter(), 0
     for step in stream(model, rows, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                       tok.eos_id, args.repetition_penalty):
+                       tok.eos_id, args.repetition_penalty, compile=args.compile):
         for b, t in enumerate(step.tolist()):
             if live[b] and t != tok.eos_id:
                 new[b].append(t)

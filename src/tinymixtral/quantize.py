@@ -18,6 +18,8 @@ Runtime: on CPU, torch's weight-only kernels (`_weight_int8pack_mm`, `_weight_in
 elsewhere (CUDA, ...) or for shapes they refuse (int4: N % 16 != 0, group not 32/64/128/256), dequantize then
 matmul. Both run in `compute_dtype`, bf16 by default: in torch 2.13 the CPU kernels are vectorised for
 bf16 activations only (their fp32/fp16 loops were 10-30x slower than a plain fp32 matmul when measured).
+In a compiled decode step (a few rows) the product is written as dequantize-then-reduce, which inductor
+fuses into one pass that reads the int8 / int4 weights themselves, on all cores.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch import nn
 
 from .config import QUANT_METHOD, ModelConfig
 from .errors import TinyMixtralError
+from .model.linear import FEW_ROWS, mv
 from .model.moe import Experts
 
 GROUP_SIZES = (32, 64, 128, 256)  # what the int4 CPU kernel accepts
@@ -141,12 +144,17 @@ class _Quantized(nn.Module):
                  getattr(self, self._sfx(name, "zeros")) if self.bits == 4 else None]
         return parts if e is None else [p if p is None else p[e] for p in parts]
 
-    def _matmul(self, x, name: str, e: int | None = None):
-        """x [..., K] @ W^T for the weight `name` (expert e of a stack) -> [..., N], in x's dtype."""
+    def _matmul(self, x, name: str, e: int | torch.Tensor | None = None):
+        """x [..., K] @ W^T for the weight `name` (expert e of a stack) -> [..., N], in x's dtype.
+
+        Compiled, e may also be a tensor of one expert per row of x (gathered, as Experts.forward_gathered).
+        """
         w, s, z = self._parts(name, e)
         N, dtype = w.shape[-2], self.compute_dtype or x.dtype
         x_MK = x.reshape(-1, x.shape[-1]).to(dtype)
-        if self.use_kernel and dtype in (torch.float32, torch.bfloat16, torch.float16) and \
+        if torch.compiler.is_compiling() and x_MK.shape[0] <= FEW_ROWS:
+            y = mv(x_MK, dequantize(w, s, z).to(dtype))  # fused: the quantized weights are read once
+        elif self.use_kernel and dtype in (torch.float32, torch.bfloat16, torch.float16) and \
                 kernel_applies(self.bits, N, self.group_size, x.device):
             base = getattr(self, name)  # views of a stack share its version counter
             key = (dtype, base.device, base.data_ptr(), *(p._version for p in (base, s, z) if p is not None))
@@ -192,7 +200,14 @@ class QuantExperts(_Quantized):
     def forward(self, x_ND, weights_NK, experts_NK, capacity: int | None = None):
         if capacity is not None:
             raise TinyMixtralError("a quantized model is for inference: expert capacity (training) is not supported")
-        K = experts_NK.shape[1]
+        N, K = experts_NK.shape
+        if torch.compiler.is_compiling() and N <= FEW_ROWS:  # no host sync in a compiled decode step
+            y_ND = torch.zeros_like(x_ND)
+            for k in range(K):
+                gate, up = self._matmul(x_ND, "w13", experts_NK[:, k]).chunk(2, dim=-1)
+                w_N1 = weights_NK[:, k, None].to(x_ND.dtype)
+                y_ND = y_ND + self._matmul(F.silu(gate) * up, "w2", experts_NK[:, k]) * w_N1
+            return y_ND, 0
         flat_M = experts_NK.reshape(-1)
         order_M = flat_M.argsort(stable=True)  # tokens grouped by expert, as in Experts.forward
         counts = torch.bincount(flat_M, minlength=self.n_experts).tolist()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .linear import Linear, linear
+from .linear import FEW_ROWS, Linear, linear, mv
 
 
 class FeedForward(nn.Module):
@@ -84,8 +84,11 @@ class Experts(nn.Module):
         """Σ_k weight_k · expert_k(x): tokens sorted by expert, each group one matrix product."""
         N, K = experts_NK.shape
         E = self.n_experts
-        if N * K <= E and capacity is None and not torch.is_grad_enabled():
-            return self.forward_few(x_ND, weights_NK, experts_NK), 0
+        if capacity is None and not torch.is_grad_enabled():
+            if torch.compiler.is_compiling() and N <= FEW_ROWS:
+                return self.forward_gathered(x_ND, weights_NK, experts_NK), 0
+            if N * K <= E:
+                return self.forward_few(x_ND, weights_NK, experts_NK), 0
         flat_M = experts_NK.reshape(-1)
         # Stable sort keeps token order inside each expert's group (first come, first served under capacity).
         expert_sorted_M, order_M = flat_M.sort(stable=True)
@@ -127,6 +130,21 @@ class Experts(nn.Module):
             w_M1 = torch.tensor(weights, dtype=x_ND.dtype, device=x_ND.device)[:, None]
             gate, up = linear(x_ND[rows], self.w13[e]).chunk(2, dim=-1)
             y_ND[rows] += linear(F.silu(gate) * up, self.w2[e]) * w_M1
+        return y_ND
+
+
+    def forward_gathered(self, x_ND, weights_NK, experts_NK):
+        """The same sums with no host sync and no data-dependent shape, for a compiled decode step.
+
+        Each token's k-th expert is gathered (w13[e] for every row) and multiplied as one reduction.
+        torch.compile fuses the gather into the product, so only the chosen experts' weights are read
+        (gpt-fast's decode trick). Eager, the gather would copy them first: compiled use only.
+        """
+        y_ND = torch.zeros_like(x_ND)
+        for k in range(experts_NK.shape[1]):
+            e_N = experts_NK[:, k]
+            gate, up = mv(x_ND, self.w13[e_N]).chunk(2, dim=-1)  # [N, 2F]
+            y_ND = y_ND + mv(F.silu(gate) * up, self.w2[e_N]) * weights_NK[:, k, None].to(x_ND.dtype)
         return y_ND
 
 
