@@ -36,7 +36,7 @@ def _time(fn, device) -> float:
 
 
 def measure_matmul_flops(device, dtype=torch.float32, n: int = 1024) -> float:
-    """FLOP/s of a square matmul here and now: the denominator of our MFU estimate."""
+    """FLOP/s of a square matmul here and now (the best of a run's measurements is the MFU denominator)."""
     a = torch.ones(n, n, device=device, dtype=dtype)  # no RNG: a resumed run must draw what an unbroken one draws
     b = torch.ones(n, n, device=device, dtype=dtype)
     for _ in range(2):
@@ -71,16 +71,21 @@ def build_pair(cfg, device, hf: bool, seed: int = 0):
     return ours, theirs
 
 
-def train_step_fns(ours, theirs, batch, seq, device):
-    """One fwd+bwd+AdamW step for each model, on the same random tokens."""
+def train_step_fns(ours, theirs, batch, seq, device, compile: bool = False):
+    """One fwd+bwd+AdamW step for each model, on the same random tokens (ours' loss compiled if asked)."""
     V = ours.cfg.vocab_size
     x = torch.randint(0, V, (batch, seq + 1), device=device)
     opt_o = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=torch.device(device).type in ("cpu", "cuda"))
 
-    def step_ours():
+    def loss_ours():
         logits = ours(x[:, :-1])
         loss = F.cross_entropy(logits.float().view(-1, V), x[:, 1:].reshape(-1))
-        sum([loss, *ours.router_losses().values()]).backward()
+        return sum([loss, *ours.router_losses().values()])
+
+    loss_fn = torch.compile(loss_ours) if compile else loss_ours
+
+    def step_ours():
+        loss_fn().backward()
         opt_o.step()
         opt_o.zero_grad(set_to_none=True)
 
@@ -135,7 +140,7 @@ def run_bench(cfg, what=WHAT, batch=8, seq=256, decode_batches=(1, 8), new_token
     """Time each phase for both models; returns {phase: {model: {median_s, min_s, max_s, tok_s}}, ...}.
 
     bits: 8 or 4 quantizes our model (weight-only) after loading; transformers keeps the full weights.
-    compile: our decode step through torch.compile (compiled in the warm-up, not timed).
+    compile: our decode step and training loss through torch.compile (compiled in the warm-up, not timed).
     """
     from .params import flops_per_token
 
@@ -147,11 +152,11 @@ def run_bench(cfg, what=WHAT, batch=8, seq=256, decode_batches=(1, 8), new_token
         from .quantize import quantize_model
 
         ours = quantize_model(ours, bits).eval()
-    peak = measure_matmul_flops(device)
+    rates = [measure_matmul_flops(device)]  # again after every phase: MFU is against the best, as load varies
     phases = []
     if "train" in what:
         phases.append((f"train {batch}x{seq}", lambda: train_step_fns(ours.train(), theirs and theirs.train(),
-                                                                        batch, seq, device), True))
+                                                                        batch, seq, device, compile), True))
     if "prefill" in what:
         phases.append((f"prefill 1x{seq}", lambda: prefill_fns(ours.eval(), theirs and theirs.eval(), 1, seq,
                                                                device), False))
@@ -160,8 +165,8 @@ def run_bench(cfg, what=WHAT, batch=8, seq=256, decode_batches=(1, 8), new_token
             phases.append((f"decode batch {b}", lambda b=b: decode_fns(ours.eval(), theirs and theirs.eval(), b,
                                                                         new_tokens, device, compile=compile), False))
     result = {"config": cfg.to_hf_dict(), "device": str(device), "threads": torch.get_num_threads(),
-              "matmul_flops": peak, "ours_bits": bits,
-              "ours_compiled_decode": compile and "decode" in what, "phases": {}}
+              "matmul_flops": None, "ours_bits": bits,
+              "ours_compiled": [w for w in ("train", "decode") if compile and w in what], "phases": {}}
     for name, make, training in phases:
         fns, tokens = make()
         for fn in fns.values():  # warm-up (allocator, kernels, lazy init)
@@ -174,13 +179,16 @@ def run_bench(cfg, what=WHAT, batch=8, seq=256, decode_batches=(1, 8), new_token
         for k, ts in times.items():
             med = statistics.median(ts)
             row[k] = {"median_s": med, "min_s": min(ts), "max_s": max(ts), "tok_s": tokens / med}
-            if training:
-                row[k]["mfu"] = tokens / med * flops_per_token(cfg, seq) / peak
         if "transformers" in row:
             ratios = [a / b for a, b in zip(times["transformers"], times["ours"])]
             row["speedup"] = {"median": row["transformers"]["median_s"] / row["ours"]["median_s"],
                               "min": min(ratios), "max": max(ratios)}
         result["phases"][name] = row
+        rates.append(measure_matmul_flops(device))
+    result["matmul_flops"] = peak = max(rates)
+    for name in (name for name, _, training in phases if training):
+        for m in (result["phases"][name][who] for who in fns):
+            m["mfu"] = m["tok_s"] * flops_per_token(cfg, seq) / peak
     if torch.device(device).type == "cuda":
         result["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
     else:
@@ -192,16 +200,16 @@ def run_bench(cfg, what=WHAT, batch=8, seq=256, decode_batches=(1, 8), new_token
 
 def format_result(r: dict) -> str:
     quant = f"; ours int{r['ours_bits']} weight-only vs transformers full precision" if r.get("ours_bits") else ""
-    quant += "; our decode compiled" if r.get("ours_compiled_decode") else ""
+    quant += f"; ours compiled: {', '.join(r['ours_compiled'])}" if r.get("ours_compiled") else ""
     lines = [f"device {r['device']}, {r['threads']} threads, matmul {r['matmul_flops'] / 1e9:.0f} GFLOP/s (fp32){quant}",
-             f"{'phase':<18}{'ours tok/s':>12}{'hf tok/s':>12}{'speedup':>9}{'  range':<14}{'ours MFU':>9}"]
+             f"{'phase':<18}{'ours tok/s':>12}{'hf tok/s':>12}{'speedup':>9}{'  range':<14}{'ours MFU':>9}{'hf MFU':>8}"]
     for name, row in r["phases"].items():
         o, t, s = row["ours"], row.get("transformers"), row.get("speedup")
         theirs = f"{t['tok_s']:,.0f}" if t else "-"
         speedup = f"{s['median']:.2f}x" if s else "-"
         spread = f"  {s['min']:.2f}-{s['max']:.2f}" if s else ""
-        mfu = f"{o['mfu']:.0%}" if "mfu" in o else ""
-        lines.append(f"{name:<18}{o['tok_s']:>12,.0f}{theirs:>12}{speedup:>9}{spread:<14}{mfu:>9}")
+        mfu = f"{o['mfu']:>9.0%}{t['mfu'] if t else 0:>8.0%}" if "mfu" in o else ""
+        lines.append(f"{name:<18}{o['tok_s']:>12,.0f}{theirs:>12}{speedup:>9}{spread:<14}{mfu}")
     if "peak_memory_bytes" in r:
         lines.append(f"peak GPU memory {r['peak_memory_bytes'] / 2**30:.2f} GiB")
     else:

@@ -78,7 +78,8 @@ def stream(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_k:
         raise TinyMixtralError(f"prompt ({S} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                                f"{cfg.max_seq_len} positions")
     model.eval()
-    cache = KVCache.for_model(model, B, S + max_new_tokens)
+    # compiled: the cache size is part of the graph's shape, so round it up and let most lengths share one graph
+    cache = KVCache.for_model(model, B, -(-(S + max_new_tokens) // 256) * 256 if compile else S + max_new_tokens)
     gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
     seen = None
     if repetition_penalty and repetition_penalty != 1.0:

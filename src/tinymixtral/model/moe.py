@@ -172,6 +172,7 @@ class MoE(nn.Module):
 _GROUPED_MM_OK: dict[tuple, bool] = {}
 
 
+@torch.compiler.disable  # its meta kernel wants bf16 (CUDA) inputs: run it eagerly inside compiled code
 def _grouped_mm(x_MI, w_EIO, offs_E, counts_E):
     """x rows grouped by expert (group e ends at offs[e]) times w[e]: [M, I] x [E, I, O] -> [M, O].
 
