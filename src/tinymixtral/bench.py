@@ -231,7 +231,7 @@ def add_arguments(p):
     p.add_argument("--no-hf", action="store_true", help="time ours only")
     p.add_argument("--bits", type=int, choices=(8, 4), default=None,
                    help="quantize ours (weight-only int8/int4; prefill/decode only) against full-precision transformers")
-    p.add_argument("--no-compile", action="store_true", help="decode eagerly (default: our decode step compiled)")
+    p.add_argument("--no-compile", action="store_true", help="time ours eagerly (default: our training loss and decode step compiled)")
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true")
 

@@ -125,11 +125,10 @@ def decode_compiled(model, cache: KVCache, ids_B1: torch.Tensor, pos_B1: torch.T
     global _compiled_step
     if _compiled_step is None:
         _compiled_step = torch.compile(_decode_step, dynamic=False)
+    static = cache.static_step()
     try:
-        logits = _compiled_step(model, *cache.static_step(), ids_B1, pos_B1)
+        logits = _compiled_step(model, *static, ids_B1, pos_B1)
     except Exception as e:  # no C++ compiler, an unsupported op...: one line, not inductor's pages
-        if isinstance(e, ValueError):
-            raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TinyMixtralError(f"torch.compile failed ({first[:200]}); generate without compiling") from e
     cache.t += 1

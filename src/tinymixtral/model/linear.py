@@ -26,7 +26,7 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     M = x.numel() // I if I else 0
     if x.device.type != "cpu" or M > FEW_ROWS:
         return F.linear(x, w)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and not torch.is_grad_enabled():
         return mv(x, w)
     T = torch.get_num_threads()
     if T < 2 or O % T or not w.is_contiguous():

@@ -132,7 +132,6 @@ class Experts(nn.Module):
             y_ND[rows] += linear(F.silu(gate) * up, self.w2[e]) * w_M1
         return y_ND
 
-
     def forward_gathered(self, x_ND, weights_NK, experts_NK):
         """The same sums with no host sync and no data-dependent shape, for a compiled decode step.
 
