@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from torch._dynamo.utils import counters
+
 from tinymixtral import generation
 from tinymixtral.cache import KVCache
 from tinymixtral.config import ModelConfig
@@ -16,6 +18,16 @@ from tinymixtral.quantize import quantize_model
 
 MOE = dict(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, n_experts=4, top_k=2,
            sliding_window=8, max_seq_len=64)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from scratch: past dynamo's recompile limit it would fall back to eager silently,
+    and the compiled-vs-eager comparisons would compare eager with eager."""
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
 
 
 def model_of(seed=0, **over):
@@ -46,6 +58,8 @@ def test_compiled_steps_equal_eager_steps():
     model = model_of()
     eager_logits, comp_logits, eager, comp = teacher_forced(model, [[5, 6, 7, 8, 9], [10, 11, 12], [13]], 14)
     torch.testing.assert_close(comp_logits, eager_logits, rtol=1e-5, atol=1e-5)
+    # it really compiled, into one graph: no graph break (a host sync, a Python number) splits the step
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
     assert comp.t == eager.t == 5 + 14
     assert torch.equal(comp.pos, eager.pos)  # same slots hold the same positions
     torch.testing.assert_close(comp.k, eager.k, rtol=1e-5, atol=1e-6)
