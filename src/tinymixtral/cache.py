@@ -58,8 +58,7 @@ class KVCache(nn.Module):
         S, T = qpos_BS.shape[1], self.slots
         if S > T:
             raise ValueError(f"a chunk of {S} tokens does not fit a cache of {T} slots; prefill in chunks")
-        if (self.window is None or T < self.window) and self.t + S > T:
-            raise ValueError(f"the cache holds {T} time steps and is full; make it for a longer max_len")
+        self._check_room(S)
         self._write_first = self.t + S <= T or S == 1
         # contiguous slots are a slice (a view write); wrapped ones need an index tensor
         self._slots = (slice(self.t, self.t + S) if self.t + S <= T
@@ -91,10 +90,15 @@ class KVCache(nn.Module):
             self.pos[:, self._slots] = self._qpos
         self.t += S
 
+    def _check_room(self, S: int):
+        """A static cache (no window, or fewer slots than the window) must not wrap over keys still needed."""
+        T = self.slots
+        if (self.window is None or T < self.window) and self.t + S > T:
+            raise ValueError(f"the cache holds {T} time steps and is full; make it for a longer max_len")
+
     def static_step(self) -> tuple[torch.Tensor, ...]:
         """The tensors a compiled decode step works on: k, v, pos and the slot of the next time step."""
-        if self.window is None and self.t >= self.slots:
-            raise ValueError(f"the cache holds {self.slots} time steps and is full; make it for a longer max_len")
+        self._check_room(1)
         return self.k, self.v, self.pos, torch.tensor([self.t % self.slots], device=self.pos.device)
 
 

@@ -34,7 +34,7 @@ from torch import nn
 from .config import QUANT_METHOD, ModelConfig
 from .errors import TinyMixtralError
 from .model.linear import FEW_ROWS, mv
-from .model.moe import Experts
+from .model.moe import Experts, gathered_experts
 
 GROUP_SIZES = (32, 64, 128, 256)  # what the int4 CPU kernel accepts
 
@@ -202,12 +202,7 @@ class QuantExperts(_Quantized):
             raise TinyMixtralError("a quantized model is for inference: expert capacity (training) is not supported")
         N, K = experts_NK.shape
         if torch.compiler.is_compiling() and N <= FEW_ROWS:  # no host sync in a compiled decode step
-            y_ND = torch.zeros_like(x_ND)
-            for k in range(K):
-                gate, up = self._matmul(x_ND, "w13", experts_NK[:, k]).chunk(2, dim=-1)
-                w_N1 = weights_NK[:, k, None].to(x_ND.dtype)
-                y_ND = y_ND + self._matmul(F.silu(gate) * up, "w2", experts_NK[:, k]) * w_N1
-            return y_ND, 0
+            return gathered_experts(x_ND, weights_NK, experts_NK, self._matmul), 0
         flat_M = experts_NK.reshape(-1)
         order_M = flat_M.argsort(stable=True)  # tokens grouped by expert, as in Experts.forward
         counts = torch.bincount(flat_M, minlength=self.n_experts).tolist()

@@ -139,12 +139,21 @@ class Experts(nn.Module):
         torch.compile fuses the gather into the product, so only the chosen experts' weights are read
         (gpt-fast's decode trick). Eager, the gather would copy them first: compiled use only.
         """
-        y_ND = torch.zeros_like(x_ND)
-        for k in range(experts_NK.shape[1]):
-            e_N = experts_NK[:, k]
-            gate, up = mv(x_ND, self.w13[e_N]).chunk(2, dim=-1)  # [N, 2F]
-            y_ND = y_ND + mv(F.silu(gate) * up, self.w2[e_N]) * weights_NK[:, k, None].to(x_ND.dtype)
-        return y_ND
+        return gathered_experts(x_ND, weights_NK, experts_NK, lambda x, name, e_N: mv(x, getattr(self, name)[e_N]))
+
+
+def gathered_experts(x_ND, weights_NK, experts_NK, product):
+    """Σ_k weight_k · expert_k(x) with each row's k-th expert indexed by a tensor (no host sync).
+
+    product(x, "w13" or "w2", e_N) multiplies row n of x by expert e_N[n]'s weight; QuantExperts
+    passes its dequantising product, Experts a plain one.
+    """
+    y_ND = torch.zeros_like(x_ND)
+    for k in range(experts_NK.shape[1]):
+        e_N = experts_NK[:, k]
+        gate, up = product(x_ND, "w13", e_N).chunk(2, dim=-1)  # [N, 2F]
+        y_ND = y_ND + product(F.silu(gate) * up, "w2", e_N) * weights_NK[:, k, None].to(x_ND.dtype)
+    return y_ND
 
 
 class MoE(nn.Module):
