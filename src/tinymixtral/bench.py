@@ -15,7 +15,6 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 
 from .errors import TinyMixtralError
 
@@ -73,19 +72,19 @@ def build_pair(cfg, device, hf: bool, seed: int = 0):
 
 def train_step_fns(ours, theirs, batch, seq, device, compile: bool = False):
     """One fwd+bwd+AdamW step for each model, on the same random tokens (ours' loss compiled if asked)."""
+    from .train import loss_fn
+
     V = ours.cfg.vocab_size
     x = torch.randint(0, V, (batch, seq + 1), device=device)
     opt_o = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=torch.device(device).type in ("cpu", "cuda"))
 
     def loss_ours():
-        logits = ours(x[:, :-1])
-        loss = F.cross_entropy(logits.float().view(-1, V), x[:, 1:].reshape(-1))
-        return sum([loss, *ours.router_losses().values()])
+        return loss_fn(ours, x[:, :-1], x[:, 1:])[0]  # what `train` minimises
 
-    loss_fn = torch.compile(loss_ours) if compile else loss_ours
+    loss = torch.compile(loss_ours) if compile else loss_ours
 
     def step_ours():
-        loss_fn().backward()
+        loss().backward()
         opt_o.step()
         opt_o.zero_grad(set_to_none=True)
 

@@ -21,7 +21,8 @@ STATE_JSON = "trainer_state.json"
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scalars: dict, rng: dict[str, torch.Tensor],
                     tokenizer_dir: Path | None, keep_last: int, best_step: int | None) -> Path:
-    """Write checkpoints/step-N atomically, point `latest` at it, and prune old ones (never the best)."""
+    """Write checkpoints/step-N atomically, point `latest` (and `best` if it is the best) at it, and prune
+    old ones (never the best)."""
     from .checkpoint import save_model
 
     ckpts = run_dir / "checkpoints"
@@ -36,6 +37,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scalars: dict, r
         shutil.rmtree(final)
     os.replace(partial, final)
     point(run_dir, "latest", final)
+    if best_step == step:
+        point(run_dir, "best", final)
     steps = sorted(int(p.name.split("-")[1]) for p in ckpts.glob("step-*"))
     for old in steps[:-keep_last] if keep_last > 0 else []:
         if old != best_step:

@@ -114,7 +114,7 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> dict:
     from .evaluate import bits_per_byte, evaluate
     from .model.transformer import Transformer
     from .params import flops_per_token
-    from .run_state import append_metrics, latest_checkpoint, load_trainer_state, point, save_checkpoint
+    from .run_state import append_metrics, latest_checkpoint, load_trainer_state, save_checkpoint
 
     # ---- setup: processes, device, data, model, optimizer ----------------------------------------
     distributed = "RANK" in os.environ
@@ -251,8 +251,6 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> dict:
                 last.update(do_eval())
                 if state["best_step"] == at:
                     checkpoint()
-                    if master:
-                        point(out, "best", out / "checkpoints" / f"step-{at}")
             if at > 0 and at % tcfg.ckpt_interval == 0 and state["best_step"] != at:
                 checkpoint()
             parts_sum = {}
@@ -274,8 +272,6 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> dict:
             state["elapsed"] += time.perf_counter() - t_step
             if state["step"] % tcfg.log_interval == 0 or progress() >= 1.0:
                 if distributed:
-                    import torch.distributed as dist
-
                     for v in parts_sum.values():
                         dist.all_reduce(v, op=dist.ReduceOp.AVG)
                 dt = time.perf_counter() - t_last
@@ -305,16 +301,12 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> dict:
     last.update(do_eval())
     checkpoint()
     if master:
-        if state["best_step"] == state["step"]:
-            point(out, "best", out / "checkpoints" / f"step-{state['step']}")
         from .plots import plot_run
 
         plot_run(out)
         if run:
             run.finish()
     if distributed:
-        import torch.distributed as dist
-
         dist.barrier()  # no process may tear down gloo while another still talks to it
         dist.destroy_process_group()
     return last
