@@ -173,17 +173,13 @@ def gate_vectors(base, tok, experts: list[dict], mode: str, seed: int = 0) -> to
     L, D, E = base.cfg.n_layers, base.cfg.d_model, len(experts)
     if mode == "random":
         return torch.randn(L, E, D, generator=torch.Generator().manual_seed(seed))
+    vector = hidden_vector if mode == "hidden" else cheap_embed_vector  # [L, D] or [D] (the same every layer)
     vecs = []
     for e in experts:
-        if mode == "hidden":
-            v = hidden_vector(base, tok, e["positive_prompts"])
-            if e["negative_prompts"]:
-                v = v - hidden_vector(base, tok, e["negative_prompts"])
-        else:
-            v = cheap_embed_vector(base, tok, e["positive_prompts"])
-            if e["negative_prompts"]:
-                v = v - cheap_embed_vector(base, tok, e["negative_prompts"])
-            v = v.expand(L, D)
+        v = vector(base, tok, e["positive_prompts"])
+        if e["negative_prompts"]:
+            v = v - vector(base, tok, e["negative_prompts"])
+        v = v.expand(L, D)
         vecs.append(v / v.norm(dim=-1, keepdim=True).clamp(min=1e-8))
     return torch.stack(vecs, dim=1)
 

@@ -95,10 +95,8 @@ def _check(t: TrainConfig):
         raise TinyMixtralError(f"--autocast must be none, bf16 or fp16, got {t.autocast!r}")
 
 
-def parse_duration(text: str | float | None) -> float | None:
+def parse_duration(text: str) -> float:
     """'90', '90s', '10m', '1.5h' -> seconds."""
-    if text is None or isinstance(text, (int, float)):
-        return text
     units = {"s": 1, "m": 60, "h": 3600}
     try:
         if text[-1] in units:

@@ -41,7 +41,8 @@ def upcycle(dense_model, n_experts: int, top_k: int, noise: float = 0.0, router:
     if not noise >= 0:
         raise TinyMixtralError(f"--noise must be >= 0, got {noise}")
     moe_cfg = cfg.replace(n_experts=n_experts, top_k=top_k)
-    dtype = next(dense_model.parameters()).dtype
+    p0 = next(dense_model.parameters())
+    dtype = p0.dtype
     gen = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         model = Transformer(moe_cfg)
@@ -60,7 +61,7 @@ def upcycle(dense_model, n_experts: int, top_k: int, noise: float = 0.0, router:
     model.load_state_dict({k: v.cpu() for k, v in sd.items()}, strict=True, assign=True)
     if moe_cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
-    return model.to(next(dense_model.parameters()).device).eval()
+    return model.to(p0.device).eval()
 
 
 def _copies(w: torch.Tensor, n: int, noise: float, gen: torch.Generator) -> torch.Tensor:
