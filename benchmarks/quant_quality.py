@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from tinymixtral import generate, load_model
+from tinymixtral.build import build_model
 from tinymixtral.config import ModelConfig
-from tinymixtral.data import load_split
-from tinymixtral.model.transformer import Transformer
+from tinymixtral.data import load_split, window_starts, windows
 from tinymixtral.quantize import quantize_model
 
 
@@ -46,25 +46,20 @@ def weight_bytes(model) -> int:
 @torch.no_grad()
 def quality(models: dict, data, seq_len: int, batch: int, max_batches: int | None) -> dict:
     """{name: {'ppl', 'routing_agreement'}} over the val split's non-overlapping windows."""
-    n = (len(data) - 1) // seq_len
-    if max_batches:
-        n = min(n, max_batches * batch)
-    stride = ((len(data) - 1) // seq_len) // n * seq_len
-    starts = [i * stride for i in range(n)]
+    starts = window_starts(len(data), batch, seq_len, max_batches)  # the windows `tinymixtral eval` reads
     nll = {k: 0.0 for k in models}
     agree = {k: [] for k in models}
     tokens = 0
-    for i in range(0, n, batch):
-        x = torch.from_numpy(np.stack([data[s:s + seq_len + 1].astype(np.int64) for s in starts[i:i + batch]]))
+    for i in range(0, len(starts), batch):
+        x, y = windows(data, starts[i:i + batch], seq_len)
         ref_routes = None
         for name, m in models.items():
-            logits = m(x[:, :-1]).float()
-            nll[name] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                                         reduction="sum").item()
+            logits = m(x).float()
+            nll[name] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").item()
             routes = [r.experts_NK.sort(-1).values for r in m.routing()]
             ref_routes = ref_routes or routes  # fp32 comes first
             agree[name].append([(a == b).all(-1).float().mean().item() for a, b in zip(ref_routes, routes)])
-        tokens += x[:, 1:].numel()
+        tokens += y.numel()
     return {k: {"ppl": math.exp(nll[k] / tokens), "routing_agreement": float(np.mean(agree[k])),
                 "routing_agreement_per_layer": np.mean(agree[k], axis=0).round(4).tolist()} for k in models}
 
@@ -122,7 +117,7 @@ def main():
     speed = {}
     if args.speed_preset:
         torch.manual_seed(0)
-        big = Transformer(ModelConfig.from_name(args.speed_preset)).eval()
+        big = build_model(ModelConfig.from_name(args.speed_preset)).eval()
         for name, m in variants(big, args.group_size).items():
             speed[name] = {"weight_MB": weight_bytes(m) / 1e6,
                            "tok_s_b1": decode_speed(m, prompts[:1] % big.cfg.vocab_size, args.new_tokens,

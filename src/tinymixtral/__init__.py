@@ -6,8 +6,9 @@ __version__ = "0.1.0"
 # Imported on first use, so `tinymixtral --help` does not pay for importing torch.
 _EXPORTS = {
     "ModelConfig": "config", "PRESETS": "config", "TinyMixtralError": "errors", "Transformer": "model.transformer",
-    "load_model": "checkpoint", "save_model": "checkpoint", "generate": "generation", "stream": "generation", "load_tokenizer": "tokenizer",
-    "routing_stats": "analysis.stats", "upcycle": "upcycling", "merge": "merging",
+    "build_model": "build", "load_model": "checkpoint", "save_model": "checkpoint", "generate": "generation",
+    "stream": "generation", "load_tokenizer": "tokenizer", "routing_stats": "analysis.stats", "upcycle": "upcycling",
+    "merge": "merging",
 }
 __all__ = list(_EXPORTS)
 

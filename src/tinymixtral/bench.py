@@ -8,7 +8,7 @@ rate measured in the same run.
 
 from __future__ import annotations
 
-import json
+import resource
 import statistics
 import sys
 import tempfile
@@ -16,47 +16,29 @@ import time
 
 import torch
 
+from .build import build_model
+from .cache import KVCache
+from .checkpoint import save_model
 from .errors import TinyMixtralError
+from .generation import generate
+from .params import flops_per_token, measure_matmul_flops, sync
+from .quantize import quantize_model
 
 WHAT = ("train", "prefill", "decode")
 
 
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _time(fn, device) -> float:
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     fn()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0
-
-
-def measure_matmul_flops(device, dtype=torch.float32, n: int = 1024) -> float:
-    """FLOP/s of a square matmul here and now (the best of a run's measurements is the MFU denominator)."""
-    a = torch.ones(n, n, device=device, dtype=dtype)  # no RNG: a resumed run must draw what an unbroken one draws
-    b = torch.ones(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    _sync(device)
-    t0, reps = time.perf_counter(), 0
-    while time.perf_counter() - t0 < 0.3:
-        a @ b
-        reps += 1
-    _sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
-
 
 
 def build_pair(cfg, device, hf: bool, seed: int = 0):
     """Our model with random weights, and transformers' model loaded from the same weights (or None)."""
-    from .checkpoint import save_model
-    from .model.transformer import Transformer
-
     torch.manual_seed(seed)
-    ours = Transformer(cfg).to(device)
+    ours = build_model(cfg, device=device)
     theirs = None
     if hf:
         try:
@@ -72,14 +54,12 @@ def build_pair(cfg, device, hf: bool, seed: int = 0):
 
 def train_step_fns(ours, theirs, batch, seq, device, compile: bool = False):
     """One fwd+bwd+AdamW step for each model, on the same random tokens (ours' loss compiled if asked)."""
-    from .train import loss_fn
-
     V = ours.cfg.vocab_size
     x = torch.randint(0, V, (batch, seq + 1), device=device)
     opt_o = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=torch.device(device).type in ("cpu", "cuda"))
 
     def loss_ours():
-        return loss_fn(ours, x[:, :-1], x[:, 1:])[0]  # what `train` minimises
+        return ours(x[:, :-1], x[:, 1:])[0]  # what `train` minimises
 
     loss = torch.compile(loss_ours) if compile else loss_ours
 
@@ -105,8 +85,6 @@ def train_step_fns(ours, theirs, batch, seq, device, compile: bool = False):
 
 def prefill_fns(ours, theirs, batch, seq, device):
     """The prompt pass of generation: fill the KV cache, logits of the last position only."""
-    from .cache import KVCache
-
     x = torch.randint(0, ours.cfg.vocab_size, (batch, seq), device=device)
 
     @torch.no_grad()
@@ -124,8 +102,6 @@ def prefill_fns(ours, theirs, batch, seq, device):
 
 def decode_fns(ours, theirs, batch, new_tokens, device, prompt_len: int = 16, compile: bool = True):
     """Greedy generation of new_tokens after a short prompt (ours with a compiled decode step, unless told not)."""
-    from .generation import generate
-
     x = torch.randint(3, ours.cfg.vocab_size, (batch, prompt_len), device=device)
     fns = {"ours": lambda: generate(ours, x, new_tokens, compile=compile)}
     if theirs is not None:
@@ -141,15 +117,11 @@ def run_bench(cfg, what=WHAT, batch=8, seq=256, decode_batches=(1, 8), new_token
     bits: 8 or 4 quantizes our model (weight-only) after loading; transformers keeps the full weights.
     compile: our decode step and training loss through torch.compile (compiled in the warm-up, not timed).
     """
-    from .params import flops_per_token
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if bits and "train" in what:
         raise TinyMixtralError("a quantized model is for inference: leave 'train' out of --what with --bits")
     ours, theirs = build_pair(cfg, device, hf)
     if bits:
-        from .quantize import quantize_model
-
         ours = quantize_model(ours, bits).eval()
     rates = [measure_matmul_flops(device)]  # again after every phase: MFU is against the best, as load varies
     phases = []
@@ -191,8 +163,6 @@ def run_bench(cfg, what=WHAT, batch=8, seq=256, decode_batches=(1, 8), new_token
     if torch.device(device).type == "cuda":
         result["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
     else:
-        import resource
-
         result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return result
 
@@ -214,43 +184,3 @@ def format_result(r: dict) -> str:
     else:
         lines.append(f"peak process RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB (both models)")
     return "\n".join(lines)
-
-
-def add_arguments(p):
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", default=None, help="a preset (default: demo)")
-    src.add_argument("--model", default=None, help="take the config of a model directory (weights are random)")
-    src.add_argument("--config", default=None, help="a config.json")
-    p.add_argument("--what", default="train,prefill,decode", help="comma list of: " + ", ".join(WHAT))
-    p.add_argument("--batch", type=int, default=8, help="training batch")
-    p.add_argument("--seq", type=int, default=256, help="training and prefill length")
-    p.add_argument("--decode-batch", default="1,8", help="comma list of decode batch sizes")
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--no-hf", action="store_true", help="time ours only")
-    p.add_argument("--bits", type=int, choices=(8, 4), default=None,
-                   help="quantize ours (weight-only int8/int4; prefill/decode only) against full-precision transformers")
-    p.add_argument("--no-compile", action="store_true", help="time ours eagerly (default: our training loss and decode step compiled)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--json", action="store_true")
-
-
-def run(args) -> int:
-    from .config import ModelConfig
-
-    what = tuple(w.strip() for w in args.what.split(",") if w.strip())
-    bad = [w for w in what if w not in WHAT]
-    if bad or not what:
-        raise TinyMixtralError(f"--what takes {', '.join(WHAT)}; got {args.what!r}")
-    try:
-        decode_batches = tuple(int(b) for b in args.decode_batch.split(","))
-    except ValueError:
-        raise TinyMixtralError(f"--decode-batch must be comma-separated integers, got {args.decode_batch!r}") from None
-    if min(args.batch, args.seq, args.new_tokens, args.rounds, *decode_batches) < 1:
-        raise TinyMixtralError("--batch, --seq, --new-tokens, --rounds and --decode-batch must be >= 1")
-    src = args.model or args.config
-    cfg = ModelConfig.load(src) if src else ModelConfig.from_name(args.preset or "demo")
-    r = run_bench(cfg, what, args.batch, args.seq, decode_batches, args.new_tokens, args.rounds, args.device,
-                  hf=not args.no_hf, bits=args.bits, compile=not args.no_compile)
-    print(json.dumps(r, indent=2) if args.json else format_result(r))
-    return 0

@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .build import build_model
 from .config import ModelConfig
 from .convert import from_hf, to_hf
 from .errors import TinyMixtralError
@@ -34,26 +35,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
         kind = "a pickle" if path.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl") else "a file"
         raise TinyMixtralError(f"{path} is {kind}, not a model directory (config.json + model.safetensors)")
     cfg = ModelConfig.load(path / "config.json")
-    hf_sd = read_safetensors(path)
-    sd = from_hf(hf_sd, cfg)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    if cfg.quantization:  # a `tinymixtral quantize` directory: int8/int4 modules replace Linear/Experts
-        from .quantize import swap_modules
-
-        swap_modules(model, cfg.quantization)
-    model.load_state_dict(sd, strict=False, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.embed.weight
-    for name, p in list(model.named_parameters()):  # ours-only weights absent from HF files: fresh init
-        if p.is_meta:
-            fresh = torch.nn.Parameter(torch.empty(p.shape, dtype=dtype or next(iter(sd.values())).dtype))
-            torch.nn.init.normal_(fresh, 0.0, cfg.init_std)
-            module, attr = _owner(model, name)
-            setattr(module, attr, fresh)
-    if dtype is not None:
-        model.to(dtype=dtype)
-    return model.to(device or "cpu").eval()
+    return build_model(cfg, from_hf(read_safetensors(path), cfg), dtype=dtype, device=device or "cpu").eval()
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -168,8 +150,3 @@ def _replace_dir(tmp: Path, path: Path):
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _owner(model: torch.nn.Module, name: str):
-    module_name, _, attr = name.rpartition(".")
-    return model.get_submodule(module_name), attr

@@ -1,4 +1,4 @@
-"""`tinymixtral <command>`: a table of subcommands, each a module with add_arguments(p) and run(args).
+"""`tinymixtral <command>`: a table of subcommands, each a module of commands/ with add_arguments(p) and run(args).
 
 Modules are imported only for the command that runs, so `tinymixtral --help` stays fast.
 Errors of the project's own type end with one line on stderr and exit status 2 (`--debug` shows
@@ -11,18 +11,20 @@ import argparse
 import importlib
 import sys
 
+from .errors import TinyMixtralError
+
 COMMANDS = {
-    "params": ("tinymixtral.params", "parameter count, active parameters and memory of a model"),
-    "prepare": ("tinymixtral.data", "tokenize a text source into train/val shards"),
-    "train": ("tinymixtral.train_cli", "train a model, or resume a run"),
-    "eval": ("tinymixtral.evaluate", "loss, perplexity and bits per byte of a model on a data split"),
-    "generate": ("tinymixtral.generation", "generate text from a prompt"),
-    "quantize": ("tinymixtral.quantize", "int8 / int4 weight-only quantized model directory"),
-    "plot": ("tinymixtral.plots", "PNG plots of a training run"),
-    "bench": ("tinymixtral.bench", "training, prefill and decode speed vs transformers"),
-    "routes": ("tinymixtral.routes", "router statistics and pictures for a model on some text"),
-    "upcycle": ("tinymixtral.upcycling", "a Mixtral whose experts start as copies of a dense model's FFN"),
-    "merge": ("tinymixtral.merging", "an MoE from dense models (mergekit-moe YAML)"),
+    "params": ("tinymixtral.commands.params", "parameter count, active parameters and memory of a model"),
+    "prepare": ("tinymixtral.commands.prepare", "tokenize a text source into train/val shards"),
+    "train": ("tinymixtral.commands.train", "train a model, or resume a run"),
+    "eval": ("tinymixtral.commands.eval", "loss, perplexity and bits per byte of a model on a data split"),
+    "generate": ("tinymixtral.commands.generate", "generate text from a prompt"),
+    "quantize": ("tinymixtral.commands.quantize", "int8 / int4 weight-only quantized model directory"),
+    "plot": ("tinymixtral.commands.plot", "PNG plots of a training run"),
+    "bench": ("tinymixtral.commands.bench", "training, prefill and decode speed vs transformers"),
+    "routes": ("tinymixtral.commands.routes", "router statistics and pictures for a model on some text"),
+    "upcycle": ("tinymixtral.commands.upcycle", "a Mixtral whose experts start as copies of a dense model's FFN"),
+    "merge": ("tinymixtral.commands.merge", "an MoE from dense models (mergekit-moe YAML)"),
 }
 
 
@@ -45,8 +47,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         build_parser().print_help()
         return 2
-    from .errors import TinyMixtralError
-
     try:
         return importlib.import_module(COMMANDS[args.command][0]).run(args) or 0
     except TinyMixtralError as e:

@@ -16,6 +16,7 @@ import re
 
 import torch
 
+from .build import skeleton
 from .config import ModelConfig
 from .errors import TinyMixtralError
 
@@ -76,15 +77,7 @@ def _template(native: str) -> str | tuple[str, ...]:
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Native key -> shape, for every tensor a model of this config has."""
-    from .model.transformer import Transformer
-
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    if cfg.quantization:
-        from .quantize import swap_modules
-
-        swap_modules(model, cfg.quantization)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return {k: tuple(v.shape) for k, v in skeleton(cfg).state_dict().items()}
 
 
 def from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -98,10 +91,9 @@ def from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Te
             hf["<native>" + native.format(i=rx.match(key).group(1))] = hf.pop(key)
     shapes = expected_shapes(cfg)
     out, missing, misshapen = {}, [], []
+    if cfg.tie_embeddings:
+        hf.pop("lm_head.weight", None)  # some tools write a tied head too: it is the embedding, not a weight of ours
     for native in shapes:
-        if native == "lm_head.weight" and cfg.tie_embeddings:
-            hf.pop("lm_head.weight", None)  # tied: the embedding is the head
-            continue
         if "<native>" + native in hf:
             out[native] = hf.pop("<native>" + native)
             continue
@@ -147,9 +139,7 @@ def _part_shape(native: str, j: int, n_parts: int, shape: tuple[int, ...], cfg: 
 def to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Ours -> HF state dict in the classic on-disk layout (per-expert w1/w2/w3, separate q/k/v)."""
     out = {}
-    for native, t in sd.items():
-        if native == "lm_head.weight" and cfg.tie_embeddings:
-            continue  # transformers ties it back to the embedding
+    for native, t in sd.items():  # a tied head has no key of its own: transformers ties it back itself
         template = _template(native)
         names = [n.format(i=_layer_of(native), e="{e}") for n in _names(template)]
         if "{e}" in str(template):

@@ -3,7 +3,8 @@
 A prepared data directory holds `train.bin` and `val.bin` (token ids, uint16 when the vocabulary
 fits, else uint32; every document is <s> text </s>), `meta.json` (tokenizer, dtype, token, byte and
 document counts: bytes are what bits-per-byte is measured against) and `tokenizer/`.
-Training reads random windows from the memmaps (nanoGPT's "poor man's data loader").
+Training reads random windows from the memmaps (nanoGPT's "poor man's data loader"); evaluation reads
+evenly spread ones. Both come from `windows`.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from .errors import TinyMixtralError
+from .stories import CORPUS_DESCRIPTION, generate_stories
+from .tokenizer import load_tokenizer, parse_tokenizer_spec, train_bpe
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 DOC_SEPARATOR = "<|endoftext|>"  # TinyStories' separator in its .txt dumps
@@ -27,8 +31,6 @@ DOC_SEPARATOR = "<|endoftext|>"  # TinyStories' separator in its .txt dumps
 def read_source(source: str, num_stories: int = 50_000, seed: int = 0) -> tuple[dict, dict]:
     """Documents of a source ('stories', 'tinystories', a HF dataset dir, a file or a folder) and its metadata."""
     if source == "stories":
-        from .stories import CORPUS_DESCRIPTION, generate_stories
-
         texts = generate_stories(num_stories, seed=seed)
         return {"train": texts, "val": None}, {"source": "stories", "synthetic": True,
                                                 "description": CORPUS_DESCRIPTION}
@@ -115,8 +117,6 @@ def _is_hf_dataset_dir(path: Path) -> bool:
 def prepare(source: str, out: str | Path, tokenizer: str = "bpe:4096", val_fraction: float = 0.02,
             num_stories: int = 50_000, seed: int = 0, max_docs: int | None = None) -> dict:
     """Tokenize a source into OUT/{train,val}.bin + meta.json + tokenizer/ (written atomically)."""
-    from .tokenizer import load_tokenizer, parse_tokenizer_spec, train_bpe
-
     if not 0 < val_fraction < 1:
         raise TinyMixtralError(f"--val-fraction must be in (0, 1), got {val_fraction}")
     kind, size = parse_tokenizer_spec(tokenizer)
@@ -212,19 +212,25 @@ def load_split(data_dir: str | Path, split: str) -> tuple[np.memmap, dict]:
     return np.memmap(file, dtype=np.dtype(meta["dtype"]), mode="r"), meta
 
 
-def add_arguments(p):
-    p.add_argument("source", help="'stories' (offline, synthetic), 'tinystories' (needs network), a file or a folder")
-    p.add_argument("--out", required=True, help="output data directory")
-    p.add_argument("--tokenizer", default="bpe:4096", help="'mistral' (Mixtral's 32000) or 'bpe:N' (trained here)")
-    p.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out (no val split given)")
-    p.add_argument("--num-stories", type=int, default=50_000, help="how many stories the 'stories' source makes")
-    p.add_argument("--max-docs", type=int, default=None, help="use at most this many training documents")
-    p.add_argument("--seed", type=int, default=0)
+# ---- windows: what training and evaluation read -------------------------------------------------------
+def windows(data: np.ndarray, starts: list[int], seq_len: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets [len(starts), seq_len] of the windows data[s : s + seq_len + 1]."""
+    x = torch.from_numpy(np.stack([data[s:s + seq_len + 1].astype(np.int64) for s in starts]))
+    x = x.to(device, non_blocking=True)
+    return x[:, :-1], x[:, 1:]
 
 
-def run(args) -> int:
-    meta = prepare(args.source, args.out, args.tokenizer, args.val_fraction, args.num_stories, args.seed,
-                   args.max_docs)
-    print(f"{args.out}: train {meta['train_tokens']:,} tokens ({meta['train_docs']:,} docs), "
-          f"val {meta['val_tokens']:,} tokens, vocab {meta['vocab_size']}, {meta['dtype']}")
-    return 0
+def get_batch(data: np.ndarray, batch: int, seq_len: int, gen: torch.Generator, device, rank=0, world=1):
+    """Random windows: every process draws the same global batch and keeps its own slice."""
+    ix = torch.randint(len(data) - seq_len - 1, (batch * world,), generator=gen)[rank * batch:(rank + 1) * batch]
+    return windows(data, ix.tolist(), seq_len, device)
+
+
+def window_starts(n_tokens: int, batch: int, seq_len: int, max_batches: int | None) -> list[int]:
+    """Starts of the evaluation windows: all that fit, or max_batches * batch of them spread evenly."""
+    n_fit = (n_tokens - 1) // seq_len
+    if n_fit < 1:
+        raise TinyMixtralError(f"split has {n_tokens} tokens, fewer than seq_len+1 ({seq_len + 1})")
+    n_windows = min(n_fit, max_batches * batch) if max_batches else n_fit
+    stride = n_fit // n_windows * seq_len
+    return [i * stride for i in range(n_windows)]

@@ -1,4 +1,4 @@
-"""`tinymixtral merge CONFIG.yaml --out DIR`: a Mixtral ("frankenMoE") from dense models, mergekit-moe style.
+"""A Mixtral ("frankenMoE") from dense models, mergekit-moe style.
 
 The YAML is mergekit-moe's (https://github.com/arcee-ai/mergekit, moe.md):
 
@@ -31,8 +31,13 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 
+from .build import build_model
+from .checkpoint import has_tokenizer, load_model, save_model
+from .config import ModelConfig
 from .errors import TinyMixtralError
+from .tokenizer import load_tokenizer
 
 GATE_MODES = ("hidden", "cheap_embed", "random")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -51,8 +56,6 @@ def read_config(config: dict | str | Path) -> tuple[dict, Path]:
     """The config dict and the folder its relative paths start from (the YAML's folder, or the cwd)."""
     if isinstance(config, dict):
         return config, Path.cwd()
-    import yaml
-
     path = Path(config)
     if not path.is_file():
         raise TinyMixtralError(f"merge config not found: {path}")
@@ -196,11 +199,6 @@ def degenerate_pairs(gates_LED: torch.Tensor, threshold: float = DEGENERATE_COSI
 # ---- the merge --------------------------------------------------------------------------------------
 def merge(config: dict | str | Path, out: str | Path | None = None, seed: int = 0):
     """Build (and with `out`, save) the MoE a mergekit-moe config describes; returns the Transformer."""
-    from .checkpoint import has_tokenizer, load_model, save_model
-    from .config import ModelConfig
-    from .model.transformer import Transformer
-    from .tokenizer import load_tokenizer
-
     d, root = read_config(config)
     c = check_config(d, root)
     base_dir = c["base_model"]
@@ -248,12 +246,7 @@ def merge(config: dict | str | Path, out: str | Path | None = None, seed: int = 
         sd[f"layers.{i}.ffn.router.weight"] = gates_LED[i].float()
         if cfg.noisy_gating:
             sd[f"layers.{i}.ffn.router.noise.weight"] = torch.zeros(cfg.n_experts, cfg.d_model)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.load_state_dict(sd, strict=True, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.embed.weight
-    model = model.to(dtype).eval()
+    model = build_model(cfg, sd, dtype=dtype).eval()
     if out is not None:
         save_model(model, out, tokenizer=base_dir if has_tok else None)
     return model
@@ -267,17 +260,3 @@ def _warn_tokenizer(base_dir: Path, src_dir: Path, where: str):
                 print(f"merge: warning: {where} has a different {name} from the base; experts should share the "
                       "base's tokenizer", file=sys.stderr)
             return
-
-
-def add_arguments(p):
-    p.add_argument("config", help="a mergekit-moe YAML file (base_model, gate_mode, dtype, experts_per_token, experts)")
-    p.add_argument("--out", required=True, help="output Mixtral model directory")
-    p.add_argument("--seed", type=int, default=0, help="seed of gate_mode: random")
-
-
-def run(args) -> int:
-    model = merge(args.config, args.out, seed=args.seed)
-    cfg = model.cfg
-    print(f"{args.out}: {cfg.n_experts} experts, top-{cfg.top_k}, {cfg.n_layers} layers, "
-          f"{model.num_params():,} parameters ({next(model.parameters()).dtype})")
-    return 0

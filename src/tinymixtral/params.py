@@ -1,4 +1,4 @@
-"""`tinymixtral params`: where a Mixtral's parameters and memory go.
+"""Where a Mixtral's parameters, memory and FLOPs go (`tinymixtral params`), and the matmul rate MFU is taken against.
 
 Counts come from the real module tree built on the meta device (no memory used), grouped by
 component, so they can never drift from the model code. "Active" is what one token touches:
@@ -7,13 +7,12 @@ everything except the experts it is not routed to (top_k of n_experts per layer)
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import time
 
 import torch
 
+from .build import skeleton
 from .config import ModelConfig
-from .errors import TinyMixtralError
 
 COMPONENTS = ("embedding", "attention", "router", "experts", "ffn", "norms", "head")
 BYTES = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5}
@@ -39,10 +38,7 @@ def component_of(name: str) -> str:
 
 def count_params(cfg: ModelConfig) -> dict:
     """{'total', 'active', 'components': {name: {'total', 'active'}}} for a config."""
-    from .model.transformer import Transformer
-
-    with torch.device("meta"):
-        model = Transformer(cfg)
+    model = skeleton(cfg.replace(quantization=None))  # counts are those of the full-precision model
     comps = {c: 0 for c in COMPONENTS}
     for name, p in model.named_parameters():  # tied head is one parameter, counted once (as embedding)
         comps[component_of(name)] += p.numel()
@@ -61,6 +57,27 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     c = count_params(cfg)
     n = c["active"] - c["components"]["embedding"]["active"]
     return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+
+
+def measure_matmul_flops(device, dtype=torch.float32, n: int = 1024) -> float:
+    """FLOP/s of a square matmul here and now (the best of a run's measurements is the MFU denominator)."""
+    a = torch.ones(n, n, device=device, dtype=dtype)  # no RNG: a resumed run must draw what an unbroken one draws
+    b = torch.ones(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    t0, reps = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 0.3:
+        a @ b
+        reps += 1
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def sync(device):
+    """Wait for the device's queued work (CUDA runs asynchronously), so that timings are real."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def report(cfg: ModelConfig, context: int | None = None, batch: int = 1) -> dict:
@@ -123,39 +140,3 @@ def format_report(r: dict, title: str) -> str:
     t = r["training_bytes"]
     lines.append(f"training (fp32 weights + grads + AdamW, no activations): {_gb(t['total'])}")
     return "\n".join(lines)
-
-
-def add_arguments(p):
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", help="a preset name (e.g. tiny-mixtral, mixtral-8x7b)")
-    src.add_argument("--config", help="a config.json file")
-    src.add_argument("--model", help="a model directory")
-    p.add_argument("--context", type=int, default=None, help="context length for the KV cache (default: max)")
-    p.add_argument("--batch", type=int, default=1, help="batch size for the KV cache")
-    p.add_argument("--json", action="store_true", help="print JSON")
-
-
-def run(args) -> int:
-    if args.context is not None and args.context <= 0:
-        raise TinyMixtralError(f"--context must be positive, got {args.context}")
-    if args.batch <= 0:
-        raise TinyMixtralError(f"--batch must be positive, got {args.batch}")
-    if args.preset:
-        cfg, title = ModelConfig.from_name(args.preset), f"preset {args.preset}"
-    else:
-        src = Path(args.config or args.model)
-        if args.model and not src.is_dir():
-            raise TinyMixtralError(f"model directory not found: {src}")
-        cfg, title = ModelConfig.load(src), str(src)
-    r = report(cfg, args.context, args.batch)
-    if cfg.quantization:
-        r["quantization"] = cfg.quantization
-    if args.model:
-        # the weights only (a run's checkpoint also holds trainer_state.safetensors)
-        r["disk_bytes"] = sum(f.stat().st_size for f in Path(args.model).glob("model*.safetensors"))
-    if args.json:
-        print(json.dumps({**r, "config": cfg.to_hf_dict()}, indent=2))
-    else:
-        print(format_report(r, f"{title}: {cfg.model_type}, {cfg.n_layers} layers, d_model {cfg.d_model}"
-                            + (f", {cfg.n_experts} experts top-{cfg.top_k}" if cfg.is_moe else ", dense")))
-    return 0

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .run_state import read_metrics
+
 
 def pyplot():
     """matplotlib.pyplot on the Agg backend (no display needed), imported on first use."""
@@ -20,8 +22,6 @@ def pyplot():
 
 def plot_run(run_dir: str | Path) -> list[Path]:
     """Write loss.png and expert_load.png into run_dir from its metrics.jsonl; returns the files."""
-    from .run_state import read_metrics
-
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
     written = [plot_loss(rows, run_dir / "loss.png")]
@@ -77,13 +77,3 @@ def save_png(fig, plt, out: Path) -> Path:
     plt.close(fig)
     tmp.replace(out)
     return out
-
-
-def add_arguments(p):
-    p.add_argument("run_dir", help="a training run directory")
-
-
-def run(args) -> int:
-    for path in plot_run(args.run_dir):
-        print(path)
-    return 0

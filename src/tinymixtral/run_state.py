@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .checkpoint import save_model
 from .errors import TinyMixtralError
 
 STATE_TENSORS = "trainer_state.safetensors"
@@ -23,8 +24,6 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scalars: dict, r
                     tokenizer_dir: Path | None, keep_last: int, best_step: int | None) -> Path:
     """Write checkpoints/step-N atomically, point `latest` (and `best` if it is the best) at it, and prune
     old ones (never the best)."""
-    from .checkpoint import save_model
-
     ckpts = run_dir / "checkpoints"
     final = ckpts / f"step-{step}"
     partial = ckpts / f".step-{step}.partial"

@@ -1,8 +1,8 @@
-"""`tinymixtral train`: one readable training loop in the nanoGPT shape.
+"""The training loop, in the nanoGPT shape (`tinymixtral train` is its command line).
 
-setup -> batches -> lr schedule (a pure function) -> loop: lr, eval/checkpoint, accumulate, clip,
-step, log. Runs on CPU or one GPU; under `torchrun` it is DDP (gloo on CPU, NCCL on CUDA), or FSDP2
-with --fsdp. Rank 0 alone logs and writes checkpoints.
+setup() (processes, data, model, optimizer, resume) -> the loop: lr (a pure function of the step),
+eval/checkpoint, accumulate micro-batches, clip, step, log. Runs on CPU or one GPU; under `torchrun` it
+is DDP (gloo on CPU, NCCL on CUDA), or FSDP2 with --fsdp. Rank 0 alone logs and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -19,10 +19,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
+from .analysis.stats import expert_load
+from .build import build_model
+from .checkpoint import read_safetensors
 from .config import ModelConfig
+from .convert import from_hf
+from .data import get_batch, load_split
 from .errors import TinyMixtralError
+from .evaluate import bits_per_byte, evaluate
+from .params import flops_per_token, measure_matmul_flops
+from .plots import plot_run
+from .run_state import append_metrics, latest_checkpoint, load_trainer_state, save_checkpoint
 
 
 @dataclass
@@ -49,7 +62,7 @@ class TrainConfig:
     keep_last: int = 2
     seed: int = 1337
     device: str | None = None  # default: cuda when available
-    autocast: str = "none"  # none | bf16 | fp16 (bf16 was slower than fp32 on a 2-core CPU without AMX)
+    autocast: str = "none"  # none | bf16 | fp16 (fp16 with a GradScaler; bf16 was slower than fp32 on a 2-core CPU)
     compile: bool = False
     wandb: bool = False
     wandb_project: str = "tinymixtral"
@@ -62,36 +75,6 @@ def get_lr(step: int, progress: float, cfg: TrainConfig) -> float:
     warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
     cos = 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
     return cfg.lr * warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos)
-
-
-def get_batch(data: np.ndarray, batch: int, seq_len: int, gen: torch.Generator, device, rank=0, world=1):
-    """Random windows: every process draws the same global batch and keeps its own slice."""
-    ix = torch.randint(len(data) - seq_len - 1, (batch * world,), generator=gen)[rank * batch:(rank + 1) * batch]
-    x = torch.from_numpy(np.stack([data[i:i + seq_len + 1].astype(np.int64) for i in ix.tolist()]))
-    x = x.to(device, non_blocking=True)
-    return x[:, :-1], x[:, 1:]
-
-
-def loss_fn(model, x, y):
-    """Cross-entropy plus the router losses the config switches on; returns (total, parts)."""
-    logits = model(x)
-    ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1))
-    parts = {"loss": ce}
-    parts.update(_core(model).router_losses())
-    return sum(parts.values()), parts
-
-
-def _core(model):
-    """The Transformer inside DDP / torch.compile wrappers."""
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
-
-
-def expert_load(model) -> list[list[float]]:
-    """Per layer, the fraction of token-expert assignments each expert got in the last forward."""
-    from .analysis.stats import expert_load as load_E
-
-    return [load_E(r.experts_NK, r.logits_NE.shape[-1]).tolist() for r in _core(model).routing()]
 
 
 def save_run_config(out: Path, tcfg: TrainConfig, mcfg: ModelConfig):
@@ -107,30 +90,186 @@ def load_run_config(run_dir: Path) -> tuple[TrainConfig, ModelConfig]:
     return TrainConfig(**d["train"]), ModelConfig(**d["model"])
 
 
+
+@dataclass
+class Run:
+    """What the loop works with (made by setup): processes, data, model, optimizer and the counters."""
+
+    tcfg: TrainConfig
+    mcfg: ModelConfig
+    out: Path
+    device: str
+    rank: int
+    world: int
+    model: torch.nn.Module  # what the loop calls: the Transformer, or its DDP / FSDP / compiled wrapper
+    raw: torch.nn.Module  # the Transformer itself
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # scales fp16 losses; a pass-through otherwise
+    autocast: torch.dtype | None
+    train_data: np.ndarray
+    val_data: np.ndarray
+    meta: dict
+    data_gen: torch.Generator
+    wandb: object | None
+    peak_flops: float
+    step: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0  # seconds of training steps (evaluations and checkpoints excluded)
+    best_val: float | None = None
+    best_step: int | None = None
+    resumed_at: int | None = None  # the step a resumed run starts at: no second eval/checkpoint there
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return "RANK" in os.environ  # started by torchrun
+
+    def progress(self) -> float:
+        """How far the run is, 0..1, by whichever limit binds: steps, tokens or time."""
+        t = self.tcfg
+        return max(self.step / t.max_steps, self.tokens / t.max_tokens if t.max_tokens else 0.0,
+                   self.elapsed / t.max_time if t.max_time else 0.0)
+
+    def scalars(self) -> dict:
+        d = {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed, "best_val": self.best_val,
+             "best_step": self.best_step}
+        return d | ({"grad_scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {})
+
+
 def train(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> dict:
     """Train (or resume) a run; returns the final metrics. The whole loop is here, top to bottom."""
-    from .bench import measure_matmul_flops
-    from .data import load_split
-    from .evaluate import bits_per_byte, evaluate
-    from .model.transformer import Transformer
-    from .params import flops_per_token
-    from .run_state import append_metrics, latest_checkpoint, load_trainer_state, save_checkpoint
+    r = setup(tcfg, mcfg, resume)
+    # The bar shows whichever limit binds (steps, tokens or time) as a percentage.
+    bar = tqdm(total=100.0, initial=round(100 * r.progress(), 1), disable=not (r.master and tcfg.progress),
+               unit="%", dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.1f}% [{elapsed}<{remaining}{postfix}]")
+    amp = torch.autocast(torch.device(r.device).type, dtype=r.autocast) if r.autocast else nullcontext()
+    tokens_per_step = tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum * r.world
+    last, t_last, tok_last = {}, time.perf_counter(), r.tokens
+    r.model.train()
+    try:
+        while r.progress() < 1.0:
+            t_step = time.perf_counter()
+            lr = get_lr(r.step, r.progress(), tcfg)
+            for group in r.optimizer.param_groups:
+                group["lr"] = lr
+            if r.step > 0 and r.step != r.resumed_at:
+                if r.step % tcfg.eval_interval == 0:
+                    last.update(eval_and_log(r))
+                if r.best_step == r.step or r.step % tcfg.ckpt_interval == 0:
+                    save(r)
+            parts_sum = {}
+            for micro in range(tcfg.grad_accum):
+                x, y = get_batch(r.train_data, tcfg.batch_size, tcfg.seq_len, r.data_gen, r.device, r.rank, r.world)
+                sync = nullcontext()
+                if isinstance(r.model, DistributedDataParallel) and micro < tcfg.grad_accum - 1:
+                    sync = r.model.no_sync()  # all-reduce gradients once, on the last micro-batch
+                with sync, amp:
+                    loss, parts = r.model(x, y)
+                r.scaler.scale(loss / tcfg.grad_accum).backward()
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + v.detach() / tcfg.grad_accum
+            r.scaler.unscale_(r.optimizer)  # clip the true gradients
+            grad_norm = torch.nn.utils.clip_grad_norm_(r.model.parameters(), tcfg.grad_clip)
+            r.scaler.step(r.optimizer)  # skipped by the scaler if fp16 gradients overflowed
+            r.scaler.update()
+            r.optimizer.zero_grad(set_to_none=True)
+            r.step += 1
+            r.tokens += tokens_per_step
+            r.elapsed += time.perf_counter() - t_step
+            if r.step % tcfg.log_interval == 0 or r.progress() >= 1.0:
+                tps = (r.tokens - tok_last) / (time.perf_counter() - t_last)
+                t_last, tok_last = time.perf_counter(), r.tokens
+                row = log_step(r, lr, parts_sum, grad_norm, tps)
+                last.update(row)
+                bar.set_postfix(step=r.step, loss=f"{row['loss']:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+            bar.update(min(100.0, round(100 * r.progress(), 1)) - bar.n)
+    except KeyboardInterrupt:
+        bar.close()
+        if r.master:
+            print(f"\ninterrupted at step {r.step}: saving a checkpoint")
+        save(r)
+        raise
+    bar.close()
+    last.update(eval_and_log(r))
+    save(r)
+    finish(r)
+    return last
 
-    # ---- setup: processes, device, data, model, optimizer ----------------------------------------
-    distributed = "RANK" in os.environ
+
+def setup(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool) -> Run:
+    """Processes, device, data, model (fresh, or the run's latest checkpoint), optimizer, W&B."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = tcfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    distributed = "RANK" in os.environ  # started by torchrun
     if distributed:
-        import torch.distributed as dist
-
         if device == "cuda":
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    master = rank == 0
     out = Path(tcfg.out)
     train_data, meta = load_split(tcfg.data, "train")
     val_data, _ = load_split(tcfg.data, "val")
+    _check_data(tcfg, mcfg, meta, train_data, val_data)
+    mcfg = mcfg.replace(bos_token_id=meta.get("bos_id", mcfg.bos_token_id), eos_token_id=meta.get("eos_id"))
+    if resume and tcfg.fsdp:
+        raise TinyMixtralError("resuming an FSDP run is not supported yet (its checkpoints hold weights only)")
+    torch.manual_seed(tcfg.seed)
+    if resume:
+        ckpt = latest_checkpoint(out)
+        model = build_model(mcfg, from_hf(read_safetensors(ckpt), mcfg), device=device)
+    else:
+        model = build_model(mcfg, device=device)
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            save_run_config(out, tcfg, mcfg)
+    raw = model
+    if distributed and tcfg.fsdp:
+        for layer in model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    elif distributed:
+        model = DistributedDataParallel(model)
+    # After sharding: FSDP replaces the parameters, and the optimizer must hold the new ones.
+    decay = [p for n, p in raw.named_parameters() if p.dim() >= 2 and not n.startswith("embed.")]
+    no_decay = [p for n, p in raw.named_parameters() if p.dim() < 2 or n.startswith("embed.")]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), fused=torch.device(device).type in ("cpu", "cuda"))
+    autocast = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tcfg.autocast]
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=autocast is torch.float16)
+    r = Run(tcfg, mcfg, out, device, rank, world, model, raw, optimizer, scaler, autocast, train_data, val_data,
+            meta, torch.Generator().manual_seed(tcfg.seed), None, measure_matmul_flops(device) if rank == 0 else 1.0)
+    if resume:
+        scalars, rng = load_trainer_state(ckpt, optimizer)
+        for k in ("step", "tokens", "elapsed", "best_val", "best_step"):
+            setattr(r, k, scalars.get(k, getattr(r, k)))
+        if "grad_scaler" in scalars:
+            scaler.load_state_dict(scalars["grad_scaler"])
+        r.data_gen.set_state(rng["data"])
+        torch.set_rng_state(rng["torch"])
+        r.resumed_at = r.step
+        if r.master:
+            print(f"resuming {out} from step {r.step}")
+        if r.progress() >= 1.0:
+            raise TinyMixtralError(f"{out} already reached its limit at step {r.step}; raise --max-steps, "
+                                   "--max-tokens or --max-time to train further")
+    if tcfg.compile:
+        r.model = torch.compile(r.model)
+    if tcfg.wandb and r.master:
+        import wandb  # optional dependency
+
+        id_file = out / "wandb_id"  # the same W&B run continues when this run is resumed
+        if not id_file.exists():
+            id_file.write_text(uuid.uuid4().hex[:12])
+        r.wandb = wandb.init(project=tcfg.wandb_project, dir=str(out), id=id_file.read_text(), resume="allow",
+                             config=dataclasses.asdict(tcfg) | {"model": dataclasses.asdict(mcfg)})
+    return r
+
+
+def _check_data(tcfg: TrainConfig, mcfg: ModelConfig, meta: dict, train_data, val_data):
     if meta["vocab_size"] > mcfg.vocab_size:
         raise TinyMixtralError(f"the data's tokenizer has {meta['vocab_size']} tokens but the model's vocab_size is "
                                f"{mcfg.vocab_size}; set --vocab-size {meta['vocab_size']} or more")
@@ -141,191 +280,68 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> dict:
     if len(val_data) < tcfg.seq_len + 1:  # else the first evaluation fails after the training it cost
         raise TinyMixtralError(f"the val split has only {len(val_data)} tokens; need at least seq_len+1 "
                                f"({tcfg.seq_len + 1}): lower --seq-len or prepare with a larger --val-fraction")
-    mcfg = mcfg.replace(bos_token_id=meta.get("bos_id", mcfg.bos_token_id), eos_token_id=meta.get("eos_id"))
-    torch.manual_seed(tcfg.seed)
-    model = Transformer(mcfg).to(device)
-    data_gen = torch.Generator().manual_seed(tcfg.seed)
-    state = {"step": 0, "tokens": 0, "elapsed": 0.0, "best_val": None, "best_step": None}
-    if resume and tcfg.fsdp:
-        raise TinyMixtralError("resuming an FSDP run is not supported yet (its checkpoints hold weights only)")
-    if resume:
-        from .checkpoint import read_safetensors
-        from .convert import from_hf
 
-        ckpt = latest_checkpoint(out)
-        model.load_state_dict(from_hf(read_safetensors(ckpt), mcfg), strict=False)
-    elif master:
-        out.mkdir(parents=True, exist_ok=True)
-        save_run_config(out, tcfg, mcfg)
-    tokenizer_dir = Path(tcfg.data) / "tokenizer"
-    raw_model = model
-    if distributed and tcfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
 
-        for layer in model.layers:
-            fully_shard(layer)
-        fully_shard(model)
-    elif distributed:
-        from torch.nn.parallel import DistributedDataParallel
+def eval_and_log(r: Run) -> dict:
+    """Validation loss of the current model, logged; updates the best."""
+    # Every process evaluates the same windows, as many as one process with the global batch would.
+    t = r.tcfg
+    val = evaluate(r.model, r.val_data, t.batch_size * r.world, t.seq_len, r.device, t.eval_batches)
+    row = {"step": r.step, "tokens": r.tokens, "val_loss": val, "val_ppl": math.exp(min(val, 50)),
+           "val_bpb": bits_per_byte(val, r.meta, "val")}
+    if r.master:
+        append_metrics(r.out, row)
+        if r.wandb:
+            r.wandb.log(row, step=r.step)
+    if r.best_val is None or val < r.best_val:  # every process: they all checkpoint under FSDP
+        r.best_val, r.best_step = val, r.step
+    return row
 
-        model = DistributedDataParallel(model)
-    # After sharding: FSDP replaces the parameters, and the optimizer must hold the new ones.
-    decay = [p for n, p in raw_model.named_parameters() if p.dim() >= 2 and not n.startswith("embed.")]
-    no_decay = [p for n, p in raw_model.named_parameters() if p.dim() < 2 or n.startswith("embed.")]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), fused=torch.device(device).type in ("cpu", "cuda"))
-    if resume:
-        scalars, rng = load_trainer_state(ckpt, optimizer)
-        state.update({k: scalars[k] for k in state if k in scalars})
-        data_gen.set_state(rng["data"])
-        torch.set_rng_state(rng["torch"])
-        if master:
-            print(f"resuming {out} from step {state['step']}")
 
-    def progress():
-        fracs = [state["step"] / tcfg.max_steps]
-        if tcfg.max_tokens:
-            fracs.append(state["tokens"] / tcfg.max_tokens)
-        if tcfg.max_time:
-            fracs.append(state["elapsed"] / tcfg.max_time)
-        return max(fracs)
+def log_step(r: Run, lr: float, parts: dict, grad_norm, tok_per_s: float) -> dict:
+    """The metrics row of a training step: losses (averaged over processes), speed, MFU, expert load."""
+    if r.distributed:
+        for v in parts.values():
+            dist.all_reduce(v, op=dist.ReduceOp.AVG)
+    fpt = flops_per_token(r.mcfg, r.tcfg.seq_len)
+    row = {"step": r.step, "tokens": r.tokens, "lr": lr, **{k: float(v) for k, v in parts.items()},
+           "grad_norm": float(grad_norm), "tok_per_s": tok_per_s, "mfu": tok_per_s * fpt / r.peak_flops / r.world,
+           "elapsed": r.elapsed}
+    load = [expert_load(rt.experts_NK, rt.logits_NE.shape[-1]).tolist() for rt in r.raw.routing()]
+    if load:
+        row["expert_load"] = load
+        row["load_max_min"] = [max(lay) / min(lay) if min(lay) > 0 else None for lay in load]  # None: idle expert
+    if r.master:
+        append_metrics(r.out, row)
+        if r.wandb:
+            r.wandb.log({k: v for k, v in row.items() if k != "expert_load"}, step=r.step)
+    return row
 
-    if resume and progress() >= 1.0:
-        raise TinyMixtralError(f"{out} already reached its limit at step {state['step']}; raise --max-steps, "
-                               "--max-tokens or --max-time to train further")
-    if tcfg.compile:
-        model = torch.compile(model)
-    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tcfg.autocast]
-    ctx = torch.autocast(torch.device(device).type, dtype=amp) if amp else nullcontext()
-    tokens_per_step = tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum * world
-    peak = measure_matmul_flops(device) if master else 1.0
-    fpt = flops_per_token(mcfg, tcfg.seq_len)
-    run = None
-    if tcfg.wandb and master:
-        import wandb
 
-        id_file = out / "wandb_id"  # the same W&B run continues when this run is resumed
-        if not id_file.exists():
-            id_file.write_text(uuid.uuid4().hex[:12])
-        run = wandb.init(project=tcfg.wandb_project, dir=str(out), id=id_file.read_text(), resume="allow",
-                         config=dataclasses.asdict(tcfg) | {"model": dataclasses.asdict(mcfg)})
+def save(r: Run):
+    """A checkpoint of the model and the trainer state; `best` moves to it when it is the best."""
+    full = _full_model(r.raw, r.tcfg.fsdp)  # a collective under FSDP: every process takes part
+    if r.master:
+        rng = {"data": r.data_gen.get_state(), "torch": torch.get_rng_state()}
+        save_checkpoint(r.out, r.step, full, None if r.tcfg.fsdp else r.optimizer, r.scalars(), rng,
+                        Path(r.tcfg.data) / "tokenizer", r.tcfg.keep_last, r.best_step)
 
-    def checkpoint():
-        full = _full_model(raw_model, tcfg.fsdp)  # a collective under FSDP: every process takes part
-        if master:
-            rng = {"data": data_gen.get_state(), "torch": torch.get_rng_state()}
-            save_checkpoint(out, state["step"], full, None if tcfg.fsdp else optimizer, state, rng,
-                            tokenizer_dir, tcfg.keep_last, state["best_step"])
 
-    def do_eval():
-        # Every process evaluates the same windows, as many as one process with the global batch would.
-        val = evaluate(model, val_data, tcfg.batch_size * world, tcfg.seq_len, device, tcfg.eval_batches)
-        row = {"step": state["step"], "tokens": state["tokens"], "val_loss": val, "val_ppl": math.exp(min(val, 50)),
-               "val_bpb": bits_per_byte(val, meta, "val")}
-        if master:
-            append_metrics(out, row)
-            if run:
-                run.log(row, step=state["step"])
-        if state["best_val"] is None or val < state["best_val"]:  # every process: they all checkpoint under FSDP
-            state["best_val"], state["best_step"] = val, state["step"]
-        return row
-
-    # ---- the loop --------------------------------------------------------------------------------
-    from tqdm import tqdm
-
-    # The bar shows whichever limit binds (steps, tokens or time) as a percentage.
-    bar = tqdm(total=100.0, initial=round(100 * progress(), 1), disable=not (master and tcfg.progress),
-               unit="%", dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.1f}% [{elapsed}<{remaining}{postfix}]")
-    model.train()
-    last, resumed_at = {}, state["step"]
-    t_last, tok_last = time.perf_counter(), state["tokens"]
-    try:
-        while progress() < 1.0:
-            t_step = time.perf_counter()
-            lr = get_lr(state["step"], progress(), tcfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            at = state["step"] if state["step"] != resumed_at else -1  # no repeat of the step we resumed at
-            if at > 0 and at % tcfg.eval_interval == 0:
-                last.update(do_eval())
-                if state["best_step"] == at:
-                    checkpoint()
-            if at > 0 and at % tcfg.ckpt_interval == 0 and state["best_step"] != at:
-                checkpoint()
-            parts_sum = {}
-            for micro in range(tcfg.grad_accum):
-                x, y = get_batch(train_data, tcfg.batch_size, tcfg.seq_len, data_gen, device, rank, world)
-                sync = nullcontext()
-                if distributed and not tcfg.fsdp and micro < tcfg.grad_accum - 1:
-                    sync = model.no_sync()  # all-reduce gradients once, on the last micro-batch
-                with sync, ctx:
-                    loss, parts = loss_fn(model, x, y)
-                (loss / tcfg.grad_accum).backward()
-                for k, v in parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + v.detach() / tcfg.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            state["tokens"] += tokens_per_step
-            state["elapsed"] += time.perf_counter() - t_step
-            if state["step"] % tcfg.log_interval == 0 or progress() >= 1.0:
-                if distributed:
-                    for v in parts_sum.values():
-                        dist.all_reduce(v, op=dist.ReduceOp.AVG)
-                dt = time.perf_counter() - t_last
-                tps = (state["tokens"] - tok_last) / dt
-                t_last, tok_last = time.perf_counter(), state["tokens"]
-                load = expert_load(model)
-                row = {"step": state["step"], "tokens": state["tokens"], "lr": lr,
-                       **{k: float(v) for k, v in parts_sum.items()}, "grad_norm": float(grad_norm),
-                       "tok_per_s": tps, "mfu": tps * fpt / peak / world, "elapsed": state["elapsed"]}
-                if load:
-                    row["expert_load"] = load
-                    row["load_max_min"] = [max(lay) / min(lay) if min(lay) > 0 else None for lay in load]  # None: idle expert
-                if master:
-                    append_metrics(out, row)
-                    if run:
-                        run.log({k: v for k, v in row.items() if k != "expert_load"}, step=state["step"])
-                last.update(row)
-                bar.set_postfix(step=state["step"], loss=f"{row['loss']:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
-            bar.update(min(100.0, round(100 * progress(), 1)) - bar.n)
-    except KeyboardInterrupt:
-        bar.close()
-        if master:
-            print(f"\ninterrupted at step {state['step']}: saving a checkpoint")
-        checkpoint()
-        raise
-    bar.close()
-    last.update(do_eval())
-    checkpoint()
-    if master:
-        from .plots import plot_run
-
-        plot_run(out)
-        if run:
-            run.finish()
-    if distributed:
+def finish(r: Run):
+    if r.master:
+        plot_run(r.out)
+        if r.wandb:
+            r.wandb.finish()
+    if r.distributed:
         dist.barrier()  # no process may tear down gloo while another still talks to it
         dist.destroy_process_group()
-    return last
 
 
 def _full_model(model, fsdp: bool):
     """The model with full, unsharded tensors (FSDP shards them across processes)."""
     if not fsdp:
         return model
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    from .model.transformer import Transformer
-
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not sd:  # with cpu_offload only rank 0 receives the gathered tensors
         return None
-    with torch.device("meta"):
-        full = Transformer(model.cfg)
-    full.load_state_dict(sd, assign=True)
-    if model.cfg.tie_embeddings:
-        full.lm_head.weight = full.embed.weight
-    return full
+    return build_model(model.cfg, sd)

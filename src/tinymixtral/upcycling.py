@@ -1,4 +1,4 @@
-"""`tinymixtral upcycle`: a dense Mistral-architecture model -> a Mixtral whose experts start as copies of its FFN.
+"""Upcycling: a dense Mistral-architecture model -> a Mixtral whose experts start as copies of its FFN.
 
 Sparse upcycling (Komatsuzaki et al. 2022): attention, norms, embedding and head are copied as they are;
 every expert of a layer is a copy of that layer's dense SwiGLU FFN. With identical experts the MoE output
@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import torch
 
+from .build import build_model
 from .errors import TinyMixtralError
+from .model.moe import FeedForward
 
 ROUTER_INITS = ("random", "zero")
 
@@ -25,9 +27,6 @@ ROUTER_INITS = ("random", "zero")
 @torch.no_grad()
 def upcycle(dense_model, n_experts: int, top_k: int, noise: float = 0.0, router: str = "random", seed: int = 0):
     """A Mixtral Transformer with n_experts copies of each dense FFN (plus optional relative noise)."""
-    from .model.moe import FeedForward
-    from .model.transformer import Transformer
-
     cfg = dense_model.cfg
     if cfg.is_moe:
         raise TinyMixtralError("upcycle needs a dense (Mistral-architecture) model, but this one is already an "
@@ -44,8 +43,6 @@ def upcycle(dense_model, n_experts: int, top_k: int, noise: float = 0.0, router:
     p0 = next(dense_model.parameters())
     dtype = p0.dtype
     gen = torch.Generator().manual_seed(seed)
-    with torch.device("meta"):
-        model = Transformer(moe_cfg)
     sd = {k: v for k, v in dense_model.state_dict().items() if ".ffn." not in k}
     for i, layer in enumerate(dense_model.layers):
         assert isinstance(layer.ffn, FeedForward), "a dense model has a FeedForward in every layer"
@@ -58,10 +55,7 @@ def upcycle(dense_model, n_experts: int, top_k: int, noise: float = 0.0, router:
         sd[f"layers.{i}.ffn.router.weight"] = gate.to(dtype)
         if moe_cfg.noisy_gating:  # ours only; carried over from the dense config
             sd[f"layers.{i}.ffn.router.noise.weight"] = torch.zeros(n_experts, cfg.d_model, dtype=dtype)
-    model.load_state_dict({k: v.cpu() for k, v in sd.items()}, strict=True, assign=True)
-    if moe_cfg.tie_embeddings:
-        model.lm_head.weight = model.embed.weight
-    return model.to(p0.device).eval()
+    return build_model(moe_cfg, {k: v.cpu() for k, v in sd.items()}, device=p0.device).eval()
 
 
 def _copies(w: torch.Tensor, n: int, noise: float, gen: torch.Generator) -> torch.Tensor:
@@ -70,32 +64,3 @@ def _copies(w: torch.Tensor, n: int, noise: float, gen: torch.Generator) -> torc
     if noise > 0:
         out += torch.randn(out.shape, generator=gen) * (noise * w.float().std())
     return out.to(w.dtype).contiguous()
-
-
-def add_arguments(p):
-    p.add_argument("--model", required=True, help="a dense (Mistral-architecture) model directory")
-    p.add_argument("--experts", type=int, required=True, help="number of experts per layer")
-    p.add_argument("--top-k", type=int, required=True, help="experts per token")
-    p.add_argument("--out", required=True, help="output Mixtral model directory")
-    p.add_argument("--noise", type=float, default=0.0,
-                   help="Gaussian noise on each expert copy, as a fraction of each weight matrix's std (default 0)")
-    p.add_argument("--router", choices=ROUTER_INITS, default="random",
-                   help="router init: random = normal(0, init_std), zero = all zeros (default random)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the router and noise draws")
-
-
-def run(args) -> int:
-    from .checkpoint import has_tokenizer, load_model, save_model
-
-    dense = load_model(args.model)
-    model = upcycle(dense, args.experts, args.top_k, args.noise, args.router, args.seed)
-    tokenizer = args.model if has_tokenizer(args.model) else None
-    if tokenizer is None:
-        import sys
-
-        print(f"upcycle: warning: {args.model} has no tokenizer files; none copied", file=sys.stderr)
-    save_model(model, args.out, tokenizer=tokenizer)
-    n_dense, n_moe = dense.num_params(), model.num_params()
-    print(f"{args.out}: {args.experts} experts, top-{args.top_k}, router {args.router}, noise {args.noise}; "
-          f"{n_moe:,} parameters (dense model: {n_dense:,})")
-    return 0

@@ -10,7 +10,7 @@ import html
 import os
 from pathlib import Path
 
-from ..plots import pyplot, save_png
+from ..plots import plot_expert_load, pyplot, save_png
 
 # tab20-like colours, readable behind black text; experts beyond 20 reuse them (the title still says which).
 PALETTE = ["#8dd3c7", "#ffffb3", "#bebada", "#fb8072", "#80b1d3", "#fdb462", "#b3de69", "#fccde5", "#d9d9d9",
@@ -29,8 +29,6 @@ def write_text(path: Path, text: str) -> Path:
 # ---- pictures -----------------------------------------------------------------------------------------
 def plot_load_heatmap(stats: dict, out: Path) -> Path:
     """Layer x expert share of assignments (balanced = 1/E)."""
-    from ..plots import plot_expert_load
-
     return plot_expert_load([lay["load"] for lay in stats["layers"]], out, title="routed load")
 
 

@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from ..errors import TinyMixtralError
+
 
 # ---- per-layer statistics (tensors in, numbers out) -----------------------------------------------
 def expert_load(experts_NK: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -149,8 +151,6 @@ def collect_routing(model, sequences: list[torch.Tensor], batch_size: int = 8) -
     Reads model.routing() after each forward: the model's code is untouched. Sequences of equal length
     are batched together; each is run on its own positions from 0, as in training.
     """
-    from ..errors import TinyMixtralError
-
     if not model.cfg.is_moe:
         raise TinyMixtralError("the model is dense (no router): routing statistics need a Mixtral (MoE) model")
     was_training = model.training

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .linear import Linear
+from .fast import Linear
 from .rope import apply_rope
 
 

@@ -6,11 +6,12 @@ Shapes: B batch, S sequence, D model dim, V vocabulary.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
 from .attention import Attention, sliding_window_mask
-from .linear import Linear
+from .fast import Linear, linear
 from .moe import FeedForward, MoE, Routing, load_balancing_loss, router_z_loss
 from .norm import RMSNorm
 from .rope import rope_cos_sin
@@ -29,6 +30,22 @@ class Block(nn.Module):
         return h_BSD + self.ffn(self.ffn_norm(h_BSD))
 
 
+class TiedHead(nn.Module):
+    """The LM head of a model whose head is its embedding (tie_embeddings): W = embed.weight, read at each
+    call, so loading new weights into the embedding (load_state_dict(assign=True)) leaves nothing to re-tie."""
+
+    def __init__(self, embed: nn.Embedding):
+        super().__init__()
+        self._embed = [embed]  # in a list: not registered a second time (one parameter, one state-dict key)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._embed[0].weight
+
+    def forward(self, x):
+        return linear(x, self.weight)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -36,9 +53,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = Linear(cfg.d_model, cfg.vocab_size)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
+        self.lm_head = TiedHead(self.embed) if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -50,18 +65,20 @@ class Transformer(nn.Module):
             else:
                 p.normal_(0.0, self.cfg.init_std)
 
-    def forward(self, input_ids_BS: torch.Tensor, start_pos: int = 0, cache=None, positions_BS=None,
-                last_only: bool = False) -> torch.Tensor:
-        """Logits [B, S, V] (or [B, 1, V] with last_only) for token ids [B, S].
+    def forward(self, input_ids_BS: torch.Tensor, targets_BS: torch.Tensor | None = None, cache=None,
+                positions_BS=None, last_only: bool = False):
+        """Logits [B, S, V] (or [B, 1, V] with last_only) for token ids [B, S] at positions 0, 1, ...
 
-        Without a cache: positions start_pos, start_pos+1, ... With a KVCache: the tokens continue the
-        cached ones; positions_BS gives each row's positions (negative = padding), default cache.t + i.
+        With targets_BS (next-token ids [B, S]): (loss, parts) instead, where loss is what training
+        minimises, the cross-entropy plus the router losses the config switches on, and parts names each
+        term ("loss" is the cross-entropy). With a KVCache: the tokens continue the cached ones;
+        positions_BS gives each row's positions (negative = padding), default cache.t + i.
         """
         B, S = input_ids_BS.shape
         x_BSD = self.embed(input_ids_BS)
         window = self.cfg.sliding_window
         if cache is None:
-            positions = torch.arange(start_pos, start_pos + S, device=input_ids_BS.device)
+            positions = torch.arange(S, device=input_ids_BS.device)
             cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x_BSD.dtype)
             mask = None if window is None or S <= window else sliding_window_mask(S, window, x_BSD.device)
             for layer in self.layers:
@@ -77,7 +94,12 @@ class Transformer(nn.Module):
             cache.advance(S)
         if last_only:
             x_BSD = x_BSD[:, -1:]  # the head over 32000 tokens is costly: only where we sample
-        return self.lm_head(self.norm(x_BSD))
+        logits_BSV = self.lm_head(self.norm(x_BSD))
+        if targets_BS is None:
+            return logits_BSV
+        ce = F.cross_entropy(logits_BSV.float().view(-1, logits_BSV.shape[-1]), targets_BS.reshape(-1))
+        parts = {"loss": ce, **self.router_losses()}
+        return sum(parts.values()), parts
 
     # ---- routing of the last forward pass --------------------------------------------------------
     def routing(self) -> list[Routing]:

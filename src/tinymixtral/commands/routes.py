@@ -15,7 +15,13 @@ from pathlib import Path
 
 import torch
 
-from .errors import TinyMixtralError
+from ..analysis import report
+from ..analysis.stats import collect_routing, summarize
+from ..checkpoint import load_model
+from ..config import ModelConfig
+from ..data import load_split
+from ..errors import TinyMixtralError
+from ..tokenizer import load_tokenizer
 
 
 def read_sequences(model_cfg, tok, text: str | None, data: str | None, split: str, max_tokens: int,
@@ -36,8 +42,6 @@ def read_sequences(model_cfg, tok, text: str | None, data: str | None, split: st
         ids = tok.encode(content, bos=True)
         source = f"{path} ({len(ids):,} tokens)"
     else:
-        from .data import load_split
-
         arr, meta = load_split(data, split)
         if meta["vocab_size"] > model_cfg.vocab_size:
             raise TinyMixtralError(f"the data's tokenizer has {meta['vocab_size']} tokens, the model only "
@@ -74,8 +78,6 @@ def token_pieces(tok, ids: list[int], window: int = 8) -> list[str]:
 
 def write_outputs(out: Path, stats: dict, table_text: str, pieces: list[str], routing, layer: int,
                   title: str) -> list[Path]:
-    from .analysis import report
-
     out.mkdir(parents=True, exist_ok=True)
     logits_NE, experts_NK = routing[layer]
     n = len(pieces)
@@ -107,11 +109,6 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from .analysis.stats import collect_routing, summarize
-    from .checkpoint import load_model
-    from .config import ModelConfig
-    from .tokenizer import load_tokenizer
-
     for name in ("max_tokens", "top_n", "html_tokens"):
         if getattr(args, name) < 1:
             raise TinyMixtralError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -144,9 +141,7 @@ def run(args) -> int:
         for toks in lay["top_tokens"]:
             for t in toks:
                 t["text"] = piece_of(t["id"])
-    from .analysis.report import table
-
-    text = table(stats, args.layer, piece_of)
+    text = report.table(stats, args.layer, piece_of)
     if args.out:
         pieces = token_pieces(tok, tokens_N[:args.html_tokens].tolist())
         written = write_outputs(Path(args.out), stats, text, pieces, routing, args.layer,

@@ -10,10 +10,10 @@ import dataclasses
 import os
 from pathlib import Path
 
-from . import train as T
-from .config import ModelConfig
-from .errors import TinyMixtralError
-from .train import TrainConfig
+from .. import train as T
+from ..config import ModelConfig
+from ..errors import TinyMixtralError
+from ..train import TrainConfig
 
 _SKIP = {"data", "out"}  # positional to the run, not training knobs
 

@@ -1,0 +1,27 @@
+"""`tinymixtral eval`: loss, perplexity and bits per byte of a model on a data split."""
+
+from __future__ import annotations
+
+import json
+
+from ..evaluate import eval_model
+
+
+def add_arguments(p):
+    p.add_argument("--model", required=True, help="a model directory")
+    p.add_argument("--data", required=True, help="a prepared data directory")
+    p.add_argument("--split", default="val", help="val or train")
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default: 512 or the model's max)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches")
+    p.add_argument("--json", action="store_true")
+
+
+def run(args) -> int:
+    r = eval_model(args.model, args.data, args.split, args.seq_len, args.batch_size, args.max_batches)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"{args.split}: loss {r['loss']:.4f} nats/token   perplexity {r['ppl']:.3f}   "
+              f"{r['bpb']:.4f} bits/byte   ({r['tokens']:,} tokens, windows of {r['seq_len']})")
+    return 0

@@ -1,0 +1,230 @@
+"""Weight-only int8 / int4 quantized modules: pure quant/dequant functions, QuantLinear/QuantExperts, the swap.
+
+Schemes (w is one weight matrix [N out, K in]; each expert of a stack is quantized on its own):
+- int8: symmetric per output channel. s = max|w_row| / 127, q = round(w / s) in [-127, 127], w ~ q * s.
+  Error per element <= s / 2 of its row.
+- int4: asymmetric, in groups of `group_size` along the input dim (gpt-fast's scheme, the CPU kernel's
+  layout). s = (max - min) / 15, q = round((w - min) / s) in [0, 15], zero = min + 8 s, w ~ (q - 8) s + zero.
+  Error per element <= s / 2 of its group.
+Stored (safetensors): `weight` int8 [N, K] or uint8 [N, K/2] (two 4-bit values per byte, the even column in
+the low nibble), `scales` fp32 [N, 1] or [N, K/g], `zeros` fp32 [N, K/g] (int4 only). Packing for torch's
+kernels is device-specific, so it happens at the first forward on a device and is cached.
+
+Quantized: attention (wqkv, wo), experts (w13, w2), a dense FFN, and an untied LM head (as gpt-fast does).
+Full precision: the router (a quantized router changes which experts are chosen), embeddings, norms, and a
+head tied to the embedding.
+
+Runtime: on CPU, torch's weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`);
+elsewhere (CUDA, ...) or for shapes they refuse (int4: N % 16 != 0, group not 32/64/128/256), dequantize then
+matmul. Both run in `compute_dtype`, bf16 by default: in torch 2.13 the CPU kernels are vectorised for
+bf16 activations only (their fp32/fp16 loops were 10-30x slower than a plain fp32 matmul when measured).
+In a compiled decode step (a few rows) the product is written as dequantize-then-reduce, which inductor
+fuses into one pass that reads the int8 / int4 weights themselves, on all cores.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import TinyMixtralError
+from .fast import FEW_ROWS, mv
+from .moe import Experts
+
+GROUP_SIZES = (32, 64, 128, 256)  # what the int4 CPU kernel accepts
+
+
+# ---- pure functions of tensors ([..., N, K]: per row, over the last dim) ----------------------------
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [..., N, K], scales fp32 [..., N, 1]): symmetric, per output channel."""
+    w = w.float()
+    scales = w.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127  # all-zero rows: q = 0, no NaN
+    return (w / scales).round().clamp(-127, 127).to(torch.int8), scales
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(packed uint8 [..., N, K/2], scales [..., N, G], zeros [..., N, G]), G = K / group_size."""
+    *lead, N, K = w.shape
+    assert K % group_size == 0 and group_size % 2 == 0, f"group_size {group_size} must be even and divide K={K}"
+    g = w.float().reshape(*lead, N, K // group_size, group_size)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    scales = (hi - lo).clamp(min=1e-12) / 15  # constant groups: q = 0 and w = lo exactly
+    q = ((g - lo[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.uint8)
+    return pack_nibbles(q.reshape(*lead, N, K)), scales, lo + 8 * scales
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """uint8 values 0..15 [..., K] -> [..., K/2]: column 2j in the low nibble, 2j+1 in the high one."""
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
+
+
+def dequantize(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 weight [..., N, K] back from int8 (zeros None) or packed int4; the group size is K / scales.shape[-1]."""
+    if zeros is None:
+        return weight.float() * scales.float()
+    q = unpack_nibbles(weight)
+    *lead, N, K = q.shape
+    g = q.reshape(*lead, N, scales.shape[-1], -1).float()
+    return ((g - 8) * scales.float()[..., None] + zeros.float()[..., None]).reshape(*lead, N, K)
+
+
+def quantize(w: torch.Tensor, bits: int, group_size: int | None = None) -> dict[str, torch.Tensor]:
+    """{'weight', 'scales'[, 'zeros']} for a weight [..., N, K]."""
+    if bits == 8:
+        q, s = quantize_int8(w)
+        return {"weight": q, "scales": s}
+    q, s, z = quantize_int4(w, group_size)
+    return {"weight": q, "scales": s, "zeros": z}
+
+
+def kernel_applies(bits: int, n_out: int, group_size: int | None, device: torch.device) -> bool:
+    """Whether torch's CPU weight-only kernel takes this weight (otherwise: dequantize, then matmul)."""
+    if device.type != "cpu":
+        return False
+    if bits == 8:
+        return hasattr(torch.ops.aten, "_weight_int8pack_mm")
+    return n_out % 16 == 0 and group_size in GROUP_SIZES and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+def pack_for_kernel(weight, scales, zeros, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's operands for one [N, K] weight: (int8 [N, K], scales [N]) or (int4 pack, scales_and_zeros [G, N, 2])."""
+    if zeros is None:
+        return weight.contiguous(), scales.reshape(-1).to(dtype)
+    q = unpack_nibbles(weight).to(torch.int32).contiguous()
+    return (torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1),
+            torch.stack([scales.T, zeros.T], dim=-1).to(dtype).contiguous())
+
+
+def kernel_matmul(x_MK, packed, group_size: int | None) -> torch.Tensor:
+    """x [M, K] (contiguous, in the packed dtype) @ W^T -> [M, N]."""
+    if group_size is None:
+        return torch.ops.aten._weight_int8pack_mm(x_MK, *packed)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x_MK, packed[0], group_size, packed[1])
+
+
+# ---- modules -------------------------------------------------------------------------------------
+class _Quantized(nn.Module):
+    """Shared by QuantLinear and QuantExperts: quantized weights as buffers, and their matmul."""
+
+    compute_dtype: torch.dtype | None = torch.bfloat16  # None: the activations' own dtype
+    use_kernel = True  # False: always dequantize then matmul (the fallback, for tests and comparisons)
+
+    def __init__(self, bits: int, group_size: int | None):
+        nn.Module.__init__(self)  # not Experts.__init__ (QuantExperts): the weights are the buffers below
+        self.bits, self.group_size = bits, group_size
+        self._packed: dict = {}  # (weight name, expert) -> (key, kernel operands); not saved
+
+    def _add(self, name: str, shape: tuple[int, ...], device=None):
+        """Empty buffers for one [..., N, K] weight (filled by load_state_dict)."""
+        *lead, N, K = shape
+        if self.bits == 8:
+            self.register_buffer(name, torch.empty(*lead, N, K, dtype=torch.int8, device=device))
+            self.register_buffer(self._sfx(name, "scales"), torch.empty(*lead, N, 1, device=device))
+        else:
+            G = K // self.group_size
+            self.register_buffer(name, torch.empty(*lead, N, K // 2, dtype=torch.uint8, device=device))
+            self.register_buffer(self._sfx(name, "scales"), torch.empty(*lead, N, G, device=device))
+            self.register_buffer(self._sfx(name, "zeros"), torch.empty(*lead, N, G, device=device))
+
+    @staticmethod
+    def _sfx(name: str, what: str) -> str:
+        return what if name == "weight" else f"{name}_{what}"
+
+    def _parts(self, name: str, e: int | None = None):
+        parts = [getattr(self, name), getattr(self, self._sfx(name, "scales")),
+                 getattr(self, self._sfx(name, "zeros")) if self.bits == 4 else None]
+        return parts if e is None else [p if p is None else p[e] for p in parts]
+
+    def _matmul(self, x, name: str, e: int | torch.Tensor | None = None):
+        """x [..., K] @ W^T for the weight `name` (expert e of a stack) -> [..., N], in x's dtype.
+
+        Compiled, e may also be a tensor of one expert per row of x (gathered, as Experts.forward_gathered).
+        """
+        w, s, z = self._parts(name, e)
+        N, dtype = w.shape[-2], self.compute_dtype or x.dtype
+        x_MK = x.reshape(-1, x.shape[-1]).to(dtype)
+        if torch.compiler.is_compiling() and x_MK.shape[0] <= FEW_ROWS:
+            y = mv(x_MK, dequantize(w, s, z).to(dtype))  # fused: the quantized weights are read once
+        elif self.use_kernel and dtype in (torch.float32, torch.bfloat16, torch.float16) and \
+                kernel_applies(self.bits, N, self.group_size, x.device):
+            base = getattr(self, name)  # views of a stack share its version counter
+            key = (dtype, base.device, base.data_ptr(), *(p._version for p in (base, s, z) if p is not None))
+            if self._packed.get((name, e), (None,))[0] != key:
+                self._packed[(name, e)] = (key, pack_for_kernel(w, s, z, dtype))
+            y = kernel_matmul(x_MK.contiguous(), self._packed[(name, e)][1], self.group_size)
+        else:
+            y = F.linear(x_MK, dequantize(w, s, z).to(dtype))
+        return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        want = torch.int8 if self.bits == 8 else torch.uint8
+        for name, buf in self._buffers.items():
+            t = state_dict.get(prefix + name)
+            if t is not None and (t.dtype != buf.dtype if buf.dtype == want else not t.is_floating_point()):
+                raise TinyMixtralError(f"{prefix}{name} has dtype {t.dtype}; a {self.bits}-bit quantized weight "
+                                       f"needs {buf.dtype} (is config.json's quantization block right?)")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class QuantLinear(_Quantized):
+    """nn.Linear (no bias) with an int8 / int4 weight: buffers weight, scales[, zeros]."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None = None, device=None):
+        super().__init__(bits, group_size)
+        self.in_features, self.out_features = in_features, out_features
+        self._add("weight", (out_features, in_features), device)
+
+    def forward(self, x):
+        return self._matmul(x, "weight")
+
+
+class QuantExperts(_Quantized, Experts):
+    """Experts with int8 / int4 w13 [E, 2F, D] and w2 [E, D, F]: Experts.forward, with the products overridden."""
+
+    def __init__(self, n_experts: int, d_model: int, d_ff: int, bits: int, group_size: int | None = None,
+                 device=None):
+        super().__init__(bits, group_size)
+        self.n_experts = n_experts
+        self._add("w13", (n_experts, 2 * d_ff, d_model), device)
+        self._add("w2", (n_experts, d_model, d_ff), device)
+
+    def grouped_mm(self, x_MI, name: str, counts_E):
+        ys = [self._matmul(x_e, name, e) for e, x_e in enumerate(x_MI.split(counts_E.tolist())) if len(x_e)]
+        return torch.cat(ys) if ys else x_MI.new_zeros(0, getattr(self, name).shape[-2])
+
+    def expert_mm(self, x, name: str, e):
+        return self._matmul(x, name, e)
+
+
+# ---- which modules, and the swap ------------------------------------------------------------------
+def targets(model: nn.Module, q: dict) -> dict[str, nn.Module]:
+    """Name -> module for the Linear and Experts modules that `q` quantizes (none under a skipped name)."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, Experts)) and not isinstance(m, _Quantized)
+            and not set(name.split(".")) & set(q["skip"])}
+
+
+def swap_modules(model: nn.Module, q: dict) -> nn.Module:
+    """Replace the target modules by empty QuantLinear / QuantExperts (same device), in place; load weights after."""
+    for name, m in targets(model, q).items():
+        if isinstance(m, Experts):
+            E, F2, D = m.w13.shape
+            new = QuantExperts(E, D, F2 // 2, q["bits"], q["group_size"], m.w13.device)
+        else:
+            new = QuantLinear(m.in_features, m.out_features, q["bits"], q["group_size"], m.weight.device)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, new)
+    return model
+
+
+def set_compute_dtype(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """Activation dtype of every quantized matmul in `model` (None: the activations' own)."""
+    for m in model.modules():
+        if isinstance(m, _Quantized):
+            m.compute_dtype = dtype
+    return model
