@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .model.attention import attention_mask
+
 
 class KVCache(nn.Module):
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, slots: int, head_dim: int,
@@ -125,13 +127,3 @@ class StaticStep:
 
     def advance(self, S: int):
         pass
-
-
-def attention_mask(qpos_BS: torch.Tensor, kpos_BK: torch.Tensor, window: int | None) -> torch.Tensor:
-    """[B, 1, S, K] bool from query and key positions: causal, within the window, never an empty key."""
-    q, k = qpos_BS[:, :, None], kpos_BK[:, None, :]
-    allowed = (k >= 0) & (k <= q)
-    if window is not None:
-        allowed &= k > q - window
-    allowed |= (q < 0)  # padding queries: anything (their output is ignored), never an all-masked row
-    return allowed[:, None]

@@ -41,8 +41,17 @@ class Attention(nn.Module):
         return self.wo(y_BHSC.transpose(1, 2).reshape(B, S, H * C))
 
 
+def attention_mask(qpos_BS: torch.Tensor, kpos_BK: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[B, 1, S, K] bool from query and key positions: causal, within the window, never an empty key."""
+    q, k = qpos_BS[:, :, None], kpos_BK[:, None, :]
+    allowed = (k >= 0) & (k <= q)
+    if window is not None:
+        allowed &= k > q - window
+    allowed |= (q < 0)  # padding queries: anything (their output is ignored), never an all-masked row
+    return allowed[:, None]
+
+
 def sliding_window_mask(S: int, window: int, device=None) -> torch.Tensor:
     """[S, S] bool: query i sees key j when i - window < j <= i (window tokens, itself included)."""
-    i = torch.arange(S, device=device)[:, None]
-    j = torch.arange(S, device=device)[None, :]
-    return (j <= i) & (j > i - window)
+    pos_1S = torch.arange(S, device=device)[None]
+    return attention_mask(pos_1S, pos_1S, window)[0, 0]
