@@ -18,24 +18,24 @@ from .errors import TinyMixtralError
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 32000
-    d_model: int = 512
-    n_layers: int = 8
-    n_heads: int = 8
-    n_kv_heads: int = 2
+    vocab_size: int = 32000  # tokens in the vocabulary (at least the tokenizer's)
+    d_model: int = 512  # width of the residual stream
+    n_layers: int = 8  # decoder blocks
+    n_heads: int = 8  # query heads
+    n_kv_heads: int = 2  # key/value heads (grouped-query attention; n_heads must be a multiple)
     head_dim: int | None = None  # None: d_model // n_heads (resolved at construction)
     d_ff: int = 2048  # hidden size of each expert (or of the dense FFN)
     n_experts: int = 8  # 0 = dense model (Mistral): one SwiGLU FFN per layer, no router
-    top_k: int = 2
+    top_k: int = 2  # experts per token
     sliding_window: int | None = None  # attend to the last `sliding_window` tokens, self included
-    max_seq_len: int = 32768  # HF max_position_embeddings
-    rope_theta: float = 1e6
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = False
-    init_std: float = 0.02
-    bos_token_id: int | None = 1
-    eos_token_id: int | None = 2
-    pad_token_id: int | None = None
+    max_seq_len: int = 32768  # longest sequence (HF max_position_embeddings)
+    rope_theta: float = 1e6  # rotary embedding base
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = False  # the LM head is the token embedding
+    init_std: float = 0.02  # std of the normal initialisation of every matrix
+    bos_token_id: int | None = 1  # beginning-of-sequence id (set from the data's tokenizer)
+    eos_token_id: int | None = 2  # end-of-sequence id (set from the data's tokenizer)
+    pad_token_id: int | None = None  # padding id, if any
     # Training-time routing options; each is off unless set.
     router_aux_loss_coef: float = 0.0  # Switch load-balancing loss (HF formula)
     router_z_loss_coef: float = 0.0  # ST-MoE router z-loss
@@ -44,7 +44,7 @@ class ModelConfig:
     capacity_factor: float | None = None  # None: dropless; else each expert keeps <= ceil(cf*N*K/E) tokens
     # Set by `tinymixtral quantize` (weight-only int8/int4, see quantize.py); None = full precision.
     # Written to config.json as "quantization", a key transformers does not read (unlike quantization_config).
-    quantization: dict | None = None
+    quantization: dict | None = None  # written by `tinymixtral quantize`; not a training option
 
     def __post_init__(self):
         if self.head_dim is None:

@@ -227,10 +227,13 @@ def get_batch(data: np.ndarray, batch: int, seq_len: int, gen: torch.Generator, 
 
 
 def window_starts(n_tokens: int, batch: int, seq_len: int, max_batches: int | None) -> list[int]:
-    """Starts of the evaluation windows: all that fit, or max_batches * batch of them spread evenly."""
+    """Starts of non-overlapping evaluation windows: all that fit, or max_batches * batch of them spread
+    from the start of the split to its end (the first window starts at 0, the last is the last that fits)."""
     n_fit = (n_tokens - 1) // seq_len
     if n_fit < 1:
         raise TinyMixtralError(f"split has {n_tokens} tokens, fewer than seq_len+1 ({seq_len + 1})")
     n_windows = min(n_fit, max_batches * batch) if max_batches else n_fit
-    stride = n_fit // n_windows * seq_len
-    return [i * stride for i in range(n_windows)]
+    if n_windows == 1:
+        return [0]
+    # n_windows <= n_fit, so consecutive windows are at least one window apart: no overlap
+    return [round(i * (n_fit - 1) / (n_windows - 1)) * seq_len for i in range(n_windows)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,7 +37,9 @@ def bits_per_byte(loss: float, meta: dict, split: str) -> float:
 
 def eval_model(model_dir: str, data_dir: str, split: str = "val", seq_len: int | None = None,
                batch_size: int = 8, max_batches: int | None = None, device: str | None = None) -> dict:
-    """{'loss', 'ppl', 'bpb', 'tokens'} of a model directory on a prepared data split."""
+    """{'loss', 'ppl', 'bpb', 'tokens', 'model', ...} of a model directory on a prepared data split.
+
+    'model' is the directory actually read: a run's `best` or `latest` link resolved to its checkpoint."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     data, meta = load_split(data_dir, split)
     model = load_model(model_dir, device=device, dtype=torch.float32)
@@ -46,5 +49,5 @@ def eval_model(model_dir: str, data_dir: str, split: str = "val", seq_len: int |
     seq_len = min(seq_len or 512, model.cfg.max_seq_len, len(data) - 1)
     loss = evaluate(model, data, batch_size, seq_len, device, max_batches)
     n_windows = len(window_starts(len(data), batch_size, seq_len, max_batches))
-    return {"split": split, "loss": loss, "ppl": math.exp(min(loss, 50)), "bpb": bits_per_byte(loss, meta, split),
+    return {"model": str(Path(model_dir).resolve()), "split": split, "loss": loss, "ppl": math.exp(min(loss, 50)), "bpb": bits_per_byte(loss, meta, split),
             "tokens": n_windows * seq_len, "seq_len": seq_len}

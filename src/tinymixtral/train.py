@@ -30,7 +30,7 @@ from .build import build_model
 from .checkpoint import read_safetensors
 from .config import ModelConfig
 from .convert import from_hf
-from .data import get_batch, load_split
+from .data import get_batch, load_split, window_starts
 from .errors import TinyMixtralError
 from .evaluate import bits_per_byte, evaluate
 from .params import flops_per_token, measure_matmul_flops
@@ -40,34 +40,35 @@ from .run_state import append_metrics, latest_checkpoint, load_trainer_state, sa
 
 @dataclass
 class TrainConfig:
+    # The comment after each field is its --flag's help text (tinymixtral train --help).
     data: str = ""  # a prepared data directory (tinymixtral prepare)
-    out: str = "runs/demo"
+    out: str = "runs/demo"  # the run directory
     batch_size: int = 16  # sequences per micro-batch (per process)
-    seq_len: int = 256
-    grad_accum: int = 1
-    lr: float = 3e-3
+    seq_len: int = 256  # tokens per training sequence
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-3  # peak learning rate (after warmup)
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 50
-    max_steps: int = 1000
+    warmup_steps: int = 50  # linear warmup steps
+    max_steps: int = 1000  # stop after this many optimizer steps
     max_tokens: int | None = None  # stop after this many training tokens (all processes)
-    max_time: float | None = None  # stop after this many seconds ("10m" and "1h" on the command line)
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    eval_interval: int = 200
-    eval_batches: int = 20
-    log_interval: int = 10
-    ckpt_interval: int = 500
-    keep_last: int = 2
-    seed: int = 1337
+    max_time: float | None = None  # stop after this many seconds of training (600, 10m, 1h)
+    weight_decay: float = 0.1  # AdamW weight decay of matrices (not of embeddings, norms or biases)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # clip the global gradient norm to this
+    eval_interval: int = 200  # estimate the val loss every this many steps (and keep the best checkpoint)
+    eval_batches: int = 20  # batches of val windows, spread over the split, in each estimate
+    log_interval: int = 10  # write a metrics row every this many steps
+    ckpt_interval: int = 500  # save a checkpoint every this many steps
+    keep_last: int = 2  # checkpoints kept besides the best
+    seed: int = 1337  # seed of the initialisation and of the batches
     device: str | None = None  # default: cuda when available
     autocast: str = "none"  # none | bf16 | fp16 (fp16 with a GradScaler; bf16 was slower than fp32 on a 2-core CPU)
-    compile: bool = False
-    wandb: bool = False
-    wandb_project: str = "tinymixtral"
-    fsdp: bool = False
-    progress: bool = True
+    compile: bool = False  # run the model through torch.compile
+    wandb: bool = False  # log to Weights & Biases (pip install wandb)
+    wandb_project: str = "tinymixtral"  # the W&B project
+    fsdp: bool = False  # under torchrun: shard with FSDP2 instead of DDP
+    progress: bool = True  # show a progress bar
 
 
 def get_lr(step: int, progress: float, cfg: TrainConfig) -> float:
@@ -195,6 +196,7 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> dict:
     bar.close()
     last.update(eval_and_log(r))
     save(r)
+    last.update(eval_and_log(r, full=True))
     finish(r)
     return last
 
@@ -282,18 +284,23 @@ def _check_data(tcfg: TrainConfig, mcfg: ModelConfig, meta: dict, train_data, va
                                f"({tcfg.seq_len + 1}): lower --seq-len or prepare with a larger --val-fraction")
 
 
-def eval_and_log(r: Run) -> dict:
-    """Validation loss of the current model, logged; updates the best."""
+def eval_and_log(r: Run, full: bool = False) -> dict:
+    """Validation loss of the current model, logged. In training (full=False) it is an estimate on
+    eval_batches batches of windows spread over the split, and it picks the best checkpoint; at the end
+    (full=True) every window of the split is read, and the row says final_val_loss / final_val_bpb."""
     # Every process evaluates the same windows, as many as one process with the global batch would.
-    t = r.tcfg
-    val = evaluate(r.model, r.val_data, t.batch_size * r.world, t.seq_len, r.device, t.eval_batches)
-    row = {"step": r.step, "tokens": r.tokens, "val_loss": val, "val_ppl": math.exp(min(val, 50)),
-           "val_bpb": bits_per_byte(val, r.meta, "val")}
+    t, batch = r.tcfg, r.tcfg.batch_size * r.world
+    n_batches = None if full else t.eval_batches
+    val = evaluate(r.model, r.val_data, batch, t.seq_len, r.device, n_batches)
+    name = "final_val" if full else "val"
+    row = {"step": r.step, "tokens": r.tokens, f"{name}_loss": val, f"{name}_ppl": math.exp(min(val, 50)),
+           f"{name}_bpb": bits_per_byte(val, r.meta, "val"),
+           "val_tokens": len(window_starts(len(r.val_data), batch, t.seq_len, n_batches)) * t.seq_len}
     if r.master:
         append_metrics(r.out, row)
         if r.wandb:
             r.wandb.log(row, step=r.step)
-    if r.best_val is None or val < r.best_val:  # every process: they all checkpoint under FSDP
+    if not full and (r.best_val is None or val < r.best_val):  # every process: they all checkpoint under FSDP
         r.best_val, r.best_step = val, r.step
     return row
 

@@ -22,6 +22,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(r))
     else:
+        print(f"{r['model']}")
         print(f"{args.split}: loss {r['loss']:.4f} nats/token   perplexity {r['ppl']:.3f}   "
               f"{r['bpb']:.4f} bits/byte   ({r['tokens']:,} tokens, windows of {r['seq_len']})")
     return 0

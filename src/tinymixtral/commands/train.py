@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import os
+import re
 from pathlib import Path
 
 from .. import train as T
@@ -25,24 +27,38 @@ def add_arguments(p):
     p.add_argument("--out", help="the run directory")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run where it stopped")
     train = p.add_argument_group("training (TrainConfig fields)")
+    docs = field_comments(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name not in _SKIP:
-            _add_field(train, f)
-    model = p.add_argument_group("model overrides (ModelConfig fields)")
+            _add_field(train, f, docs.get(f.name), show_default=True)
+    model = p.add_argument_group("model overrides (ModelConfig fields; default: the preset's or config's)")
+    docs = field_comments(ModelConfig)
     for f in dataclasses.fields(ModelConfig):
-        _add_field(model, f)
+        _add_field(model, f, docs.get(f.name), show_default=False)
 
 
-def _add_field(group, f):
+def field_comments(cls) -> dict[str, str]:
+    """{field: the comment after it} in a dataclass's source: the flags' help cannot drift from the fields."""
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^#]+#\s*(.+)$", line)
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def _add_field(group, f, comment: str | None, show_default: bool):
     flag = "--" + f.name.replace("_", "-")
     typ = str(f.type)
+    default = "" if not show_default or f.default in (None, "") else f" (default {f.default})"
+    help_text = ((comment or "") + default).strip().replace("%", "%%") or None  # argparse formats with %
     if "bool" in typ:
-        group.add_argument(flag, dest=f.name, default=None, type=_bool, metavar="true|false")
+        group.add_argument(flag, dest=f.name, default=None, type=_bool, metavar="true|false", help=help_text)
     elif f.name == "max_time":
-        group.add_argument(flag, dest=f.name, default=None, help="seconds, or 10m / 1h")
+        group.add_argument(flag, dest=f.name, default=None, help=help_text)
     else:
         conv = int if typ.startswith("int") else float if typ.startswith("float") else str
-        group.add_argument(flag, dest=f.name, default=None, type=conv)
+        group.add_argument(flag, dest=f.name, default=None, type=conv, help=help_text)
 
 
 def _bool(text: str) -> bool:
@@ -79,8 +95,10 @@ def run(args) -> int:
     _check(tcfg)
     final = T.train(tcfg, mcfg, resume=bool(args.resume))
     if int(os.environ.get("RANK", 0)) == 0:
-        print(f"done: step {final.get('step')}, val loss {final.get('val_loss', float('nan')):.4f}, "
-              f"val bpb {final.get('val_bpb', float('nan')):.4f}; checkpoints in {tcfg.out}/checkpoints")
+        nan = float("nan")
+        print(f"done: step {final.get('step')}, val loss {final.get('final_val_loss', nan):.4f}, "
+              f"val bpb {final.get('final_val_bpb', nan):.4f} (the whole val split, {final.get('val_tokens', 0):,} "
+              f"tokens); checkpoints in {tcfg.out}/checkpoints")
     return 0
 
 
