@@ -80,51 +80,74 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in skeleton(cfg).state_dict().items()}
 
 
-def from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """HF state dict -> ours. Missing, unexpected or misshapen keys raise TinyMixtralError naming them."""
-    hf = dict(hf)
-    source: dict[str, str] = {}  # native key -> the fused HF key it was read from (for messages)
-    for pattern, native in HF_FUSED_ALIASES.items():  # fused layout: rename to a private key first
+def hf_layout(hf_shapes: dict[str, tuple[int, ...]], cfg: ModelConfig) -> dict[str, list[tuple[str, tuple]]]:
+    """Where each HF tensor goes: native key -> [(HF key, index of its block in the native tensor)].
+
+    The index is () for a whole tensor, (rows,) for a block of a fused projection, (e, rows) for one
+    expert's block of a stacked weight. Missing, unexpected or misshapen HF tensors raise
+    TinyMixtralError naming them, before any tensor is read.
+    """
+    hf = dict(hf_shapes)
+    source: dict[str, str] = {}  # native key -> the fused HF key it is read from whole
+    for pattern, native in HF_FUSED_ALIASES.items():
         rx = re.compile(re.escape(pattern).replace(r"\{i\}", r"(\d+)") + "$")
         for key in [k for k in hf if rx.match(k)]:
             source[native.format(i=rx.match(key).group(1))] = key
-            hf["<native>" + native.format(i=rx.match(key).group(1))] = hf.pop(key)
-    shapes = expected_shapes(cfg)
-    out, missing, misshapen = {}, [], []
     if cfg.tie_embeddings:
         hf.pop("lm_head.weight", None)  # some tools write a tied head too: it is the embedding, not a weight of ours
-    for native in shapes:
-        if "<native>" + native in hf:
-            out[native] = hf.pop("<native>" + native)
+    shapes = expected_shapes(cfg)
+    layout, missing, misshapen = {}, [], []
+    for native, shape in shapes.items():
+        if native in source:
+            key = source[native]
+            if tuple(hf.pop(key)) != shape:
+                misshapen.append(f"{key} has shape {tuple(hf_shapes[key])} but the config needs {shape}")
+            layout[native] = [(key, ())]
             continue
-        template = _template(native)
-        i = _layer_of(native)
-        parts = []
-        for j, name in enumerate(_names(template)):
-            name = name.format(i=i, e="{e}")
-            # Check each HF tensor before stacking/concatenating them, so a bad one is named (not a torch error).
-            want = _part_shape(native, j, len(_names(template)), shapes[native], cfg)
-            keys = [name.format(e=e) for e in range(cfg.n_experts)] if "{e}" in name else [name]
-            missing += [k for k in keys if k not in hf]
-            if all(k in hf for k in keys):
-                tensors = [hf.pop(k) for k in keys]
-                bad = [(k, tuple(t.shape)) for k, t in zip(keys, tensors) if tuple(t.shape) != want]
-                misshapen += [f"{k} has shape {shape} but the config needs {want}" for k, shape in bad]
-                if not bad:
-                    parts.append(torch.stack(tensors) if "{e}" in name else tensors[0])
-        if len(parts) == len(_names(template)):
-            out[native] = torch.cat(parts, dim=-2 if "{e}" in str(template) else 0)
-    # Ours only (noisy gating): absent from plain HF checkpoints; keep the fresh initialisation.
+        names = _names(_template(native))
+        stacked = "{e}" in str(_template(native))
+        parts, row = [], 0
+        for j, name in enumerate(names):
+            name = name.format(i=_layer_of(native), e="{e}")
+            want = _part_shape(native, j, len(names), shape, cfg)
+            keys = [name.format(e=e) for e in range(cfg.n_experts)] if stacked else [name]
+            for e, key in enumerate(keys):
+                if key not in hf:
+                    missing.append(key)
+                    continue
+                got = tuple(hf.pop(key))
+                if got != want:
+                    misshapen.append(f"{key} has shape {got} but the config needs {want}")
+                rows = slice(row, row + want[0])
+                parts.append((key, (e, rows) if stacked else (rows,) if len(names) > 1 else ()))
+            row += want[0]
+        layout[native] = parts
+    # Ours only (noisy gating): absent from plain HF checkpoints; build_model initialises it.
+    for native in [n for n in layout if n.endswith(".router.noise.weight")]:
+        if not layout[native]:
+            del layout[native]
     missing = [m for m in missing if "gate_noise" not in m]
     if missing:
         raise TinyMixtralError(f"checkpoint is missing {len(missing)} weight(s): {_short(missing)}")
-    unexpected = [source.get(k.removeprefix("<native>"), k) for k in hf if "rotary_emb" not in k]
+    unexpected = [k for k in hf if "rotary_emb" not in k]
     if unexpected:
         raise TinyMixtralError(f"checkpoint has {len(unexpected)} unexpected weight(s): {_short(unexpected)}")
-    misshapen += [f"{source.get(k, k)} has shape {tuple(v.shape)} but the config needs {shapes[k]}"
-                  for k, v in out.items() if tuple(v.shape) != shapes[k]]
     if misshapen:
         raise TinyMixtralError(f"{len(misshapen)} weight(s) do not fit config.json: {_short(misshapen, 3)}")
+    return layout
+
+
+def from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """HF state dict -> ours (a tensor read whole is kept as it is; blocks are copied into their place)."""
+    shapes = expected_shapes(cfg)
+    out = {}
+    for native, parts in hf_layout({k: tuple(t.shape) for k, t in hf.items()}, cfg).items():
+        if len(parts) == 1 and parts[0][1] == ():
+            out[native] = hf[parts[0][0]]
+            continue
+        out[native] = torch.empty(shapes[native], dtype=hf[parts[0][0]].dtype)
+        for key, index in parts:
+            out[native][index] = hf[key]
     return out
 
 
