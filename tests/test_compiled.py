@@ -8,16 +8,13 @@ import torch
 
 from torch._dynamo.utils import counters
 
+from conftest import DECODE, tiny_model
 from tinymixtral import generation
 from tinymixtral.cache import KVCache
-from tinymixtral.config import ModelConfig
 from tinymixtral.errors import TinyMixtralError
 from tinymixtral.generation import decode_compiled, generate, left_pad
-from tinymixtral.model.transformer import Transformer
 from tinymixtral.quantize import quantize_model
 
-MOE = dict(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, n_experts=4, top_k=2,
-           sliding_window=8, max_seq_len=64)
 
 
 @pytest.fixture(autouse=True)
@@ -28,11 +25,6 @@ def fresh_dynamo():
     counters.clear()
     yield
     torch._dynamo.reset()
-
-
-def model_of(seed=0, **over):
-    torch.manual_seed(seed)
-    return Transformer(ModelConfig(**{**MOE, **over})).eval()
 
 
 def teacher_forced(model, prompts, steps):
@@ -52,10 +44,11 @@ def teacher_forced(model, prompts, steps):
     return torch.cat(out_e, 1), torch.cat(out_c, 1), eager, comp
 
 
+@pytest.mark.slow
 def test_compiled_steps_equal_eager_steps():
     """Ragged batch of 3 (left padding), a window of 8 slots that wraps twice, and N*K > E (so eager
     takes the grouped expert path and compiled the gathered one)."""
-    model = model_of()
+    model = tiny_model(DECODE)
     eager_logits, comp_logits, eager, comp = teacher_forced(model, [[5, 6, 7, 8, 9], [10, 11, 12], [13]], 14)
     torch.testing.assert_close(comp_logits, eager_logits, rtol=1e-5, atol=1e-5)
     # it really compiled, into one graph: no graph break (a host sync, a Python number) splits the step
@@ -68,27 +61,19 @@ def test_compiled_steps_equal_eager_steps():
 
 def test_compiled_generate_equals_eager_dense_model():
     """A dense (Mistral-style) model without a window: a static cache of prompt + new tokens."""
-    model = model_of(seed=1, n_experts=0, sliding_window=None)
+    model = tiny_model(DECODE, seed=1, n_experts=0, sliding_window=None)
     prompt = torch.randint(0, 96, (1, 6))
     assert torch.equal(generate(model, prompt, 10, compile=True), generate(model, prompt, 10))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [8, 4])
 def test_compiled_quantized_decode(bits):
     """int8 / int4: the fused dequantize-and-reduce against the eager kernels (both in bf16)."""
-    model = quantize_model(model_of(seed=2, d_model=64, d_ff=64), bits, group_size=32 if bits == 4 else None)
+    model = quantize_model(tiny_model(DECODE, seed=2, d_model=64, d_ff=64), bits, group_size=32 if bits == 4 else None)
     eager_logits, comp_logits, _, _ = teacher_forced(model, [[1, 2, 3, 4]], 6)
     torch.testing.assert_close(comp_logits, eager_logits, rtol=2e-2, atol=2e-2)
     assert (comp_logits.argmax(-1) == eager_logits.argmax(-1)).float().mean() > 0.8
-
-
-def test_full_static_cache_is_refused():
-    model = model_of(sliding_window=None)
-    cache = KVCache.for_model(model, 1, 4)
-    with torch.no_grad():
-        model(torch.tensor([[1, 2, 3, 4]]), cache=cache)
-    with pytest.raises(ValueError, match="full"):
-        decode_compiled(model, cache, torch.tensor([[5]]), torch.tensor([[4]]))
 
 
 def test_compile_failure_is_one_clear_error(monkeypatch):
@@ -97,13 +82,14 @@ def test_compile_failure_is_one_clear_error(monkeypatch):
 
     monkeypatch.setattr(generation, "_compiled_step", broken)
     with pytest.raises(TinyMixtralError, match=r"^torch.compile failed \(C\+\+ compile error: no compiler found\)"):
-        generate(model_of(), torch.tensor([[1, 2]]), 3, compile=True)
+        generate(tiny_model(DECODE), torch.tensor([[1, 2]]), 3, compile=True)
 
 
+@pytest.mark.slow
 def test_compiled_training_step_equals_eager():
     """Forward + backward of a MoE model under torch.compile: grouped_mm runs eagerly inside (its meta kernel
     refuses fp32), everything else is compiled; loss and gradients match the eager step."""
-    model = model_of(seed=3, router_aux_loss_coef=0.01).train()
+    model = tiny_model(DECODE, seed=3, router_aux_loss_coef=0.01).train()
     ids = torch.randint(0, 96, (2, 17))
 
     def loss_of(m):

@@ -1,42 +1,14 @@
 """`tinymixtral prepare`: every source kind, both tokenizer kinds, the file layout and bad input."""
 import json
-import os
-import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import assert_one_line_error, call_cli, make_docs, run_cli, write_txt
 from tinymixtral import data as D
-from tinymixtral.config import ModelConfig
 from tinymixtral.errors import TinyMixtralError
 from tinymixtral.tokenizer import load_tokenizer
-
-NAMES = ["Tom", "Lily", "Ben", "Mia", "Sam", "Anna", "Max", "Zoe"]
-VERBS = ["ran to", "looked at", "played with", "found", "liked", "saw", "hugged", "painted"]
-THINGS = ["the red ball", "a big tree", "the small dog", "a blue box", "the happy cat", "the park",
-          "a shiny star", "the old boat"]
-
-
-def make_docs(n: int, seed: int = 0) -> list[str]:
-    """Short seeded template stories; some start with 'Once upon a time', one has non-ASCII text."""
-    rng = random.Random(seed)
-    docs = []
-    for i in range(n):
-        sents = [f"{rng.choice(NAMES)} {rng.choice(VERBS)} {rng.choice(THINGS)}." for _ in range(rng.randint(2, 4))]
-        if i % 3 == 0:
-            sents.insert(0, "Once upon a time,")
-        if i % 50 == 7:
-            sents.append("Café, naïve, 日本 🙂.")
-        docs.append(" ".join(sents) + (f" The end {i}." if i % 2 else ""))
-    return docs
-
-
-def write_txt(path: Path, docs: list[str]) -> Path:
-    path.write_text(f"\n{D.DOC_SEPARATOR}\n".join(docs) + "\n", encoding="utf-8")
-    return path
 
 
 def write_jsonl(path: Path, docs: list[str]) -> Path:
@@ -345,77 +317,34 @@ def test_bad_val_fraction(tmp_path, fraction):
     assert leftovers(tmp_path) == ["c.txt"]
 
 
-def _cli(*args, cwd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "tinymixtral", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)
-
-
-def _check_cli_error(code, stdout, stderr, tmp_path, case):
-    assert code == 2, (case, stderr)
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("tinymixtral prepare: error: "), (case, stderr)
-    assert "Traceback" not in stderr + stdout
+def _check_cli_error(proc, tmp_path):
+    """One error line, exit 2, and no output directory (not even a temporary one) left behind."""
+    assert_one_line_error(proc, "prepare", 2)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
 def test_prepare_cli_errors_are_one_line_exit_2(tmp_path, capsys):
-    from tinymixtral import cli
-
     src_dir = tmp_path / "src"
     src_dir.mkdir()
     cases = _bad_cases(src_dir)
     for case in ("missing", "corrupt_parquet"):  # a real process: its exit status and stderr
         source, tokenizer, message = cases[case]
-        r = _cli("prepare", source, "--out", str(tmp_path / "out"), "--tokenizer", tokenizer, cwd=tmp_path)
-        _check_cli_error(r.returncode, r.stdout, r.stderr, tmp_path, case)
+        _check_cli_error(run_cli("prepare", source, "--out", tmp_path / "out", "--tokenizer", tokenizer, cwd=tmp_path),
+                         tmp_path)
     for case in ("invalid_json", "bad_tokenizer_spec", "not_utf8", "jsonl_without_text"):  # in-process: faster
         source, tokenizer, message = cases[case]
-        code = cli.main(["prepare", source, "--out", str(tmp_path / "out"), "--tokenizer", tokenizer])
-        out = capsys.readouterr()
-        _check_cli_error(code, out.out, out.err, tmp_path, case)
+        _check_cli_error(call_cli(capsys, "prepare", source, "--out", tmp_path / "out", "--tokenizer", tokenizer),
+                         tmp_path)
 
 
 def test_prepare_cli_success(tmp_path):
     src = write_jsonl(tmp_path / "docs.jsonl", make_docs(120))
-    r = _cli("prepare", str(src), "--out", "data", "--tokenizer", "bpe:300", "--val-fraction", "0.1", cwd=tmp_path)
+    r = run_cli("prepare", src, "--out", "data", "--tokenizer", "bpe:300", "--val-fraction", "0.1", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     meta = json.loads((tmp_path / "data" / "meta.json").read_text())
     assert f"train {meta['train_tokens']:,} tokens" in r.stdout and "uint16" in r.stdout
     check_prepared(tmp_path / "data", make_docs(120), 0.1)
-
-
-def test_train_refuses_data_with_a_larger_vocab_than_the_model(tmp_path, docs):
-    from tinymixtral.train import TrainConfig, train
-
-    D.prepare(str(write_txt(tmp_path / "c.txt", docs[:200])), tmp_path / "data", "bpe:300", val_fraction=0.1)
-    vocab = json.loads((tmp_path / "data" / "meta.json").read_text())["vocab_size"]
-    mcfg = ModelConfig(vocab_size=100, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64, n_experts=4,
-                       top_k=2, max_seq_len=64)
-    tcfg = TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run"), batch_size=2, seq_len=16,
-                       max_steps=1, progress=False)
-    with pytest.raises(TinyMixtralError, match=rf"{vocab} tokens but the model's vocab_size is 100") as e:
-        train(tcfg, mcfg)
-    assert "--vocab-size" in str(e.value)
-    assert not (tmp_path / "run").exists()
-
-
-def test_train_refuses_a_val_split_shorter_than_a_window(tmp_path):
-    """Checked before training: the first evaluation would otherwise fail after the steps it cost."""
-    from tinymixtral.train import TrainConfig, train
-
-    docs = make_docs(60)
-    D.prepare(str(write_txt(tmp_path / "c.txt", docs)), tmp_path / "data", "bpe:300", val_fraction=0.02)
-    n_val = json.loads((tmp_path / "data" / "meta.json").read_text())["val_tokens"]
-    assert n_val < 200
-    mcfg = ModelConfig(vocab_size=320, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64, n_experts=4,
-                       top_k=2, max_seq_len=256)
-    tcfg = TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run"), batch_size=2, seq_len=n_val,
-                       max_steps=2, progress=False)  # one token short of a window
-    with pytest.raises(TinyMixtralError, match=rf"the val split has only {n_val} tokens.*\({n_val + 1}\)"):
-        train(tcfg, mcfg)
-    assert not (tmp_path / "run").exists()
 
 
 class _FakeTok:

@@ -1,4 +1,4 @@
-"""Upcycling (dense -> identical experts) and mergekit-moe merges, ending in a real frankenMoE of two trained models.
+"""mergekit-moe merges, ending in a real frankenMoE of two trained models.
 
 The merge test trains a base model on a mix of two kinds of text (animal sentences, arithmetic), fine-tunes
 one copy on each kind (by resuming the base run on that kind's data), merges the two with gate_mode hidden
@@ -16,44 +16,17 @@ import pytest
 import torch
 import yaml
 
-import tinymixtral
+from conftest import DENSE_CFG, animals, arithmetic, assert_one_line_error, call_cli, tiny_dense_dir
 from tinymixtral import TinyMixtralError, cli
 from tinymixtral.checkpoint import load_model, save_model
-from tinymixtral.config import ModelConfig
 from tinymixtral.data import load_split, write_tokens
 from tinymixtral.evaluate import evaluate
 from tinymixtral.merging import degenerate_pairs, merge
-from tinymixtral.model.transformer import Transformer
 from tinymixtral.tokenizer import load_tokenizer, train_bpe
 from tinymixtral.train import TrainConfig, train
 from tinymixtral.upcycling import upcycle
 
-DENSE = dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, n_experts=0,
-             max_seq_len=64, rope_theta=1e4)
 LOSS_BOUND = 1.05  # merged loss on a kind <= 5% above its source model's (measured: about 1-2%)
-
-
-def animals(n: int, seed: int) -> list[str]:
-    r = random.Random(seed)
-    adj, ani = ["small", "big", "brown", "happy", "old", "little", "soft", "lazy"], ["cat", "dog", "bird", "horse",
-                                                                                     "cow", "fox", "duck", "sheep"]
-    verb, place = ["sat on", "ran to", "looked at", "slept by", "jumped over", "walked to"], ["the mat", "the barn",
-                                                                                           "the tree", "the river",
-                                                                                           "the farm", "the hill"]
-    return [" ".join(f"the {r.choice(adj)} {r.choice(ani)} {r.choice(verb)} {r.choice(place)}."
-                     for _ in range(r.randint(2, 4))) for _ in range(n)]
-
-
-def arithmetic(n: int, seed: int) -> list[str]:
-    r = random.Random(seed)
-    docs = []
-    for _ in range(n):
-        sums = []
-        for _ in range(r.randint(2, 4)):
-            a, b, op = r.randint(0, 50), r.randint(0, 50), r.choice("+-*")
-            sums.append(f"{a} {op} {b} = {a + b if op == '+' else a - b if op == '-' else a * b}.")
-        docs.append(" ".join(sums))
-    return docs
 
 
 def prompts(docs: list[str], seed: int) -> list[str]:
@@ -74,87 +47,6 @@ def make_data(d, texts, tok):
     (d / "meta.json").write_text(json.dumps(meta))
     tok.save(d / "tokenizer")
     return d
-
-
-def tiny_dense_dir(path, seed=0, tok=None, **over):
-    torch.manual_seed(seed)
-    model = Transformer(ModelConfig(**{**DENSE, "vocab_size": 300, **over}))
-    return save_model(model, path, tokenizer=tok), model
-
-
-@pytest.fixture(scope="module")
-def tok300():
-    return train_bpe(animals(50, 0) + arithmetic(50, 0), 300)
-
-
-# ---- upcycling ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("router", ["random", "zero", "large"])
-def test_upcycled_identical_experts_compute_the_dense_function(router):
-    torch.manual_seed(0)
-    dense = Transformer(ModelConfig(**{**DENSE, "vocab_size": 300})).eval()
-    moe = upcycle(dense, 4, 2, router="zero" if router == "zero" else "random", seed=1)
-    if router == "large":  # any router at all: sharp, arbitrary weights still sum to 1 over identical experts
-        for layer in moe.layers:
-            layer.ffn.router.weight.data.normal_(0, 3.0)
-    assert moe.cfg.n_experts == 4 and moe.cfg.top_k == 2 and moe.cfg.model_type == "mixtral"
-    x = torch.randint(0, 300, (2, 24))
-    with torch.no_grad():
-        torch.testing.assert_close(moe(x), dense(x), atol=1e-5, rtol=1e-5)
-    chosen = torch.cat([r.experts_NK.reshape(-1) for r in moe.routing()])
-    if router != "zero":
-        assert len(chosen.unique()) == 4  # the router really spreads tokens over experts
-
-
-def test_upcycle_noise_is_relative_and_seeded():
-    torch.manual_seed(0)
-    dense = Transformer(ModelConfig(**{**DENSE, "vocab_size": 300}))
-    a, b = upcycle(dense, 3, 1, noise=0.1, seed=5), upcycle(dense, 3, 1, noise=0.1, seed=5)
-    w = dense.layers[0].ffn.w2.weight
-    experts = a.layers[0].ffn.experts.w2
-    assert torch.equal(experts, b.layers[0].ffn.experts.w2)  # same seed, same draw
-    diff = experts - w
-    assert not torch.equal(diff[0], diff[1])  # one draw per expert
-    assert diff.std().item() == pytest.approx(0.1 * w.std().item(), rel=0.1)
-
-
-def test_upcycle_cli_loads_in_transformers(tmp_path, tok300, capsys):
-    from transformers import AutoModelForCausalLM
-
-    dense_dir, dense = tiny_dense_dir(tmp_path / "dense", tok=tok300)
-    out = tmp_path / "moe"
-    assert cli.main(["upcycle", "--model", str(dense_dir), "--experts", "4", "--top-k", "2", "--out", str(out),
-                     "--router", "random", "--seed", "3"]) == 0
-    assert "4 experts, top-2" in capsys.readouterr().out
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["model_type"] == "mixtral" and cfg["num_local_experts"] == 4 and cfg["num_experts_per_tok"] == 2
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        assert (out / f).read_bytes() == (dense_dir / f).read_bytes()
-    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    x = torch.randint(0, 300, (2, 16))
-    with torch.no_grad():
-        torch.testing.assert_close(hf(x).logits, dense.eval()(x), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(load_model(out)(x), dense(x), atol=1e-5, rtol=1e-5)
-
-
-def test_upcycle_errors(tmp_path, tok300, capsys):
-    dense_dir, _ = tiny_dense_dir(tmp_path / "dense", tok=tok300)
-    assert cli.main(["upcycle", "--model", str(dense_dir), "--experts", "2", "--top-k", "3", "--out",
-                     str(tmp_path / "x")]) == 2
-    assert "--top-k must be between 1 and --experts (2)" in capsys.readouterr().err
-    moe_dir = save_model(upcycle(load_model(dense_dir), 2, 1), tmp_path / "moe", tokenizer=tok300)
-    assert cli.main(["upcycle", "--model", str(moe_dir), "--experts", "4", "--top-k", "1", "--out",
-                     str(tmp_path / "y")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "already an MoE" in err[0]
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
-
-
-def test_exports_are_the_functions_even_after_the_cli_imported_their_modules():
-    cli.build_parser("upcycle"), cli.build_parser("merge")
-    assert tinymixtral.upcycle is upcycle and tinymixtral.merge is merge
-    from tinymixtral.analysis.stats import routing_stats
-
-    assert tinymixtral.routing_stats is routing_stats
 
 
 # ---- merge: config checks on untrained models --------------------------------------------------------
@@ -203,9 +95,8 @@ def test_merge_config_errors(tiny_sources, monkeypatch, over, message):
 def test_merge_cli_error_is_one_line(tiny_sources, tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(config(tiny_sources, experts_per_token=5)))
-    assert cli.main(["merge", str(path), "--out", str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("tinymixtral merge: error: merge config: experts_per_token")
+    line = assert_one_line_error(call_cli(capsys, "merge", path, "--out", tmp_path / "out"), "merge", 2)
+    assert line.startswith("tinymixtral merge: error: merge config: experts_per_token")
     assert not (tmp_path / "out").exists()
     assert cli.main(["merge", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "out")]) == 2
     assert "merge config not found" in capsys.readouterr().err
@@ -240,11 +131,11 @@ def franken(tmp_path_factory):
     base_cfg = TrainConfig(data=str(make_data(root / "mix", mix, tok)), out=str(root / "base"), batch_size=16,
                            seq_len=48, lr=1e-2, warmup_steps=10, max_steps=200, eval_interval=10**6, eval_batches=4,
                            log_interval=50, ckpt_interval=10**6, keep_last=1, seed=0, progress=False)
-    train(base_cfg, ModelConfig(**DENSE))
+    train(base_cfg, DENSE_CFG)
     for name in kinds:  # fine-tune: continue the base run for 100 steps on one kind only
         shutil.copytree(root / "base", root / f"ft-{name}", symlinks=True)
         train(dataclasses.replace(base_cfg, data=str(data[name]), out=str(root / f"ft-{name}"), max_steps=300),
-              ModelConfig(**DENSE), resume=True)
+              DENSE_CFG, resume=True)
     yaml_cfg = {"base_model": "base/latest", "gate_mode": "hidden", "dtype": "float32", "experts_per_token": 1,
                 "experts": [{"source_model": "ft-animals/latest", "positive_prompts": prompts(animals(24, 99), 5),
                              "negative_prompts": prompts(arithmetic(24, 98), 6)},
@@ -255,6 +146,7 @@ def franken(tmp_path_factory):
     return root, data
 
 
+@pytest.mark.slow
 def test_merged_model_routes_each_kind_to_its_expert_and_keeps_its_loss(franken):
     root, data = franken
     merged = load_model(root / "merged", dtype=torch.float32)
@@ -283,6 +175,7 @@ def test_merged_model_routes_each_kind_to_its_expert_and_keeps_its_loss(franken)
         assert swapped[name] > losses["merged"]  # the routing is what makes it work
 
 
+@pytest.mark.slow
 def test_merged_dir_is_a_hf_mixtral_with_the_base_tokenizer(franken):
     from transformers import AutoModelForCausalLM
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tinymixtral.config import ModelConfig, capacity
+from conftest import make_moe, moe_cfg, no_loop, ref_keep_mask, ref_moe, ref_routing, seeded_ids, tiny_model
+from tinymixtral.config import capacity
 from tinymixtral.model import moe as moe_mod
 from tinymixtral.model.moe import (
     FeedForward,
@@ -20,77 +21,12 @@ from tinymixtral.model.moe import (
     load_balancing_loss,
     router_z_loss,
 )
-from tinymixtral.model.transformer import Transformer
 
 FWD_ATOL = 1e-5
 GRAD_ATOL = 1e-5
 
 
 # ---- helpers -------------------------------------------------------------------------------------
-def make_cfg(E=4, K=2, D=16, Fd=8, **kw) -> ModelConfig:
-    return ModelConfig(vocab_size=32, d_model=D, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=4, d_ff=Fd,
-                       n_experts=E, top_k=K, **kw)
-
-
-def make_moe(cfg: ModelConfig, seed=0, std=0.3) -> MoE:
-    torch.manual_seed(seed)
-    m = MoE(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0.0, std)
-    return m
-
-
-def ref_routing(x_ND, router_w, top_k):
-    """Mixtral routing, written out: softmax over all logits, top-k, renormalise."""
-    logits = (x_ND @ router_w.T).float()
-    probs = torch.softmax(logits, dim=-1)
-    w_NK, idx_NK = torch.topk(probs, top_k, dim=-1)
-    return logits, w_NK / w_NK.sum(dim=-1, keepdim=True), idx_NK
-
-
-def ref_keep_mask(idx_NK, n_experts, cap):
-    """First come, first served in flattened (token, slot) order: keep[n, k] for each assignment."""
-    keep = torch.zeros(idx_NK.shape, dtype=torch.bool)
-    used = [0] * n_experts
-    for n in range(idx_NK.shape[0]):
-        for k in range(idx_NK.shape[1]):
-            e = int(idx_NK[n, k])
-            if cap is None or used[e] < cap:
-                keep[n, k] = True
-                used[e] += 1
-    return keep
-
-
-def ref_moe(x_BSD, router_w, w13, w2, top_k, cap=None, routing=None):
-    """litgpt / HF style MoE: a Python loop over experts with boolean masks.
-
-    routing: optionally (weights_NK, idx_NK) to use instead of computing them (for noisy routers).
-    Returns (y_BSD, keep_NK).
-    """
-    D = x_BSD.shape[-1]
-    x = x_BSD.reshape(-1, D)
-    if routing is None:
-        _, w_NK, idx_NK = ref_routing(x, router_w, top_k)
-    else:
-        w_NK, idx_NK = routing
-    E, two_f, _ = w13.shape
-    Fd = two_f // 2
-    keep = ref_keep_mask(idx_NK, E, cap)
-    y = torch.zeros_like(x)
-    for e in range(E):
-        mask_NK = (idx_NK == e) & keep
-        tok, slot = torch.where(mask_NK)
-        if tok.numel() == 0:
-            continue
-        xe = x[tok]
-        w1_e, w3_e = w13[e, :Fd], w13[e, Fd:]
-        h = F.silu(xe @ w1_e.T) * (xe @ w3_e.T)
-        out = (h @ w2[e].T) * w_NK[tok, slot, None].to(x.dtype)
-        y = y.index_add(0, tok, out)
-    return y.view_as(x_BSD), keep
-
-
 def params_of(m: MoE):
     return [m.router.weight, m.experts.w13, m.experts.w2]
 
@@ -102,10 +38,6 @@ def grads(y, inputs, loss_kind, seed=123):
         g = torch.Generator().manual_seed(seed)
         loss = (y * torch.randn(y.shape, generator=g)).sum()
     return torch.autograd.grad(loss, inputs)
-
-
-def no_loop(*a, **k):
-    raise AssertionError("grouped_mm_loop used where torch grouped_mm should have run")
 
 
 # ---- 1. fast MoE == reference --------------------------------------------------------------------
@@ -121,7 +53,7 @@ CASES = {
 
 def case_inputs(name):
     c = CASES[name]
-    cfg = make_cfg(E=c["E"], K=c["K"])
+    cfg = moe_cfg(E=c["E"], K=c["K"])
     m = make_moe(cfg, seed=hash(name) % 1000)
     torch.manual_seed(1)
     x = torch.randn(*c["shape"], cfg.d_model)
@@ -165,7 +97,7 @@ def test_moe_matches_reference(name, loss_kind, monkeypatch):
 def test_moe_matches_reference_unaligned_sizes(D, Fd):
     """grouped_mm needs 16-byte row strides; other sizes must fall back, not crash (fwd and bwd)."""
     for d, f in [(16, 8), (D, Fd)]:  # first a size that uses grouped_mm, then the odd one, same process
-        cfg = make_cfg(E=4, K=2, D=d, Fd=f)
+        cfg = moe_cfg(E=4, K=2, D=d, Fd=f)
         m = make_moe(cfg)
         x = torch.randn(2, 5, d, requires_grad=True)
         y = m(x)
@@ -176,7 +108,7 @@ def test_moe_matches_reference_unaligned_sizes(D, Fd):
 
 
 def test_moe_bf16_close_to_fp32_reference():
-    cfg = make_cfg(E=4, K=2)
+    cfg = moe_cfg(E=4, K=2)
     make_moe(cfg)  # draws the RNG to the state whose routing has no near ties (checked below)
     x = torch.randn(2, 6, cfg.d_model)
     m16 = make_moe(cfg).to(torch.bfloat16)
@@ -227,7 +159,7 @@ def test_grouped_mm_loop_handles_all_sizes():
 # ---- 3. routing invariants -----------------------------------------------------------------------
 @pytest.mark.parametrize("E,K", [(4, 1), (8, 2), (5, 3), (6, 6)])
 def test_routing_invariants(E, K):
-    cfg = make_cfg(E=E, K=K)
+    cfg = moe_cfg(E=E, K=K)
     m = make_moe(cfg, std=1.0)
     x = torch.randn(3, 11, cfg.d_model)
     m(x)
@@ -288,19 +220,15 @@ def test_load_balancing_loss_has_gradient():
     assert torch.isfinite(g).all() and g.abs().max() > 0
 
 
-def tiny_model(**kw):
-    cfg = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=16,
-                      n_experts=4, top_k=2, **kw)
-    torch.manual_seed(0)
-    return Transformer(cfg)
+MOE_MODEL = dict(vocab_size=32, d_model=16, n_heads=2, n_kv_heads=1, d_ff=16)  # tiny_cfg overrides: d_model 16
 
 
 def test_router_losses_follow_coefficients():
-    ids = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(0))
-    model = tiny_model()
+    ids = seeded_ids(2, 6, 32)
+    model = tiny_model(MOE_MODEL).train()
     model(ids)
     assert model.router_losses() == {}
-    model = tiny_model(router_aux_loss_coef=0.5, router_z_loss_coef=0.25)
+    model = tiny_model(MOE_MODEL, router_aux_loss_coef=0.5, router_z_loss_coef=0.25).train()
     model(ids)
     losses = model.router_losses()
     assert set(losses) == {"aux_loss", "z_loss"}
@@ -310,9 +238,9 @@ def test_router_losses_follow_coefficients():
     torch.testing.assert_close(losses["z_loss"], 0.25 * router_z_loss(logits))
     losses["aux_loss"].backward()
     assert model.layers[0].ffn.router.weight.grad.abs().max() > 0
-    assert tiny_model(router_aux_loss_coef=0.1).router_losses() == {}  # no forward pass yet
-    dense = Transformer(ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=16,
-                                    n_experts=0, router_aux_loss_coef=0.5, router_z_loss_coef=0.5))
+    assert tiny_model(MOE_MODEL, router_aux_loss_coef=0.1).train().router_losses() == {}  # no forward pass yet
+    dense = tiny_model(MOE_MODEL, seed=None, n_layers=1, n_experts=0, router_aux_loss_coef=0.5,
+                       router_z_loss_coef=0.5).train()
     dense(ids)
     assert dense.router_losses() == {}
 
@@ -322,7 +250,7 @@ def test_aux_loss_sgd_reduces_imbalance():
     E, K, D = 4, 2, 16
     x = torch.randn(64, D)
     x[:, 0] = 1.0
-    router = Router(make_cfg(E=E, K=K, D=D))
+    router = Router(moe_cfg(E=E, K=K, D=D))
     with torch.no_grad():
         router.weight.normal_(0, 0.1)
         router.weight[0, 0] = 3.0  # expert 0 wins every token,
@@ -379,9 +307,9 @@ def seeded_train_runs(m, x, seeds):
 
 
 def test_router_jitter():
-    cfg = make_cfg(E=8, K=2, router_jitter_noise=0.5)
+    cfg = moe_cfg(E=8, K=2, router_jitter_noise=0.5)
     m = make_moe(cfg, std=0.5)
-    plain = make_moe(make_cfg(E=8, K=2), std=0.5)
+    plain = make_moe(moe_cfg(E=8, K=2), std=0.5)
     plain.load_state_dict(m.state_dict())
     torch.manual_seed(5)
     x = torch.randn(4, 16, cfg.d_model)
@@ -409,16 +337,16 @@ def test_router_jitter():
 
 # ---- 4d. noisy top-k gating -------------------------------------------------------------------------
 def test_noisy_gating_router_structure():
-    assert make_moe(make_cfg()).router.noise is None
-    noisy = make_moe(make_cfg(E=4, noisy_gating=True))
+    assert make_moe(moe_cfg()).router.noise is None
+    noisy = make_moe(moe_cfg(E=4, noisy_gating=True))
     assert isinstance(noisy.router.noise, torch.nn.Linear)
     assert noisy.router.noise.weight.shape == (4, 16) and noisy.router.noise.bias is None
 
 
 def test_noisy_gating_train_and_eval():
-    cfg = make_cfg(E=8, K=2, noisy_gating=True)
+    cfg = moe_cfg(E=8, K=2, noisy_gating=True)
     m = make_moe(cfg, std=0.5)
-    plain = make_moe(make_cfg(E=8, K=2), std=0.5)
+    plain = make_moe(moe_cfg(E=8, K=2), std=0.5)
     sd = {k: v for k, v in m.state_dict().items() if not k.startswith("router.noise")}
     plain.load_state_dict(sd)
     torch.manual_seed(5)
@@ -443,7 +371,7 @@ def test_noisy_gating_train_and_eval():
 
 
 def test_noisy_gating_noise_weight_gets_gradient_top2():
-    cfg = make_cfg(E=8, K=2, noisy_gating=True)
+    cfg = moe_cfg(E=8, K=2, noisy_gating=True)
     m = make_moe(cfg, std=0.5).train()
     x = torch.randn(3, 8, cfg.d_model)
     torch.manual_seed(0)
@@ -462,7 +390,7 @@ def test_top1_router_gets_no_gradient_from_output():
     """Finding: with top_k=1 the renormalised weight is exactly 1, so neither the router weight nor the
     noisy-gating noise weight receives any gradient from the task loss (only the aux/z losses train
     the router; the noise weight, whose noise the aux loss never sees, is not trained at all)."""
-    cfg = make_cfg(E=4, K=1, noisy_gating=True)
+    cfg = moe_cfg(E=4, K=1, noisy_gating=True)
     m = make_moe(cfg, std=0.5).train()
     x = torch.randn(2, 8, cfg.d_model)
     torch.manual_seed(0)
@@ -490,7 +418,7 @@ def spy_grouped_mm(monkeypatch):
 
 
 def skewed_capacity_moe(cf, E=4, K=2, seed=0):
-    cfg = make_cfg(E=E, K=K, capacity_factor=cf)
+    cfg = moe_cfg(E=E, K=K, capacity_factor=cf)
     m = make_moe(cfg, seed=seed, std=0.5)
     torch.manual_seed(seed + 100)
     x = torch.randn(3, 10, cfg.d_model)
@@ -531,7 +459,7 @@ def test_capacity_factor_drops_first_come_first_served(cf, E, K, monkeypatch):
 
 def test_large_capacity_factor_is_dropless():
     cfg, m, x = skewed_capacity_moe(100.0)
-    dropless = make_moe(make_cfg(E=4, K=2))
+    dropless = make_moe(moe_cfg(E=4, K=2))
     dropless.load_state_dict(m.state_dict())
     m.train()
     dropless.train()
@@ -564,3 +492,11 @@ def test_feedforward_equals_separate_matrices(D, Fd):
     x = torch.randn(2, 5, D)
     expected = (F.silu(x @ w1.T) * (x @ w3.T)) @ w2.T
     torch.testing.assert_close(ff(x), expected, atol=1e-6, rtol=1e-5)
+
+
+# ---- 6. the MoE inside the decoder ----------------------------------------------------------------
+def test_moe_param_shapes():
+    moe = tiny_model(d_ff=32, max_seq_len=128, rope_theta=1e4).layers[0].ffn  # d_ff 32
+    assert isinstance(moe, MoE)
+    assert moe.router.weight.shape == (4, 32)
+    assert moe.experts.w13.shape == (4, 64, 32) and moe.experts.w2.shape == (4, 32, 32)

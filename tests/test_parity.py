@@ -1,83 +1,35 @@
 """Numerical parity with transformers (the reference): fp32, CPU, tiny random configs, fixed seeds.
 
 Both directions through real model directories (HF save_pretrained -> load_model, save_model -> HF
-from_pretrained), the in-memory converter round trip, transformers 5's fused expert layout, and the
-load-balancing loss. Run with `-s` to see the max abs logit error of every case.
+from_pretrained), transformers 5's fused expert layout, the load-balancing loss and config.json. (The in-memory
+converter round trip is in test_convert.py.) Run with `-s` to see the max abs logit error of every case.
 """
 
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM  # noqa: E402
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func  # noqa: E402
 
 import tinymixtral  # noqa: E402
+from conftest import PARITY_CASES as CASES, classic_keys, randomize_, safetensors_keys, seeded_ids  # noqa: E402
 from tinymixtral import ModelConfig, Transformer  # noqa: E402
-from tinymixtral.convert import from_hf, to_hf  # noqa: E402
 from tinymixtral.model.moe import load_balancing_loss  # noqa: E402
 
 transformers.utils.logging.disable_progress_bar()
 ATOL = 1e-4
 
-# name -> (config, attention implementation of the HF model, batch, sequence length)
-CASES = {
-    # Sliding window 8 over 30 tokens: most keys fall outside the window of late queries.
-    "mixtral-swa-eager": (
-        ModelConfig(vocab_size=101, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, n_experts=4, top_k=2,
-                    sliding_window=8, max_seq_len=64, rope_theta=1e4, router_aux_loss_coef=0.02),
-        "eager", 2, 30,
-    ),
-    "mixtral-swa-sdpa": (
-        ModelConfig(vocab_size=101, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, n_experts=4, top_k=2,
-                    sliding_window=8, max_seq_len=64, rope_theta=1e4, router_aux_loss_coef=0.02),
-        "sdpa", 2, 30,
-    ),
-    # One kv head, top-3 of 5, tied embeddings, head_dim 16 != 48 / 4, no window, batch 3.
-    "mixtral-kv1-top3-tied-hd16": (
-        ModelConfig(vocab_size=97, d_model=48, n_layers=2, n_heads=4, n_kv_heads=1, head_dim=16, d_ff=40,
-                    n_experts=5, top_k=3, sliding_window=None, max_seq_len=64, rope_theta=1e6, norm_eps=1e-6,
-                    tie_embeddings=True, router_aux_loss_coef=0.01),
-        "eager", 3, 13,
-    ),
-    "mistral-swa": (
-        ModelConfig(vocab_size=89, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, n_experts=0,
-                    sliding_window=6, max_seq_len=64, rope_theta=1e4),
-        "sdpa", 2, 22,
-    ),
-    "mistral-full": (
-        ModelConfig(vocab_size=89, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, n_experts=0,
-                    sliding_window=None, max_seq_len=64, rope_theta=1e4),
-        "eager", 2, 17,
-    ),
-}
 MOE_CASES = [name for name, (cfg, *_) in CASES.items() if cfg.is_moe]
 WINDOW_CASES = [name for name, (cfg, *_) in CASES.items() if cfg.sliding_window is not None]
 
 
 # ---- helpers ----------------------------------------------------------------------------------------
-@torch.no_grad()
-def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Weights at a scale where activations are O(1): norms around 1 (not all ones), routers decisive."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in module.named_parameters():  # a tied head is visited once, as the embedding
-        if name.endswith("norm.weight"):
-            p.copy_(0.5 + torch.rand(p.shape, generator=g))
-        elif "embed" in name:
-            p.copy_(torch.randn(p.shape, generator=g))
-        else:  # [out, in] or stacked experts [E, out, in]; routers [E, D]
-            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-    return module
-
-
 def hf_model(cfg: ModelConfig, attn: str, seed: int = 0):
     """A random transformers model of this config (eval mode)."""
     d = cfg.to_hf_dict()
@@ -87,34 +39,6 @@ def hf_model(cfg: ModelConfig, attn: str, seed: int = 0):
         model = MistralForCausalLM(MistralConfig(**d, attn_implementation=attn))
     assert model.config._attn_implementation == attn
     return randomize_(model, seed).eval()
-
-
-def tokens(cfg: ModelConfig, batch: int, seq: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
-
-
-def file_keys(directory) -> set[str]:
-    keys = set()
-    for f in sorted(os.listdir(directory)):
-        if f.endswith(".safetensors"):
-            with safe_open(os.path.join(directory, f), framework="pt") as st:
-                keys |= set(st.keys())
-    return keys
-
-
-def classic_keys(cfg: ModelConfig) -> set[str]:
-    """The keys of a classic Mixtral/Mistral checkpoint on the Hub, written out by hand."""
-    keys = {"model.embed_tokens.weight", "model.norm.weight"} | (set() if cfg.tie_embeddings else {"lm_head.weight"})
-    for i in range(cfg.n_layers):
-        p = f"model.layers.{i}."
-        keys |= {p + "input_layernorm.weight", p + "post_attention_layernorm.weight"}
-        keys |= {p + f"self_attn.{x}_proj.weight" for x in "qkvo"}
-        if cfg.is_moe:
-            keys.add(p + "block_sparse_moe.gate.weight")
-            keys |= {p + f"block_sparse_moe.experts.{e}.{w}.weight" for e in range(cfg.n_experts) for w in ("w1", "w2", "w3")}
-        else:
-            keys |= {p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")}
-    return keys
 
 
 def report(case: str, direction: str, err: float):
@@ -132,13 +56,13 @@ def test_hf_save_pretrained_loads_with_equal_logits(case, tmp_path):
     cfg, attn, B, S = CASES[case]
     hf = hf_model(cfg, attn)
     hf.save_pretrained(tmp_path)
-    assert file_keys(tmp_path) == classic_keys(cfg)  # what transformers writes: the classic layout
+    assert set(safetensors_keys(tmp_path)) == classic_keys(cfg)  # what transformers writes: the classic layout
 
     ours = tinymixtral.load_model(tmp_path)
     assert ours.cfg == cfg
     if cfg.tie_embeddings:
         assert ours.lm_head.weight is ours.embed.weight
-    x = tokens(cfg, B, S)
+    x = seeded_ids(B, S, cfg.vocab_size, seed=1)
     want, got = hf(x).logits, ours(x)
     assert want.abs().max() > 1.0  # not a near-zero model where any error hides
     err = (got - want).abs().max().item()
@@ -161,7 +85,7 @@ def test_sliding_window_matters(case, tmp_path):
     hf_full = hf_model(full_cfg, attn, seed=123)
     hf_full.load_state_dict(hf.state_dict())
 
-    x = tokens(cfg, B, S)
+    x = seeded_ids(B, S, cfg.vocab_size, seed=1)
     windowed, full = ours(x), ours_full(x)
     torch.testing.assert_close(windowed, hf(x).logits, atol=ATOL, rtol=0)
     torch.testing.assert_close(full, hf_full(x).logits, atol=ATOL, rtol=0)
@@ -179,7 +103,7 @@ def test_save_model_loads_in_transformers_with_equal_logits(case, tmp_path):
     ours = randomize_(Transformer(cfg), seed=7).eval()
     tinymixtral.save_model(ours, tmp_path / "m")
 
-    keys = file_keys(tmp_path / "m")
+    keys = set(safetensors_keys(tmp_path / "m"))
     assert keys == classic_keys(cfg)
     assert not any(bad in k for k in keys for bad in ("gate_up_proj", "mlp.experts", "mlp.gate.", "<native>"))
     if cfg.is_moe:
@@ -191,29 +115,12 @@ def test_save_model_loads_in_transformers_with_equal_logits(case, tmp_path):
     assert hf.config.sliding_window == cfg.sliding_window
     if cfg.tie_embeddings:
         assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
-    x = tokens(cfg, B, S)
+    x = seeded_ids(B, S, cfg.vocab_size, seed=1)
     want, got = hf(x).logits, ours(x)
     assert want.abs().max() > 1.0
     err = (got - want).abs().max().item()
     report(case, "ours->theirs", err)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
-
-
-# ---- 3. converter round trip -----------------------------------------------------------------------
-def test_convert_round_trip_is_bit_exact(case):
-    cfg = CASES[case][0]
-    ours = randomize_(Transformer(cfg), seed=3)
-    sd = ours.state_dict()
-    hf_sd = to_hf(sd, cfg)
-    assert set(hf_sd) == classic_keys(cfg)
-    back = from_hf(hf_sd, cfg)
-    expected = set(sd) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
-    assert set(back) == expected
-    for k in expected:
-        assert back[k].dtype == sd[k].dtype and torch.equal(back[k], sd[k]), k
-    # and HF -> ours -> HF too
-    again = to_hf(back, cfg)
-    assert set(again) == set(hf_sd) and all(torch.equal(again[k], hf_sd[k]) for k in hf_sd)
 
 
 # ---- 4. transformers 5's fused in-memory layout on disk -------------------------------------------
@@ -228,10 +135,10 @@ def test_fused_expert_layout_loads(case, tmp_path):
         sd.pop("lm_head.weight")
     save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "model.safetensors", metadata={"format": "pt"})
     hf.config.save_pretrained(tmp_path)
-    assert any("gate_up_proj" in k for k in file_keys(tmp_path))
+    assert any("gate_up_proj" in k for k in set(safetensors_keys(tmp_path)))
 
     ours = tinymixtral.load_model(tmp_path)
-    x = tokens(cfg, B, S)
+    x = seeded_ids(B, S, cfg.vocab_size, seed=1)
     want, got = hf(x).logits, ours(x)
     err = (got - want).abs().max().item()
     report(case, "fused->ours", err)
@@ -250,7 +157,7 @@ def test_load_balancing_loss_matches_transformers(case, tmp_path):
     hf = hf_model(cfg, attn, seed=11)
     hf.save_pretrained(tmp_path)
     ours = tinymixtral.load_model(tmp_path)
-    x = tokens(cfg, B, S, seed=4)
+    x = seeded_ids(B, S, cfg.vocab_size, seed=4)
 
     out = hf(x, output_router_logits=True)
     ours(x)

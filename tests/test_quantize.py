@@ -1,19 +1,15 @@
 """Weight-only int8 / int4 quantization: error bounds, kernels vs fallback, a tiny MoE, save/load, CLI."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import assert_one_line_error, call_cli, run_cli, seeded_ids, tiny_cfg, tiny_model
 from tinymixtral import cli, generate
 from tinymixtral.checkpoint import load_model, save_model
-from tinymixtral.config import ModelConfig
 from tinymixtral.errors import TinyMixtralError
 from tinymixtral.model.moe import Experts
-from tinymixtral.model.transformer import Transformer
 from tinymixtral.quantize import (
     QuantExperts,
     QuantLinear,
@@ -29,20 +25,17 @@ from tinymixtral.quantize import (
 )
 
 # int4 kernel shapes (N % 16 == 0, K % 32 == 0) everywhere but the untied head (vocab 100): that one falls back.
-CFG = ModelConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, n_experts=4, top_k=2,
-                  max_seq_len=64)
+CFG = tiny_cfg(vocab_size=100)
 FP32_EPS = torch.finfo(torch.float32).eps
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    return Transformer(CFG).eval()
+    return tiny_model(CFG)
 
 
-def _tiny_dir(tmp_path, cfg=CFG):
-    torch.manual_seed(0)
-    return save_model(Transformer(cfg).eval(), tmp_path / "fp")
+def _tiny_dir(tmp_path):
+    return save_model(tiny_model(CFG), tmp_path / "fp")
 
 
 # ---- pure functions ------------------------------------------------------------------------------
@@ -162,7 +155,7 @@ def test_tiny_moe_logits_and_routing_stay_close(tiny, bits, group_size, max_rel,
     qm = quantize_model(tiny, bits, group_size)
     assert isinstance(qm.layers[0].ffn.experts, QuantExperts) and isinstance(qm.layers[0].attn.wqkv, QuantLinear)
     assert isinstance(qm.lm_head, QuantLinear) and type(qm.layers[0].ffn.router.weight) is torch.nn.Parameter
-    x = torch.randint(0, CFG.vocab_size, (4, 32), generator=torch.Generator().manual_seed(1))
+    x = seeded_ids(4, 32, CFG.vocab_size, seed=1)
     with torch.no_grad():
         ref, y = tiny(x), qm(x)
     rel = ((y - ref).norm() / ref.norm()).item()
@@ -229,21 +222,8 @@ def test_quantize_errors(tiny):
         quantize_model(tiny, 4, 64)
 
 
-def test_config_round_trips_quantization(tmp_path):
-    q = {"method": "tinymixtral-weight-only", "bits": 8, "group_size": None, "skip": ["embed", "norm", "router"]}
-    cfg = CFG.replace(quantization=q)
-    assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
-    assert "quantization" not in CFG.to_hf_dict()
-    for bad in ({**q, "bits": 3}, {**q, "skip": ["embed"]}, {**q, "method": "gptq"}, {**q, "group_size": 32}):
-        with pytest.raises(TinyMixtralError, match="quantization"):
-            CFG.replace(quantization=bad)
-    with pytest.raises(TinyMixtralError, match="lm_head"):  # a tied head is the embedding: it stays fp
-        CFG.replace(tie_embeddings=True, quantization=q)
-
-
 def test_dense_ffn_is_quantized_and_kernel_equals_fallback(tmp_path):
-    torch.manual_seed(0)
-    dense = Transformer(CFG.replace(n_experts=0)).eval()
+    dense = tiny_model(CFG, n_experts=0)
     qm = set_compute_dtype(quantize_model(dense, 4, 32), None)
     assert isinstance(qm.layers[0].ffn.w13, QuantLinear) and isinstance(qm.layers[0].ffn.w2, QuantLinear)
     x = torch.randint(0, CFG.vocab_size, (2, 16))
@@ -259,8 +239,7 @@ def test_dense_ffn_is_quantized_and_kernel_equals_fallback(tmp_path):
 
 
 def test_tied_head_stays_full_precision(tmp_path):
-    torch.manual_seed(0)
-    qm = quantize_model(Transformer(CFG.replace(tie_embeddings=True)), 8)
+    qm = quantize_model(tiny_model(CFG, tie_embeddings=True).train(), 8)
     assert "lm_head" in qm.cfg.quantization["skip"] and qm.lm_head.weight is qm.embed.weight
     save_model(qm, tmp_path / "q")
     loaded = load_model(tmp_path / "q")
@@ -271,21 +250,16 @@ def test_tied_head_stays_full_precision(tmp_path):
 
 
 # ---- command line --------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_quantize(tmp_path):
     fp = _tiny_dir(tmp_path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "tinymixtral", "quantize", "--model", str(fp), "--bits", "8",
-                        "--out", str(tmp_path / "q")], capture_output=True, text=True, env=env, timeout=120,
-                       check=False)
+    r = run_cli("quantize", "--model", fp, "--bits", "8", "--out", tmp_path / "q")
     assert r.returncode == 0, r.stderr
     assert "int8 per channel" in r.stdout
     model = load_model(tmp_path / "q")
     assert model.cfg.quantization["bits"] == 8 and isinstance(model.layers[0].attn.wo, QuantLinear)
-    r = subprocess.run([sys.executable, "-m", "tinymixtral", "quantize", "--model", str(fp), "--bits", "3",
-                        "--out", str(tmp_path / "bad")], capture_output=True, text=True, env=env, timeout=120,
-                       check=False)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip() == "tinymixtral quantize: error: --bits must be 8 or 4, got 3"
+    r = run_cli("quantize", "--model", fp, "--bits", "3", "--out", tmp_path / "bad")
+    assert assert_one_line_error(r, "quantize", 2) == "tinymixtral quantize: error: --bits must be 8 or 4, got 3"
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -302,7 +276,6 @@ def test_cli_bad_input_exits_2_without_output(tmp_path, capsys, flags, message):
     names = {"QUANTIZED": str(tmp_path / "quantized"), "MISSING": str(tmp_path / "nope")}
     flags = [names.get(f, f) for f in flags]
     model = [] if "--model" in flags else ["--model", str(fp)]
-    assert cli.main(["quantize", *model, *flags, "--out", str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("tinymixtral quantize: error: ") and message in err[0], err
+    assert message in assert_one_line_error(call_cli(capsys, "quantize", *model, *flags, "--out", tmp_path / "out"),
+                                            "quantize", 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fp", "quantized"]  # no output, no temp dir

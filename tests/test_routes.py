@@ -8,16 +8,13 @@ import pytest
 import torch
 
 import tinymixtral
+from conftest import PNG, assert_one_line_error, call_cli, tiny_model
 from tinymixtral import cli
 from tinymixtral.analysis import stats as S
 from tinymixtral.checkpoint import save_model
-from tinymixtral.config import ModelConfig
-from tinymixtral.model.transformer import Transformer
 from tinymixtral.tokenizer import train_bpe
 
-PNG = b"\x89PNG\r\n\x1a\n"
-TINY = dict(vocab_size=300, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, n_experts=4, top_k=2,
-            max_seq_len=64, rope_theta=1e4)
+TINY = dict(vocab_size=300, rope_theta=1e4)  # tiny_cfg overrides
 
 
 def random_topk(n: int, e: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -105,8 +102,7 @@ def test_top_tokens_per_expert():
 
 # ---- routing_stats on a model ------------------------------------------------------------------------
 def test_routing_stats_on_a_tiny_model():
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(**TINY)).train()
+    model = tiny_model(TINY).train()
     x = torch.randint(0, 300, (3, 20))
     out = tinymixtral.routing_stats(model, x)
     assert model.training  # left as it was
@@ -137,9 +133,8 @@ def model_dir(tmp_path_factory):
     rng = random.Random(0)
     words = TEXT.split()
     tok = train_bpe([" ".join(rng.sample(words, len(words))) for _ in range(50)], 300)
-    torch.manual_seed(0)
-    save_model(Transformer(ModelConfig(**TINY)), root / "moe", tokenizer=tok)
-    save_model(Transformer(ModelConfig(**{**TINY, "n_experts": 0})), root / "dense", tokenizer=tok)
+    save_model(tiny_model(TINY), root / "moe", tokenizer=tok)
+    save_model(tiny_model(TINY, seed=None, n_experts=0), root / "dense", tokenizer=tok)
     (root / "text.txt").write_text(TEXT)
     return root
 
@@ -193,9 +188,8 @@ def test_routes_cli_on_a_data_dir(model_dir, tmp_path, capsys):
 ])
 def test_routes_cli_errors_are_one_line(model_dir, capsys, args, message):
     args = [str(model_dir / a) if a.endswith(".txt") else a for a in args]
-    assert cli.main(["routes", "--model", str(model_dir / "moe"), *args]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("tinymixtral routes: error: ") and message in err[0]
+    r = call_cli(capsys, "routes", "--model", model_dir / "moe", *args)
+    assert message in assert_one_line_error(r, "routes", 2)
 
 
 def test_routes_cli_refuses_a_dense_model(model_dir, capsys):

@@ -1,9 +1,10 @@
-"""`tinymixtral train`: lr schedule, a short run and its files, exact resume, eval, W&B, DDP and FSDP2."""
+"""`tinymixtral train`: lr schedule, a short run and its files, exact resume, W&B, DDP and FSDP2, the data checks
+before training, and the command line's flags, errors and resume rules."""
+import argparse
 import dataclasses
 import json
 import math
 import os
-import random
 import shutil
 import socket
 import subprocess
@@ -16,41 +17,24 @@ import torch
 from safetensors.torch import load_file
 
 import tinymixtral.train as T
+from conftest import (
+    TRAIN_CFG,
+    assert_one_line_error,
+    call_cli,
+    make_docs,
+    run_cli,
+    tcfg_for,
+    tiny_cfg,
+    tiny_model,
+    write_txt,
+)
 from tinymixtral import cli, load_model
+from tinymixtral import data as D
 from tinymixtral.config import ModelConfig
-from tinymixtral.data import load_split, prepare
+from tinymixtral.data import load_split
+from tinymixtral.errors import TinyMixtralError
 from tinymixtral.run_state import read_metrics
-from tinymixtral.evaluate import bits_per_byte, evaluate
 from tinymixtral.train import TrainConfig, get_lr, train
-
-PNG = b"\x89PNG\r\n\x1a\n"
-MODEL = dict(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, n_experts=4, top_k=2,
-             max_seq_len=64, rope_theta=1e4, router_aux_loss_coef=0.01)
-
-
-def make_docs(n: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    names, verbs = ["Tom", "Lily", "Ben", "Mia", "Sam", "Anna"], ["ran to", "looked at", "played with", "found"]
-    things = ["the red ball", "a big tree", "the small dog", "a blue box", "the happy cat", "the park"]
-    return [" ".join(f"{rng.choice(names)} {rng.choice(verbs)} {rng.choice(things)}." for _ in range(rng.randint(2, 5)))
-            for _ in range(n)]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train-data")
-    src = root / "corpus.txt"
-    src.write_text("\n<|endoftext|>\n".join(make_docs(1500)))
-    prepare(str(src), root / "data", "bpe:300", val_fraction=0.05, seed=0)
-    return root / "data"
-
-
-def tcfg_for(data_dir, out, **kw) -> TrainConfig:
-    base = dict(data=str(data_dir), out=str(out), batch_size=8, seq_len=32, lr=1e-2, warmup_steps=3,
-                max_steps=20, eval_interval=10, eval_batches=4, log_interval=1, ckpt_interval=10, keep_last=2,
-                seed=7, progress=False)
-    return TrainConfig(**{**base, **kw})
-
 
 # ---- the learning-rate schedule ---------------------------------------------------------------------
 def test_get_lr_warmup_peak_and_cosine():
@@ -71,14 +55,6 @@ def test_get_lr_warmup_peak_and_cosine():
 
 
 # ---- a short run and everything it writes -----------------------------------------------------------
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_dir):
-    out = tmp_path_factory.mktemp("run") / "run"
-    tcfg = tcfg_for(data_dir, out, max_steps=40, keep_last=2)
-    final = train(tcfg, ModelConfig(**MODEL))
-    return out, tcfg, final
-
-
 def test_short_run_learns_and_logs(trained):
     out, tcfg, final = trained
     rows = read_metrics(out)
@@ -97,9 +73,9 @@ def test_short_run_learns_and_logs(trained):
                 "tokens", "elapsed"} <= set(r)
         assert r["tokens"] == r["step"] * tcfg.batch_size * tcfg.seq_len
         assert r["lr"] > 0 and r["grad_norm"] > 0 and r["tok_per_s"] > 0 and 0 < r["mfu"]
-        assert len(r["expert_load"]) == MODEL["n_layers"]
+        assert len(r["expert_load"]) == TRAIN_CFG.n_layers
         for layer, ratio in zip(r["expert_load"], r["load_max_min"]):
-            assert len(layer) == MODEL["n_experts"] and min(layer) >= 0
+            assert len(layer) == TRAIN_CFG.n_experts and min(layer) >= 0
             assert sum(layer) == pytest.approx(1.0)
             assert ratio is None if min(layer) == 0 else ratio == pytest.approx(max(layer) / min(layer))
     assert steps[-1]["lr"] == pytest.approx(get_lr(39, 39 / 40, tcfg))
@@ -125,10 +101,9 @@ def test_checkpoints_symlinks_and_pruning(trained):
 
 
 def test_keep_last_never_prunes_the_best(tmp_path):
-    from tinymixtral.model.transformer import Transformer
     from tinymixtral.run_state import point, save_checkpoint
 
-    model = Transformer(ModelConfig(**MODEL))
+    model = tiny_model(TRAIN_CFG, seed=None)
     rng = {"torch": torch.get_rng_state()}
     for step in (1, 2, 3, 4):
         save_checkpoint(tmp_path, step, model, None, {"step": step}, rng, None, keep_last=1, best_step=2)
@@ -159,50 +134,6 @@ def test_checkpoint_is_a_hf_model_dir(trained, data_dir):
     assert hf_tok(text)["input_ids"] == ref.encode(text, bos=True)
 
 
-def test_pngs_and_plot_cli(trained, tmp_path, capsys):
-    out, _, _ = trained
-    for name in ("loss.png", "expert_load.png"):
-        data = (out / name).read_bytes()
-        assert data.startswith(PNG) and len(data) > 1000
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    shutil.copy(out / "metrics.jsonl", copy / "metrics.jsonl")
-    assert cli.main(["plot", str(copy)]) == 0
-    printed = capsys.readouterr().out.split()
-    assert printed == [str(copy / "loss.png"), str(copy / "expert_load.png")]
-    for name in ("loss.png", "expert_load.png"):
-        assert (copy / name).read_bytes().startswith(PNG) and (copy / name).stat().st_size > 1000
-    assert cli.main(["plot", str(tmp_path / "nothing")]) == 2
-    assert "no metrics.jsonl" in capsys.readouterr().err
-
-
-def test_evaluate_deterministic_and_bits_per_byte(trained, data_dir):
-    out, _, final = trained
-    model = load_model(out / "latest", dtype=torch.float32)
-    val, meta = load_split(data_dir, "val")
-    a = evaluate(model, val, 8, 32, "cpu", 4)
-    b = evaluate(model, val, 8, 32, "cpu", 4)
-    assert a == b and a == pytest.approx(final["val_loss"], rel=1e-5)
-    assert bits_per_byte(a, meta, "val") == pytest.approx(a / math.log(2) * meta["val_tokens"] / meta["val_bytes"])
-    assert final["val_bpb"] == pytest.approx(bits_per_byte(final["val_loss"], meta, "val"))
-
-
-def test_eval_cli_json(trained, data_dir):
-    out, _, _ = trained
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "tinymixtral", "eval", "--model", str(out / "latest"), "--data",
-                        str(data_dir), "--json"], capture_output=True, text=True, env=env, timeout=120)
-    assert r.returncode == 0, r.stderr
-    res = json.loads(r.stdout)
-    meta = json.loads((data_dir / "meta.json").read_text())
-    assert res["split"] == "val" and res["seq_len"] == MODEL["max_seq_len"]
-    assert res["ppl"] == pytest.approx(math.exp(res["loss"]))
-    assert res["bpb"] == pytest.approx(res["loss"] / math.log(2) * meta["val_tokens"] / meta["val_bytes"])
-    model = load_model(out / "latest", dtype=torch.float32)
-    val, _ = load_split(data_dir, "val")
-    assert res["loss"] == pytest.approx(evaluate(model, val, 8, 64, "cpu", None), rel=1e-6)
-
-
 # ---- exact resume -----------------------------------------------------------------------------------
 def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "latest" / "model.safetensors")
@@ -210,7 +141,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 def test_resume_is_exact(tmp_path, data_dir, monkeypatch):
     n, accum = 6, 2
-    mcfg = ModelConfig(**{**MODEL, "router_jitter_noise": 0.1, "router_z_loss_coef": 1e-3})
+    mcfg = TRAIN_CFG.replace(router_jitter_noise=0.1, router_z_loss_coef=1e-3)
     kw = dict(max_steps=2 * n, grad_accum=accum, eval_interval=4, ckpt_interval=100, batch_size=4)
     train(tcfg_for(data_dir, tmp_path / "A", **kw), mcfg)
 
@@ -252,7 +183,7 @@ def test_wandb_offline(tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
     out = tmp_path / "run"
-    train(tcfg_for(data_dir, out, max_steps=2, eval_interval=100, wandb=True), ModelConfig(**MODEL))
+    train(tcfg_for(data_dir, out, max_steps=2, eval_interval=100, wandb=True), TRAIN_CFG)
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and runs[0].is_dir()
     assert list(runs[0].glob("*.wandb"))
@@ -310,6 +241,7 @@ def _compare_losses(a: Path, b: Path):
         assert abs(x - y) < 1e-5, (la, lb)
 
 
+@pytest.mark.slow
 def test_ddp_matches_a_single_process(tmp_path, data_dir, single_process):
     ddp = _launch(tmp_path, data_dir)
     _compare_losses(single_process, ddp)
@@ -320,6 +252,7 @@ def test_ddp_matches_a_single_process(tmp_path, data_dir, single_process):
     assert (ddp / "latest" / "trainer_state.safetensors").is_file() and (ddp / "loss.png").is_file()
 
 
+@pytest.mark.slow
 def test_fsdp2_matches_a_single_process(tmp_path, data_dir, single_process):
     fsdp = _launch(tmp_path, data_dir, "--fsdp", "true")
     _compare_losses(single_process, fsdp)
@@ -329,3 +262,152 @@ def test_fsdp2_matches_a_single_process(tmp_path, data_dir, single_process):
     assert sd.keys() == ref_sd.keys()
     for k in sd:
         torch.testing.assert_close(sd[k], ref_sd[k], atol=1e-5, rtol=0, msg=k)
+
+
+# ---- data checks before the first step --------------------------------------------------------------
+def test_train_refuses_data_with_a_larger_vocab_than_the_model(tmp_path):
+    D.prepare(str(write_txt(tmp_path / "c.txt", make_docs(600)[:200])), tmp_path / "data", "bpe:300", val_fraction=0.1)
+    vocab = json.loads((tmp_path / "data" / "meta.json").read_text())["vocab_size"]
+    mcfg = tiny_cfg(vocab_size=100, n_layers=1)
+    tcfg = TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run"), batch_size=2, seq_len=16,
+                       max_steps=1, progress=False)
+    with pytest.raises(TinyMixtralError, match=rf"{vocab} tokens but the model's vocab_size is 100") as e:
+        train(tcfg, mcfg)
+    assert "--vocab-size" in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_refuses_a_val_split_shorter_than_a_window(tmp_path):
+    """Checked before training: the first evaluation would otherwise fail after the steps it cost."""
+    docs = make_docs(60)
+    D.prepare(str(write_txt(tmp_path / "c.txt", docs)), tmp_path / "data", "bpe:300", val_fraction=0.02)
+    n_val = json.loads((tmp_path / "data" / "meta.json").read_text())["val_tokens"]
+    assert n_val < 200
+    mcfg = tiny_cfg(vocab_size=320, n_layers=1, max_seq_len=256)
+    tcfg = TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run"), batch_size=2, seq_len=n_val,
+                       max_steps=2, progress=False)  # one token short of a window
+    with pytest.raises(TinyMixtralError, match=rf"the val split has only {n_val} tokens.*\({n_val + 1}\)"):
+        train(tcfg, mcfg)
+    assert not (tmp_path / "run").exists()
+
+
+# ---- the command line: flags, errors and resume rules ---------------------------------------------
+def test_train_without_data_exit_2():
+    assert "--data" in assert_one_line_error(run_cli("train", "--out", "somewhere"), "train", 2)
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    parser = cli.build_parser("train")
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["train"]
+
+
+def test_every_config_field_has_exactly_one_flag():
+    p = _train_parser()
+    actions = [a for a in p._actions if a.option_strings]
+    flags = [s for a in actions for s in a.option_strings]
+    assert len(flags) == len(set(flags))  # no collisions
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert not train_fields & model_fields
+    for name in train_fields | model_fields:
+        mine = [a for a in actions if a.dest == name]
+        assert len(mine) == 1, name
+        assert mine[0].option_strings == ["--" + name.replace("_", "-")], name
+    help_text = p.format_help()
+    assert "training (TrainConfig fields)" in help_text and "model overrides (ModelConfig fields)" in help_text
+
+
+TRAIN_VALUES = dict(batch_size=3, seq_len=17, grad_accum=2, lr=0.005, min_lr_ratio=0.2, warmup_steps=7,
+                    max_steps=11, max_tokens=1000, max_time="10m", weight_decay=0.2, beta1=0.8, beta2=0.9,
+                    grad_clip=0.5, eval_interval=5, eval_batches=3, log_interval=2, ckpt_interval=9, keep_last=4,
+                    seed=99, device="cpu", autocast="bf16", compile=True, wandb=True, wandb_project="proj",
+                    fsdp=True, progress=False)
+MODEL_VALUES = dict(vocab_size=320, d_model=48, n_layers=3, n_heads=6, n_kv_heads=3, head_dim=16, d_ff=96,
+                    n_experts=5, top_k=3, sliding_window=24, max_seq_len=96, rope_theta=5e4, norm_eps=1e-6,
+                    tie_embeddings=False, init_std=0.03, bos_token_id=5, eos_token_id=6, pad_token_id=7,
+                    router_aux_loss_coef=0.02, router_z_loss_coef=0.001, router_jitter_noise=0.05,
+                    noisy_gating=True, capacity_factor=1.5)
+
+
+def _flag_args(values: dict) -> list[str]:
+    out = []
+    for k, v in values.items():
+        out += ["--" + k.replace("_", "-"), str(v).lower() if isinstance(v, bool) else str(v)]
+    return out
+
+
+@pytest.fixture
+def fake_train(monkeypatch):
+    seen = {}
+
+    def fake(tcfg, mcfg, resume=False):
+        seen.update(tcfg=tcfg, mcfg=mcfg, resume=resume)
+        return {"step": 0}
+
+    monkeypatch.setattr(T, "train", fake)
+    return seen
+
+
+def test_every_flag_reaches_its_config_field(tmp_path, fake_train, capsys):
+    argv = ["train", "--data", "D", "--out", str(tmp_path / "run"), *_flag_args(TRAIN_VALUES),
+            *_flag_args(MODEL_VALUES)]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    tcfg, mcfg = fake_train["tcfg"], fake_train["mcfg"]
+    assert fake_train["resume"] is False and tcfg.data == "D" and tcfg.out == str(tmp_path / "run")
+    for k, v in TRAIN_VALUES.items():
+        assert getattr(tcfg, k) == (600.0 if k == "max_time" else v), k
+    for k, v in MODEL_VALUES.items():
+        assert getattr(mcfg, k) == v, k
+    demo = ModelConfig.from_name("demo")
+    # the values differ from the defaults, so each one shows its flag arrived
+    assert all(getattr(demo, k) != v for k, v in MODEL_VALUES.items())
+    assert all(getattr(TrainConfig(), k) != v for k, v in TRAIN_VALUES.items())
+    # untouched fields keep the preset's values
+    assert cli.main(["train", "--data", "D", "--out", str(tmp_path / "r2"), "--d-model", "64"]) == 0
+    assert fake_train["mcfg"] == demo.replace(d_model=64) and fake_train["tcfg"] == TrainConfig(
+        data="D", out=str(tmp_path / "r2"))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--autocast", "fp8"], "--autocast must be none, bf16 or fp16"),
+    (["--max-time", "soon"], "--max-time must look like"),
+    (["--n-heads", "5"], "n_heads"),
+    (["--preset", "nope"], "unknown preset"),
+])
+def test_train_bad_flags_exit_2(tmp_path, fake_train, capsys, argv, message):
+    r = call_cli(capsys, "train", "--data", "D", "--out", tmp_path / "run", *argv)
+    assert message in assert_one_line_error(r, "train", 2)
+    assert not fake_train
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--fsdp", "maybe"], "argument --fsdp: expected true or false, got 'maybe'"),
+    (["--tie-embeddings", "2"], "argument --tie-embeddings: expected true or false, got '2'"),
+    (["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
+])
+def test_train_unparsable_flag_values_are_usage_errors(tmp_path, fake_train, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:  # argparse's own error: usage, then one error line, exit 2
+        cli.main(["train", "--data", "D", "--out", str(tmp_path / "run"), *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: tinymixtral train") and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"tinymixtral train: error: {message}"
+    assert not fake_train
+
+
+def test_train_resume_rules(tmp_path, fake_train, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    T.save_run_config(run, TrainConfig(data="D", out=str(run), max_steps=10), ModelConfig.from_name("demo"))
+    r = call_cli(capsys, "train", "--data", "D", "--out", run)  # would overwrite a run
+    assert "already holds a run" in assert_one_line_error(r, "train", 2)
+    r = call_cli(capsys, "train", "--resume", run, "--d-model", "64")
+    assert "model fields cannot change" in assert_one_line_error(r, "train", 2)
+    assert cli.main(["train", "--resume", str(run), "--max-steps", "20"]) == 0
+    assert fake_train["resume"] is True and fake_train["tcfg"].max_steps == 20 and fake_train["tcfg"].data == "D"
+    assert fake_train["mcfg"] == ModelConfig.from_name("demo")
+    r = call_cli(capsys, "train", "--resume", tmp_path / "nope")
+    assert "not a training run" in assert_one_line_error(r, "train", 2)

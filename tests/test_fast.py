@@ -1,4 +1,5 @@
-"""The decode fast paths equal the plain ones: the row-split `linear` and the few-token expert path."""
+"""The decode fast paths equal the plain ones: the row-split `linear`, the few-token (gathered) expert path,
+and batch-1 decode through both."""
 
 from __future__ import annotations
 
@@ -9,13 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_moe import make_cfg, make_moe, no_loop, ref_moe
+from conftest import DECODE, make_moe, moe_cfg, no_loop, ref_moe, tiny_model
 from tinymixtral.cache import KVCache
-from tinymixtral.config import ModelConfig
 from tinymixtral.model import linear as linear_mod
 from tinymixtral.model import moe as moe_mod
 from tinymixtral.model.linear import FEW_ROWS, linear
-from tinymixtral.model.transformer import Transformer
 
 
 @contextlib.contextmanager
@@ -61,7 +60,7 @@ def test_linear_gradients_equal_f_linear():
                                    (2, 6, 3)])
 def test_few_token_experts_equal_reference(N, E, K, monkeypatch):
     """N*K <= E under no_grad takes forward_few; it must equal the loop reference and the grouped path."""
-    cfg = make_cfg(E=E, K=K)
+    cfg = moe_cfg(E=E, K=K)
     m = make_moe(cfg).eval()
     x = torch.randn(1, N, cfg.d_model)
     ref, _ = ref_moe(x, m.router.weight, m.experts.w13, m.experts.w2, K)
@@ -76,7 +75,7 @@ def test_few_token_experts_equal_reference(N, E, K, monkeypatch):
 
 def test_few_token_path_with_repeated_experts():
     """Two tokens that chose the same expert share one product; weights stay with their tokens."""
-    cfg = make_cfg(E=8, K=2)
+    cfg = moe_cfg(E=8, K=2)
     m = make_moe(cfg).eval()
     x = torch.randn(3, cfg.d_model)
     experts = torch.tensor([[5, 1], [1, 5], [2, 1]])
@@ -89,10 +88,7 @@ def test_few_token_path_with_repeated_experts():
 
 def test_decode_with_fast_paths_equals_full_forward():
     """Batch-1 decode on 2 threads (row-split linear + few-token experts) reproduces the full forward's logits."""
-    cfg = ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, n_experts=4,
-                      top_k=2, sliding_window=8, max_seq_len=64)
-    torch.manual_seed(0)
-    model = Transformer(cfg).eval()
+    model = tiny_model(DECODE)
     ids = torch.randint(0, 96, (1, 20))
     with torch.no_grad():
         full = model(ids)

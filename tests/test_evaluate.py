@@ -1,0 +1,36 @@
+"""Evaluation (`tinymixtral eval`): deterministic loss and bits per byte, on the shared short training run."""
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import TRAIN_CFG, run_cli
+from tinymixtral import load_model
+from tinymixtral.data import load_split
+from tinymixtral.evaluate import bits_per_byte, evaluate
+
+
+def test_evaluate_deterministic_and_bits_per_byte(trained, data_dir):
+    out, _, final = trained
+    model = load_model(out / "latest", dtype=torch.float32)
+    val, meta = load_split(data_dir, "val")
+    a = evaluate(model, val, 8, 32, "cpu", 4)
+    b = evaluate(model, val, 8, 32, "cpu", 4)
+    assert a == b and a == pytest.approx(final["val_loss"], rel=1e-5)
+    assert bits_per_byte(a, meta, "val") == pytest.approx(a / math.log(2) * meta["val_tokens"] / meta["val_bytes"])
+    assert final["val_bpb"] == pytest.approx(bits_per_byte(final["val_loss"], meta, "val"))
+
+
+def test_eval_cli_json(trained, data_dir):
+    out, _, _ = trained
+    r = run_cli("eval", "--model", out / "latest", "--data", data_dir, "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    meta = json.loads((data_dir / "meta.json").read_text())
+    assert res["split"] == "val" and res["seq_len"] == TRAIN_CFG.max_seq_len
+    assert res["ppl"] == pytest.approx(math.exp(res["loss"]))
+    assert res["bpb"] == pytest.approx(res["loss"] / math.log(2) * meta["val_tokens"] / meta["val_bytes"])
+    model = load_model(out / "latest", dtype=torch.float32)
+    val, _ = load_split(data_dir, "val")
+    assert res["loss"] == pytest.approx(evaluate(model, val, 8, 64, "cpu", None), rel=1e-6)
