@@ -35,8 +35,7 @@ def test_cli_json_and_bad_flags():
     out = run_cli("bench", "--preset", "demo", "--what", "prefill", "--seq", "16", "--rounds", "1", "--no-hf", "--json")
     assert out.returncode == 0, out.stderr
     assert "ours" in json.loads(out.stdout)["phases"]["prefill 1x16"]
-    # (sic) "--preset" then "--what fly": kept as it was, the arguments of the old `cmd[:5] + ["--what", "fly"]`
-    bad = run_cli("bench", "--preset", "--what", "fly", timeout=60)
+    bad = run_cli("bench", "--preset", "demo", "--what", "fly", timeout=60)  # (an old slice cut "demo" off)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "--what" in bad.stderr
 
 

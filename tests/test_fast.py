@@ -12,9 +12,8 @@ import torch.nn.functional as F
 
 from conftest import DECODE, make_moe, moe_cfg, no_loop, ref_moe, tiny_model
 from tinymixtral.cache import KVCache
-from tinymixtral.model import linear as linear_mod
-from tinymixtral.model import moe as moe_mod
-from tinymixtral.model.linear import FEW_ROWS, linear
+from tinymixtral.model import fast
+from tinymixtral.model.fast import FEW_ROWS, experts_few, linear
 
 
 @contextlib.contextmanager
@@ -37,7 +36,7 @@ def test_linear_equals_f_linear(n_threads, x_shape, O, dtype, monkeypatch):
     want = F.linear(x, w)
     rows = x.numel() // 48
     if rows <= FEW_ROWS and O % n_threads == 0:  # the split path must run: F.linear would fail the test
-        monkeypatch.setattr(linear_mod, "F", SimpleNamespace(linear=None))
+        monkeypatch.setattr(fast, "F", SimpleNamespace(linear=None))
     with threads(n_threads):
         y = linear(x, w)
     assert y.shape == want.shape and y.dtype == dtype
@@ -59,18 +58,18 @@ def test_linear_gradients_equal_f_linear():
 @pytest.mark.parametrize("N,E,K", [(1, 4, 2), (2, 4, 2), (1, 8, 2), (2, 8, 2), (3, 8, 2), (4, 8, 2), (1, 6, 3),
                                    (2, 6, 3)])
 def test_few_token_experts_equal_reference(N, E, K, monkeypatch):
-    """N*K <= E under no_grad takes forward_few; it must equal the loop reference and the grouped path."""
+    """N*K <= E under no_grad takes experts_few; it must equal the loop reference and the grouped path."""
     cfg = moe_cfg(E=E, K=K)
     m = make_moe(cfg).eval()
     x = torch.randn(1, N, cfg.d_model)
     ref, _ = ref_moe(x, m.router.weight, m.experts.w13, m.experts.w2, K)
     grouped = m(x).detach()  # grad enabled: the sorted grouped path
-    monkeypatch.setattr(moe_mod, "_grouped_mm", no_loop)  # from here on, the grouped path would fail
+    monkeypatch.setattr(fast, "grouped_mm", no_loop)  # from here on, the grouped path would fail
     for n_threads in (1, 2):
         with threads(n_threads), torch.no_grad():
-            fast = m(x)
-        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fast, grouped, rtol=1e-5, atol=1e-5)
+            few = m(x)
+        torch.testing.assert_close(few, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(few, grouped, rtol=1e-5, atol=1e-5)
 
 
 def test_few_token_path_with_repeated_experts():
@@ -81,7 +80,7 @@ def test_few_token_path_with_repeated_experts():
     experts = torch.tensor([[5, 1], [1, 5], [2, 1]])
     weights = torch.tensor([[0.7, 0.3], [0.6, 0.4], [0.9, 0.1]])
     with torch.no_grad():
-        few = m.experts.forward_few(x, weights, experts)
+        few = experts_few(m.experts, x, weights, experts)
     ref, _ = ref_moe(x[None], m.router.weight, m.experts.w13, m.experts.w2, 2, routing=(weights, experts))
     torch.testing.assert_close(few, ref[0], rtol=1e-5, atol=1e-5)
 

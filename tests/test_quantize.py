@@ -10,7 +10,7 @@ from tinymixtral import cli, generate
 from tinymixtral.checkpoint import load_model, save_model
 from tinymixtral.errors import TinyMixtralError
 from tinymixtral.model.moe import Experts
-from tinymixtral.quantize import (
+from tinymixtral.model.quant import (
     QuantExperts,
     QuantLinear,
     dequantize,
@@ -19,10 +19,10 @@ from tinymixtral.quantize import (
     quantize,
     quantize_int4,
     quantize_int8,
-    quantize_model,
     set_compute_dtype,
     unpack_nibbles,
 )
+from tinymixtral.quantize import quantize_model
 
 # int4 kernel shapes (N % 16 == 0, K % 32 == 0) everywhere but the untied head (vocab 100): that one falls back.
 CFG = tiny_cfg(vocab_size=100)

@@ -31,7 +31,7 @@ def add_arguments(p):
     for f in dataclasses.fields(TrainConfig):
         if f.name not in _SKIP:
             _add_field(train, f, docs.get(f.name), show_default=True)
-    model = p.add_argument_group("model overrides (ModelConfig fields; default: the preset's or config's)")
+    model = p.add_argument_group("model overrides (ModelConfig fields)")
     docs = field_comments(ModelConfig)
     for f in dataclasses.fields(ModelConfig):
         _add_field(model, f, docs.get(f.name), show_default=False)
