@@ -106,3 +106,18 @@ def test_compiled_training_step_equals_eager():
     torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_compiled_model_loss_equals_eager():
+    """model(x, targets) -- what `train --compile` compiles -- gives the eager loss, router losses included."""
+    model = tiny_model(DECODE, seed=4, router_aux_loss_coef=0.01, router_z_loss_coef=1e-3).train()
+    ids = torch.randint(0, 96, (2, 17))
+    eager, eager_parts = model(ids[:, :-1], ids[:, 1:])
+    comp, comp_parts = torch.compile(model)(ids[:, :-1], ids[:, 1:])
+    assert set(comp_parts) == set(eager_parts) == {"loss", "aux_loss", "z_loss"}
+    torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
+    for k in eager_parts:
+        torch.testing.assert_close(comp_parts[k], eager_parts[k], rtol=1e-5, atol=1e-6, msg=k)
+    ce = torch.nn.functional.cross_entropy(model(ids[:, :-1]).view(-1, 96), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(eager_parts["loss"], ce)
+    torch.testing.assert_close(eager, sum(eager_parts.values()))

@@ -365,3 +365,17 @@ def test_write_tokens_uses_the_whole_dtype_range(tmp_path):
         D.write_tokens(["x"], _FakeTok([1, 65536, 2]), tmp_path / "b.bin", np.uint16, desc="t")
     with pytest.raises(TinyMixtralError, match="cannot encode this data"):
         D.write_tokens(["x"], _FakeTok([1, 0, 0, 2]), tmp_path / "c.bin", np.uint16, desc="t")
+
+
+@pytest.mark.parametrize("n_fit,requested", [(183, 160), (10, 6), (7, 7), (12, 11), (5, 1)])
+def test_eval_windows_spread_over_the_whole_split(n_fit, requested):
+    """A split of 1-2x the requested windows once read only its first windows; now they reach its end."""
+    seq = 16
+    n_tokens = n_fit * seq + 1 + 5  # a few tokens too few for one more window
+    starts = D.window_starts(n_tokens, requested, seq, 1)
+    assert len(starts) == requested and starts[0] == 0
+    assert all(b - a >= seq for a, b in zip(starts, starts[1:]))  # no overlap
+    assert all(s + seq + 1 <= n_tokens for s in starts)  # every window fits
+    if requested > 1:
+        assert starts[-1] == (n_fit - 1) * seq  # the last window that fits: the end of the split is read
+    assert D.window_starts(n_tokens, n_fit, seq, None) == [i * seq for i in range(n_fit)]  # all of them

@@ -34,3 +34,12 @@ def test_eval_cli_json(trained, data_dir):
     model = load_model(out / "latest", dtype=torch.float32)
     val, _ = load_split(data_dir, "val")
     assert res["loss"] == pytest.approx(evaluate(model, val, 8, 64, "cpu", None), rel=1e-6)
+
+
+def test_eval_says_which_checkpoint_it_read(trained, data_dir):
+    out, _, _ = trained
+    r = run_cli("eval", "--model", out / "best", "--data", data_dir, "--max-batches", "1")
+    assert r.returncode == 0, r.stderr
+    first = r.stdout.splitlines()[0]
+    assert first == str((out / "best").resolve()) and "/checkpoints/step-" in first
+    assert r.stdout.splitlines()[1].startswith("val: loss") and "tokens, windows of" in r.stdout

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import tinymixtral.train as T
 from conftest import (
@@ -33,6 +33,7 @@ from tinymixtral import data as D
 from tinymixtral.config import ModelConfig
 from tinymixtral.data import load_split
 from tinymixtral.errors import TinyMixtralError
+from tinymixtral.evaluate import bits_per_byte, evaluate
 from tinymixtral.run_state import read_metrics
 from tinymixtral.train import TrainConfig, get_lr, train
 
@@ -174,6 +175,67 @@ def test_resume_is_exact(tmp_path, data_dir, monkeypatch):
     opt_a = load_file(tmp_path / "A" / "latest" / "trainer_state.safetensors")
     opt_b = load_file(b / "latest" / "trainer_state.safetensors")
     assert opt_a.keys() == opt_b.keys() and all(torch.equal(opt_a[k], opt_b[k]) for k in opt_a)
+
+
+def test_fp16_autocast_trains_with_a_grad_scaler_and_resumes(tmp_path, data_dir):
+    """fp16 gradients underflow without loss scaling: the scaler runs, its state is checkpointed and restored."""
+    out = tmp_path / "run"
+    train(tcfg_for(data_dir, out, max_steps=4, eval_interval=100, ckpt_interval=2, autocast="fp16"), TRAIN_CFG)
+    state = json.loads((out / "latest" / "trainer_state.json").read_text())
+    assert state["grad_scaler"]["scale"] > 0 and "_growth_tracker" in state["grad_scaler"]
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(out) if "loss" in r)
+    assert cli.main(["train", "--resume", str(out), "--max-steps", "6"]) == 0
+    assert json.loads((out / "latest" / "trainer_state.json").read_text())["step"] == 6
+
+
+def test_resume_refuses_a_checkpoint_that_does_not_fit(tmp_path, data_dir, capsys):
+    """Resume loads through build_model with strict keys: a weight missing from the checkpoint is named."""
+    out = tmp_path / "run"
+    train(tcfg_for(data_dir, out, max_steps=2, eval_interval=100, ckpt_interval=100), TRAIN_CFG)
+    ckpt = out / "latest"
+    weights = load_file(ckpt / "model.safetensors")
+    weights.pop("model.layers.1.self_attn.o_proj.weight")
+    save_file(weights, ckpt / "model.safetensors")
+    err = assert_one_line_error(call_cli(capsys, "train", "--resume", str(out), "--max-steps", "4"), "train",
+                                returncode=2)
+    assert "model.layers.1.self_attn.o_proj.weight" in err
+
+
+def test_run_ends_with_a_full_validation_pass(trained, data_dir):
+    """In-training val numbers are estimates on eval_batches batches; the last row reads the whole split."""
+    out, tcfg, final = trained
+    rows = read_metrics(out)
+    estimates = [r for r in rows if "val_loss" in r]
+    val, meta = load_split(data_dir, "val")
+    n_fit = (len(val) - 1) // tcfg.seq_len
+    assert all(r["val_tokens"] == min(n_fit, tcfg.eval_batches * tcfg.batch_size) * tcfg.seq_len for r in estimates)
+    last = rows[-1]
+    assert "final_val_loss" in last and last["val_tokens"] == n_fit * tcfg.seq_len > estimates[-1]["val_tokens"]
+    model = load_model(out / "latest", dtype=torch.float32)
+    assert last["final_val_loss"] == pytest.approx(evaluate(model, val, tcfg.batch_size, tcfg.seq_len, "cpu", None),
+                                                   rel=1e-5)
+    assert final["final_val_bpb"] == pytest.approx(bits_per_byte(last["final_val_loss"], meta, "val"))
+
+
+def test_done_line_reports_the_full_split(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", str(data_dir), "--out", str(out), "--preset", "demo", "--vocab-size", "300",
+                     "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--n-kv-heads", "1", "--d-ff", "32",
+                     "--max-steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-interval", "100",
+                     "--progress", "false"]) == 0
+    done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("done:")]
+    final = read_metrics(out)[-1]
+    assert done and f"val bpb {final['final_val_bpb']:.4f} (the whole val split, {final['val_tokens']:,} tokens)" \
+        in done[0]
+
+
+def test_every_train_flag_has_help_from_its_field_comment():
+    helps = {a.dest: a.help for a in _train_parser()._actions}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in ("data", "out"):
+            assert helps[f.name] and len(helps[f.name]) > 10, f.name
+    assert helps["grad_accum"].startswith("micro-batches per optimizer step")  # the comment beside the field
+    assert "(default 1)" in helps["grad_accum"]
 
 
 # ---- W&B --------------------------------------------------------------------------------------------
