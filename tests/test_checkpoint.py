@@ -275,3 +275,106 @@ def test_config_not_json(saved):
     (path / "config.json").write_text("{oops")
     with pytest.raises(TinyMixtralError, match="not valid JSON"):
         tinymixtral.load_model(path)
+
+
+# ---- streaming loads: one tensor at a time, cast or quantized on the way in -------------------------------
+def reference_load(directory, cfg):
+    """What load_model computes, the simple way: every tensor in memory (safetensors' own reader), then from_hf."""
+    from tinymixtral.build import build_model
+    from tinymixtral.convert import from_hf
+
+    hf = {}
+    for f in sorted(os.listdir(directory)):
+        if f.endswith(".safetensors"):
+            hf.update(load_file(os.path.join(directory, f)))
+    return build_model(cfg, from_hf(hf, cfg)).eval()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("shard", [None, 20_000])
+def test_streaming_load_equals_reading_everything(name, shard, tmp_path):
+    model = tiny_model(CONFIGS[name], vary_norms=True)
+    kw = {"max_shard_bytes": shard} if shard else {}
+    tinymixtral.save_model(model, tmp_path / "m", **kw)
+    loaded = checkpoint.load_model(tmp_path / "m")
+    ref = reference_load(tmp_path / "m", loaded.cfg)
+    assert_same_weights(loaded, ref)
+    ids = seeded_ids(2, 9, CONFIGS[name].vocab_size)
+    assert torch.equal(loaded(ids), ref(ids))
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 32)])
+@pytest.mark.parametrize("name", ["moe", "moe-tied", "dense"])
+def test_quantize_on_load_equals_quantizing_the_loaded_model(name, bits, group, tmp_path):
+    from tinymixtral.quantize import quantize_model
+
+    cfg = CONFIGS[name].replace(d_ff=64, vocab_size=96)  # int4 groups of 32 divide every input dim
+    model = tiny_model(cfg, vary_norms=True)
+    tinymixtral.save_model(model, tmp_path / "m", max_shard_bytes=30_000)
+    on_load = checkpoint.load_model(tmp_path / "m", bits=bits, group_size=group)
+    after = quantize_model(checkpoint.load_model(tmp_path / "m"), bits, group)
+    assert on_load.cfg == after.cfg and on_load.cfg.quantization["bits"] == bits
+    a, b = on_load.state_dict(), after.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    ids = seeded_ids(2, 7, cfg.vocab_size)
+    assert torch.equal(on_load(ids), after(ids))
+
+
+def test_load_casts_on_the_way_in(tmp_path):
+    model = tiny_model(CONFIGS["moe"], vary_norms=True)
+    tinymixtral.save_model(model, tmp_path / "m")
+    bf16 = checkpoint.load_model(tmp_path / "m", dtype=torch.bfloat16)
+    want = reference_load(tmp_path / "m", CONFIGS["moe"]).to(torch.bfloat16)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    assert_same_weights(bf16, want)
+
+
+def test_load_refuses_bits_on_a_quantized_model_and_bad_group_sizes(tmp_path):
+    from tinymixtral.quantize import quantize_model
+
+    cfg = CONFIGS["moe"].replace(d_ff=48)
+    tinymixtral.save_model(tiny_model(cfg), tmp_path / "m")
+    with pytest.raises(TinyMixtralError, match="does not divide the input dim 48"):
+        checkpoint.load_model(tmp_path / "m", bits=4, group_size=32)
+    tinymixtral.save_model(quantize_model(tiny_model(cfg), 8), tmp_path / "q")
+    with pytest.raises(TinyMixtralError, match="already quantized"):
+        checkpoint.load_model(tmp_path / "q", bits=8)
+
+
+PEAK_SCRIPT = """
+import sys, torch
+from tinymixtral.checkpoint import load_model
+def status(field):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field + ":"))
+base = status("VmRSS")  # after the imports; VmHWM, not ru_maxrss, which a child inherits from its parent
+model = load_model(sys.argv[1], dtype={"bf16": torch.bfloat16, "fp32": None}[sys.argv[2]],
+                   bits=int(sys.argv[3]) or None)
+size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+print(status("VmHWM") - base, size)
+"""
+
+
+@pytest.mark.slow
+def test_loading_holds_the_checkpoint_once(tmp_path):
+    """Peak memory of a load in a fresh process: the model plus about one tensor, never the checkpoint twice."""
+    import subprocess
+    import sys
+
+    cfg = tiny_cfg(vocab_size=4096, d_model=512, n_layers=4, n_heads=8, n_kv_heads=2, d_ff=1536, n_experts=4,
+                   max_seq_len=256)  # ~48M parameters: 190 MB in fp32
+    torch.manual_seed(0)
+    tinymixtral.save_model(tinymixtral.build_model(cfg), tmp_path / "m", max_shard_bytes=64 * 2**20)
+    fp32_bytes = sum(f.stat().st_size for f in (tmp_path / "m").glob("*.safetensors"))
+
+    def peak(dtype, bits):
+        r = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path / "m"), dtype, str(bits)],
+                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr
+        return map(int, r.stdout.split())
+
+    grown, size = peak("fp32", 0)
+    assert grown <= 1.25 * size + 150e6, (grown, size)
+    grown, size = peak("bf16", 0)
+    assert size < 0.51 * fp32_bytes and grown <= 1.25 * size + 150e6, (grown, size)
+    grown, size = peak("fp32", 4)
+    assert size < 0.3 * fp32_bytes and grown < 0.5 * fp32_bytes, (grown, size, fp32_bytes)  # int4 + fp32 scales, embedding, head

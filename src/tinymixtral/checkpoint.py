@@ -12,22 +12,33 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from tqdm import tqdm
 
-from .build import build_model
+from . import tensorfile
+from .build import build_model, skeleton
 from .config import ModelConfig
-from .convert import from_hf, to_hf
+from .convert import hf_layout, to_hf
 from .errors import TinyMixtralError
+from .model.quant import quantize
 from .model.transformer import Transformer
+from .quantize import make_settings, quantized_keys
+from .tensorfile import SafetensorsFile
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+QUANT_CHUNK = 2**20  # elements quantized at once when loading with bits
 PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "consolidated.00.pth")
 
 
-def load_model(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-    """A Transformer from a HF Mixtral/Mistral model directory (weights keep their stored dtype unless given)."""
+def load_model(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+               bits: int | None = None, group_size: int | None = None):
+    """A Transformer from a HF Mixtral/Mistral model directory, read one tensor at a time.
+
+    Each tensor is read from its file straight into its place in the model (fused q/k/v and w1/w3,
+    stacked experts), cast to `dtype` (default: as stored), or with bits=8|4 quantized on the way in
+    (the schemes of `tinymixtral quantize`; router, norms and embeddings stay in full precision). The
+    checkpoint is never held twice: the peak is the loaded model plus one tensor (in fp32 to quantize).
+    """
     path = Path(path)
     if not path.exists():
         raise TinyMixtralError(f"model directory not found: {path}")
@@ -35,17 +46,40 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
         kind = "a pickle" if path.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl") else "a file"
         raise TinyMixtralError(f"{path} is {kind}, not a model directory (config.json + model.safetensors)")
     cfg = ModelConfig.load(path / "config.json")
-    return build_model(cfg, from_hf(read_safetensors(path), cfg), dtype=dtype, device=device or "cpu").eval()
+    files = {key: f for f in map(SafetensorsFile, weight_files(path)) for key in f.keys()}
+    layout = hf_layout({key: f.shape(key) for key, f in files.items()}, cfg)
+    q = make_settings(cfg, bits, group_size) if bits is not None else None
+    quantized = quantized_keys(cfg, q) if q else {}
+    model_cfg = cfg.replace(quantization=q) if q else cfg
+    like = skeleton(model_cfg).state_dict()  # shape and dtype of every tensor, on meta
+    sd = {}
+    for native, parts in tqdm(layout.items(), desc=f"loading {path.name}", unit="tensor", disable=None, leave=False):
+        if native in quantized:  # quantize block by block: rows are quantized independently
+            names = {"weight": native, **{w: quantized[native] + w for w in ("scales", "zeros") if bits == 4 or w == "scales"}}
+            out = {w: torch.empty_like(like[k], device="cpu") for w, k in names.items()}
+            for key, index in parts:
+                part = files[key].read(key)
+                rows = max(1, QUANT_CHUNK // part.shape[-1])  # a few MB at a time: quantize's temporaries stay small
+                for r in range(0, part.shape[-2], rows):
+                    for w, t in quantize(part[..., r:r + rows, :].float(), bits, q["group_size"]).items():
+                        out[w][index][..., r:r + rows, :] = t
+            sd.update({names[w]: t for w, t in out.items()})
+        else:
+            first = parts[0][0]
+            sd[native] = torch.empty(like[native].shape, dtype=dtype or files[first].dtype(first))
+            for key, index in parts:
+                files[key].read_into(key, sd[native][index])
+    return build_model(model_cfg, sd, dtype=dtype, device=device or "cpu").eval()
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a model directory: model.safetensors, or the shards its index lists."""
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a model directory: model.safetensors, or the shards its index lists."""
     if (path / INDEX).is_file():
         try:
             weight_map = json.loads((path / INDEX).read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            files = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise TinyMixtralError(f"{path / INDEX} is not a valid safetensors index: {e}") from None
-        files = sorted(set(weight_map.values()))
     elif (path / WEIGHTS).is_file():
         files = [WEIGHTS]
     else:
@@ -56,18 +90,15 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
                 "convert them to safetensors first"
             )
         raise TinyMixtralError(f"no {WEIGHTS} or {INDEX} in {path}")
-    tensors = {}
     for name in files:
-        file = path / name
-        if not file.is_file():
-            raise TinyMixtralError(f"weight shard listed in the index is missing: {file}")
-        try:
-            with safe_open(file, framework="pt") as f:
-                for key in f.keys():
-                    tensors[key] = f.get_tensor(key)
-        except Exception as e:  # safetensors raises several types for corrupt or truncated files
-            raise TinyMixtralError(f"cannot read {file}: not a valid safetensors file ({e})") from None
-    return tensors
+        if not (path / name).is_file():
+            raise TinyMixtralError(f"weight shard listed in the index is missing: {path / name}")
+    return [path / name for name in files]
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a model directory, by HF key (small models: load_model reads big ones tensor by tensor)."""
+    return {key: f.read(key) for f in map(SafetensorsFile, weight_files(path)) for key in f.keys()}
 
 
 def save_model(model: Transformer, path: str | Path, tokenizer=None, max_shard_bytes: int = 5 * 2**30) -> Path:
@@ -108,12 +139,12 @@ def _write_shards(sd: dict[str, torch.Tensor], out: Path, max_shard_bytes: int):
         size += nbytes
     shards.append(current)
     if len(shards) == 1:
-        save_file(shards[0], out / WEIGHTS, metadata={"format": "pt"})
+        tensorfile.write(shards[0], out / WEIGHTS, metadata={"format": "pt"})
         return
     weight_map = {}
     for n, shard in enumerate(shards, 1):
         name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, out / name, metadata={"format": "pt"})
+        tensorfile.write(shard, out / name, metadata={"format": "pt"})
         weight_map.update({k: name for k in shard})
     total = sum(t.numel() * t.element_size() for t in sd.values())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}

@@ -34,17 +34,27 @@ def make_settings(cfg: ModelConfig, bits: int, group_size: int | None = None, sk
     return {"method": QUANT_METHOD, "bits": bits, "group_size": group_size, "skip": skip}
 
 
-def quantize_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig, q: dict) -> dict[str, torch.Tensor]:
-    """Offline: a full-precision state dict (native keys) -> the quantized one for `q` (other tensors copied)."""
-    keys = {}  # weight key -> prefix of its companions (".scales" / "_scales")
-    for name, m in targets(skeleton(cfg), q).items():
+def quantized_keys(cfg: ModelConfig, q: dict) -> dict[str, str]:
+    """Weight key -> prefix of its companions (".scales" / "_scales") for every tensor `q` quantizes.
+
+    Refuses a group size that does not divide a quantized weight's input dim, before any work is done.
+    """
+    model = skeleton(cfg)
+    keys, shapes = {}, {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for name, m in targets(model, q).items():
         keys.update({f"{name}.w13": f"{name}.w13_", f"{name}.w2": f"{name}.w2_"} if isinstance(m, Experts)
                     else {f"{name}.weight": f"{name}."})
-    for key in keys:  # every bad shape is an error before any work is done
-        K = sd[key].shape[-1]
+    for key in keys:
+        K = shapes[key][-1]
         if q["group_size"] and K % q["group_size"]:
             raise TinyMixtralError(f"--group-size {q['group_size']} does not divide the input dim {K} of {key} "
-                                   f"{tuple(sd[key].shape)}; choose a group size that divides it")
+                                   f"{shapes[key]}; choose a group size that divides it")
+    return keys
+
+
+def quantize_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig, q: dict) -> dict[str, torch.Tensor]:
+    """Offline: a full-precision state dict (native keys) -> the quantized one for `q` (other tensors copied)."""
+    keys = quantized_keys(cfg, q)
     out = {}
     for key, t in sd.items():
         if key in keys:

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..checkpoint import has_tokenizer, load_model, save_model
 from ..config import ModelConfig
 from ..errors import TinyMixtralError
-from ..quantize import make_settings, quantize_model
+from ..quantize import make_settings
 
 
 def add_arguments(p):
@@ -31,7 +31,7 @@ def run(args) -> int:
         raise TinyMixtralError("--out must differ from --model (the full-precision model is kept)")
     make_settings(ModelConfig.load(src), args.bits, args.group_size)  # bad flags fail before the weights are read
     t0 = time.perf_counter()
-    qmodel = quantize_model(load_model(src), args.bits, args.group_size)
+    qmodel = load_model(src, bits=args.bits, group_size=args.group_size)  # quantized tensor by tensor
     tokenizer = src if has_tokenizer(src) else None
     save_model(qmodel, out, tokenizer=tokenizer)
     q = qmodel.cfg.quantization
