@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import TRAIN_CFG, run_cli
+from conftest import TRAIN_CFG, assert_one_line_error, run_cli
 from tinymixtral import load_model
 from tinymixtral.data import load_split
 from tinymixtral.evaluate import bits_per_byte, evaluate
@@ -43,3 +43,18 @@ def test_eval_says_which_checkpoint_it_read(trained, data_dir):
     first = r.stdout.splitlines()[0]
     assert first == str((out / "best").resolve()) and "/checkpoints/step-" in first
     assert r.stdout.splitlines()[1].startswith("val: loss") and "tokens, windows of" in r.stdout
+
+
+@pytest.mark.parametrize("flags,tol", [(["--dtype", "bf16"], 0.02), (["--bits", "8"], 0.02), (["--bits", "4"], 0.1)])
+def test_eval_loads_cast_or_quantized(trained, data_dir, flags, tol):
+    out, _, _ = trained
+    full = json.loads(run_cli("eval", "--model", out / "latest", "--data", data_dir, "--json").stdout)
+    r = run_cli("eval", "--model", out / "latest", "--data", data_dir, "--json", *flags)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["loss"] == pytest.approx(full["loss"], rel=tol)
+
+
+def test_eval_group_size_needs_int4(trained, data_dir):
+    out, _, _ = trained
+    assert_one_line_error(run_cli("eval", "--model", out / "latest", "--data", data_dir, "--group-size", "64"),
+                          "eval", returncode=2)

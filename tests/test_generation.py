@@ -197,6 +197,25 @@ def test_generate_from_a_trained_model(run_dir, compile_flag):
     assert text == tok.decode(ids[0, 1:].tolist() + new)
 
 
+@pytest.mark.parametrize("flags", [["--bits", "8"], ["--bits", "4", "--group-size", "32"], ["--dtype", "bf16"]])
+def test_generate_loads_quantized_or_cast(run_dir, flags):
+    """generate --bits / --dtype: the greedy continuation of the model loaded that way."""
+    from tinymixtral import load_model
+    from tinymixtral.tokenizer import load_tokenizer
+
+    prompt = "Tom ran to"
+    r = run_cli("generate", "--model", str(run_dir / "latest"), "--prompt", prompt, "--max-new-tokens", "5",
+                "--temperature", "0", *flags)
+    assert r.returncode == 0, r.stderr
+    kw = {"bits": int(flags[1])} if flags[0] == "--bits" else {"dtype": torch.bfloat16}
+    model, tok = load_model(run_dir / "latest", **kw), load_tokenizer(run_dir / "latest")
+    assert (model.cfg.quantization or {}).get("bits") == kw.get("bits")
+    ids = torch.tensor([tok.encode(prompt, bos=True)])
+    new = generate(model, ids, 5, temperature=0.0, eos_id=tok.eos_id)[0, ids.shape[1]:].tolist()
+    new = new[:new.index(tok.eos_id)] if tok.eos_id in new else new
+    assert r.stdout.rstrip("\n") == tok.decode(ids[0, 1:].tolist() + new)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--top-p", "1.5"], "top_p must be in (0, 1]"),
     (["--top-p", "0"], "top_p must be in (0, 1]"),

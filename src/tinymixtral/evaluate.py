@@ -36,13 +36,15 @@ def bits_per_byte(loss: float, meta: dict, split: str) -> float:
 
 
 def eval_model(model_dir: str, data_dir: str, split: str = "val", seq_len: int | None = None,
-               batch_size: int = 8, max_batches: int | None = None, device: str | None = None) -> dict:
+               batch_size: int = 8, max_batches: int | None = None, device: str | None = None,
+               dtype: torch.dtype | None = torch.float32, bits: int | None = None,
+               group_size: int | None = None) -> dict:
     """{'loss', 'ppl', 'bpb', 'tokens', 'model', ...} of a model directory on a prepared data split.
 
     'model' is the directory actually read: a run's `best` or `latest` link resolved to its checkpoint."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     data, meta = load_split(data_dir, split)
-    model = load_model(model_dir, device=device, dtype=torch.float32)
+    model = load_model(model_dir, device=device, dtype=dtype, bits=bits, group_size=group_size)
     if meta["vocab_size"] > model.cfg.vocab_size:
         raise TinyMixtralError(f"the data's tokenizer has {meta['vocab_size']} tokens, the model only "
                                f"{model.cfg.vocab_size}: this data was not prepared for this model")

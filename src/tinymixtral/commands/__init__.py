@@ -3,3 +3,26 @@
 Commands parse flags, call the library (the modules above this package) and print; the library never
 imports them. `cli.py` is the table of commands.
 """
+
+import torch
+
+from ..errors import TinyMixtralError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def add_load_options(p):
+    """--dtype / --bits / --group-size: how a model directory is loaded (commands that read one)."""
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="cast the weights while loading (default: fp32 for eval and routes, as stored for generate)")
+    p.add_argument("--bits", type=int, choices=(8, 4), default=None,
+                   help="quantize the weights while loading: int8 per channel or int4 in groups (weight-only)")
+    p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64, 128 or 256 (default 32)")
+
+
+def load_options(args, default_dtype: torch.dtype | None = None) -> dict:
+    """load_model's keyword arguments from the flags of add_load_options."""
+    if args.group_size is not None and args.bits != 4:
+        raise TinyMixtralError("--group-size is for --bits 4 only")
+    return {"dtype": DTYPES[args.dtype] if args.dtype else default_dtype, "bits": args.bits,
+            "group_size": args.group_size}

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from ..evaluate import eval_model
+from . import add_load_options, load_options
 
 
 def add_arguments(p):
@@ -15,10 +18,12 @@ def add_arguments(p):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches")
     p.add_argument("--json", action="store_true")
+    add_load_options(p)
 
 
 def run(args) -> int:
-    r = eval_model(args.model, args.data, args.split, args.seq_len, args.batch_size, args.max_batches)
+    r = eval_model(args.model, args.data, args.split, args.seq_len, args.batch_size, args.max_batches,
+                   **load_options(args, torch.float32))
     if args.json:
         print(json.dumps(r))
     else:

@@ -10,6 +10,7 @@ import torch
 
 from ..build import build_model
 from ..checkpoint import load_model
+from . import add_load_options, load_options
 from ..config import ModelConfig
 from ..errors import TinyMixtralError
 from ..generation import chat_template, check_sampling, stream
@@ -37,6 +38,7 @@ def add_arguments(p):
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--compile", action="store_true",
                    help="decode through torch.compile: ~2x faster per token on a CPU, after ~20 s of compiling")
+    add_load_options(p)
 
 
 def run(args) -> int:
@@ -57,7 +59,7 @@ def run(args) -> int:
         raise TinyMixtralError("the prompt is empty; give some text with --prompt")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.model:
-        model = load_model(args.model, device=device)
+        model = load_model(args.model, device=device, **load_options(args))
         tok = load_tokenizer(args.tokenizer or args.model)
     else:
         cfg = ModelConfig.from_name(args.preset)

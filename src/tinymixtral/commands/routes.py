@@ -18,6 +18,7 @@ import torch
 from ..analysis import report
 from ..analysis.stats import collect_routing, summarize
 from ..checkpoint import load_model
+from . import add_load_options, load_options
 from ..config import ModelConfig
 from ..data import load_split
 from ..errors import TinyMixtralError
@@ -106,6 +107,7 @@ def add_arguments(p):
     p.add_argument("--top-n", type=int, default=10, help="most frequent tokens listed per expert")
     p.add_argument("--html-tokens", type=int, default=2000, help="tokens shown in the HTML page (default 2000)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_load_options(p)
 
 
 def run(args) -> int:
@@ -121,7 +123,7 @@ def run(args) -> int:
         if not 0 <= args.layer < cfg.n_layers:
             raise TinyMixtralError(f"--layer {args.layer} is out of range: the model has layers 0..{cfg.n_layers - 1}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(args.model, device=device, dtype=torch.float32)
+    model = load_model(args.model, device=device, **load_options(args, torch.float32))
     seq_len = args.seq_len or min(512, model.cfg.max_seq_len)
     if not 1 <= seq_len <= model.cfg.max_seq_len:
         raise TinyMixtralError(f"--seq-len must be between 1 and the model's max_seq_len ({model.cfg.max_seq_len})")
