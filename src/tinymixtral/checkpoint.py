@@ -1,4 +1,5 @@
-"""Model directories in Hugging Face format: config.json + safetensors (sharded with an index) + tokenizer.
+"""Model directories: Hugging Face's (config.json + safetensors, sharded with an index) and Mistral's native
+one (params.json + consolidated.safetensors, see native.py), each with the tokenizer's files.
 
 Everything is written to a temporary directory first and renamed into place, so an interrupted save
 never leaves a half-written model. Weights are only ever read from safetensors: pickles are refused.
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import tensorfile
+from . import native, tensorfile
 from .build import build_model, skeleton
 from .config import ModelConfig
 from .convert import hf_layout, to_hf
@@ -45,17 +46,21 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
     if not path.is_dir():
         kind = "a pickle" if path.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl") else "a file"
         raise TinyMixtralError(f"{path} is {kind}, not a model directory (config.json + model.safetensors)")
-    cfg = ModelConfig.load(path / "config.json")
-    files = {key: f for f in map(SafetensorsFile, weight_files(path)) for key in f.keys()}
+    if model_format(path) == "mistral":
+        cfg = native.read_params(path)
+        files = dict.fromkeys((f := native.NativeFile(path / native.CONSOLIDATED, cfg)).keys(), f)
+    else:
+        cfg = ModelConfig.load(path / "config.json")
+        files = {key: f for f in map(SafetensorsFile, weight_files(path)) for key in f.keys()}
     layout = hf_layout({key: f.shape(key) for key, f in files.items()}, cfg)
     q = make_settings(cfg, bits, group_size) if bits is not None else None
     quantized = quantized_keys(cfg, q) if q else {}
     model_cfg = cfg.replace(quantization=q) if q else cfg
     like = skeleton(model_cfg).state_dict()  # shape and dtype of every tensor, on meta
     sd = {}
-    for native, parts in tqdm(layout.items(), desc=f"loading {path.name}", unit="tensor", disable=None, leave=False):
-        if native in quantized:  # quantize block by block: rows are quantized independently
-            names = {"weight": native, **{w: quantized[native] + w for w in ("scales", "zeros") if bits == 4 or w == "scales"}}
+    for name, parts in tqdm(layout.items(), desc=f"loading {path.name}", unit="tensor", disable=None, leave=False):
+        if name in quantized:  # quantize block by block: rows are quantized independently
+            names = {"weight": name, **{w: quantized[name] + w for w in ("scales", "zeros") if bits == 4 or w == "scales"}}
             out = {w: torch.empty_like(like[k], device="cpu") for w, k in names.items()}
             for key, index in parts:
                 part = files[key].read(key)
@@ -66,10 +71,33 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
             sd.update({names[w]: t for w, t in out.items()})
         else:
             first = parts[0][0]
-            sd[native] = torch.empty(like[native].shape, dtype=dtype or files[first].dtype(first))
+            sd[name] = torch.empty(like[name].shape, dtype=dtype or files[first].dtype(first))
             for key, index in parts:
-                files[key].read_into(key, sd[native][index])
+                files[key].read_into(key, sd[name][index])
     return build_model(model_cfg, sd, dtype=dtype, device=device or "cpu").eval()
+
+
+def model_format(path: Path) -> str:
+    """'hf' or 'mistral' (native) for a model directory; a directory that mixes them is refused."""
+    hf_weights = (path / WEIGHTS).is_file() or (path / INDEX).is_file()
+    native_weights = (path / native.CONSOLIDATED).is_file()
+    if (path / "config.json").is_file() and hf_weights:
+        return "hf"  # the Hub's Mistral repos hold both formats of the same weights: read the HF one
+    if (path / native.PARAMS).is_file():
+        if native_weights:
+            return "mistral"
+        if hf_weights:
+            raise TinyMixtralError(f"{path} mixes formats: params.json (Mistral native) with {WEIGHTS} (Hugging Face) "
+                                   "but no config.json; add the config.json or the consolidated.safetensors")
+        pth = sorted(p.name for p in path.glob("consolidated*.pt*"))
+        if pth:
+            raise TinyMixtralError(f"{path} holds only pickled weights ({pth[0]}); tinymixtral never unpickles files: "
+                                   f"take the {native.CONSOLIDATED} that the model's repository also ships")
+        raise TinyMixtralError(f"{path} has params.json but no {native.CONSOLIDATED}")
+    if native_weights and (path / "config.json").is_file():
+        raise TinyMixtralError(f"{path} mixes formats: config.json (Hugging Face) with {native.CONSOLIDATED} "
+                               "(Mistral native) but no params.json")
+    return "hf"
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -101,24 +129,34 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return {key: f.read(key) for f in map(SafetensorsFile, weight_files(path)) for key in f.keys()}
 
 
-def save_model(model: Transformer, path: str | Path, tokenizer=None, max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write `model` as a HF model directory that transformers' from_pretrained loads.
+def save_model(model: Transformer, path: str | Path, tokenizer=None, max_shard_bytes: int = 5 * 2**30,
+               format: str = "hf") -> Path:
+    """Write `model` as a model directory: HF (transformers' from_pretrained loads it) or Mistral-native.
 
     tokenizer: an object with .save(directory) (tinymixtral.tokenizer.Tokenizer), or a directory whose
-    tokenizer files are copied. Shards above max_shard_bytes, with an index like transformers'.
+    tokenizer files are copied. HF weights are sharded above max_shard_bytes, with an index like
+    transformers'; native weights are one consolidated.safetensors, as mistral-inference writes them.
     """
+    if format not in ("hf", "mistral"):
+        raise TinyMixtralError(f"format must be 'hf' or 'mistral', got {format!r}")
+    cfg = model.cfg
+    if format == "mistral":
+        native.check_writable(cfg)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        cfg = model.cfg
-        cfg.save(tmp / "config.json")
-        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         hf_sd = {k: v.detach().cpu().contiguous() for k, v in to_hf(model.state_dict(), cfg).items()}
-        _write_shards(hf_sd, tmp, max_shard_bytes)
+        if format == "mistral":
+            (tmp / native.PARAMS).write_text(json.dumps(native.params_from_config(cfg), indent=2) + "\n")
+            tensorfile.write(native.native_state_dict(hf_sd, cfg), tmp / native.CONSOLIDATED)
+        else:
+            cfg.save(tmp / "config.json")
+            gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+            _write_shards(hf_sd, tmp, max_shard_bytes)
         if tokenizer is not None:
             _save_tokenizer(tokenizer, tmp)
         _replace_dir(tmp, path)

@@ -25,6 +25,7 @@ COMMANDS = {
     "routes": ("tinymixtral.commands.routes", "router statistics and pictures for a model on some text"),
     "upcycle": ("tinymixtral.commands.upcycle", "a Mixtral whose experts start as copies of a dense model's FFN"),
     "merge": ("tinymixtral.commands.merge", "an MoE from dense models (mergekit-moe YAML)"),
+    "convert": ("tinymixtral.commands.convert", "a model directory between Hugging Face and Mistral-native formats"),
 }
 
 
