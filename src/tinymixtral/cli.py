@@ -19,6 +19,7 @@ COMMANDS = {
     "train": ("tinymixtral.commands.train", "train a model, or resume a run"),
     "eval": ("tinymixtral.commands.eval", "loss, perplexity and bits per byte of a model on a data split"),
     "generate": ("tinymixtral.commands.generate", "generate text from a prompt"),
+    "chat": ("tinymixtral.commands.chat", "an interactive multi-turn chat ([INST] template, one cache per conversation)"),
     "quantize": ("tinymixtral.commands.quantize", "int8 / int4 weight-only quantized model directory"),
     "plot": ("tinymixtral.commands.plot", "PNG plots of a training run"),
     "bench": ("tinymixtral.commands.bench", "training, prefill and decode speed vs transformers"),

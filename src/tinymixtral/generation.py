@@ -61,11 +61,16 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0, device=None):
 def stream(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
            top_p: float | None = None, seed: int | None = None, eos_id: int | None = None,
            repetition_penalty: float | None = None, prefill_chunk: int | None = None,
-           compile: bool = False) -> Iterator[torch.Tensor]:
+           compile: bool = False, cache: KVCache | None = None,
+           generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token id of every row, [B], one step at a time.
 
     prompts: ids [B, S] or a list of id lists (ragged). Rows that produced eos_id keep yielding it;
     the loop ends when all have, or after max_new_tokens. compile: decode through torch.compile.
+    cache: continue what it holds (a conversation, one row): the prompt's positions follow the cached
+    ones, and the reply stops where a cache without a rolling window is full. The last token yielded
+    is not in the cache (nothing was computed after it): the next prompt starts with it. generator:
+    the sampling RNG to draw from (default: a new one seeded with `seed`).
     """
     check_sampling(temperature, top_k, top_p, repetition_penalty)
     cfg, device = model.cfg, model.embed.weight.device
@@ -74,13 +79,22 @@ def stream(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_k:
         raise TinyMixtralError("every prompt needs at least one token")
     ids, pos = left_pad(rows, device=device)
     B, S = ids.shape
-    if cfg.sliding_window is None and S + max_new_tokens > cfg.max_seq_len:
+    if cache is not None:
+        pos = pos + cache.t  # continues the cached sequence (time steps are positions for unpadded rows)
+        if cache.window is None or cache.slots < cache.window:  # a static cache: it must not wrap
+            room = cache.slots - cache.t - S
+            if room < 0:
+                raise TinyMixtralError(f"the context is full: {cache.t} tokens held + {S} new exceed its "
+                                       f"{cache.slots}; start over (a new cache)")
+            max_new_tokens = min(max_new_tokens, room + 1)  # the last token sampled is never fed
+    elif cfg.sliding_window is None and S + max_new_tokens > cfg.max_seq_len:
         raise TinyMixtralError(f"prompt ({S} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                                f"{cfg.max_seq_len} positions")
     model.eval()
-    # compiled: the cache size is part of the graph's shape, so round it up and let most lengths share one graph
-    cache = KVCache.for_model(model, B, -(-(S + max_new_tokens) // 256) * 256 if compile else S + max_new_tokens)
-    gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+    if cache is None:
+        # compiled: the cache size is part of the graph's shape, so round it up and let most lengths share a graph
+        cache = KVCache.for_model(model, B, -(-(S + max_new_tokens) // 256) * 256 if compile else S + max_new_tokens)
+    gen = generator or (torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None)
     seen = None
     if repetition_penalty and repetition_penalty != 1.0:
         seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)
