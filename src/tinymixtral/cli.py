@@ -19,14 +19,14 @@ COMMANDS = {
     "train": ("tinymixtral.commands.train", "train a model, or resume a run"),
     "eval": ("tinymixtral.commands.eval", "loss, perplexity and bits per byte of a model on a data split"),
     "generate": ("tinymixtral.commands.generate", "generate text from a prompt"),
-    "chat": ("tinymixtral.commands.chat", "an interactive multi-turn chat ([INST] template, one cache per conversation)"),
+    "chat": ("tinymixtral.commands.chat", "interactive multi-turn chat with a model"),
     "quantize": ("tinymixtral.commands.quantize", "int8 / int4 weight-only quantized model directory"),
     "plot": ("tinymixtral.commands.plot", "PNG plots of a training run"),
     "bench": ("tinymixtral.commands.bench", "training, prefill and decode speed vs transformers"),
     "routes": ("tinymixtral.commands.routes", "router statistics and pictures for a model on some text"),
     "upcycle": ("tinymixtral.commands.upcycle", "a Mixtral whose experts start as copies of a dense model's FFN"),
     "merge": ("tinymixtral.commands.merge", "an MoE from dense models (mergekit-moe YAML)"),
-    "convert": ("tinymixtral.commands.convert", "a model directory between Hugging Face and Mistral-native formats"),
+    "convert": ("tinymixtral.commands.convert", "convert between HF and Mistral-native formats"),
 }
 
 
