@@ -212,6 +212,20 @@ def load_split(data_dir: str | Path, split: str) -> tuple[np.memmap, dict]:
     return np.memmap(file, dtype=np.dtype(meta["dtype"]), mode="r"), meta
 
 
+def check_training_data(meta: dict, train_data, val_data, seq_len: int, mcfg) -> None:
+    """Refuse, before any training, data that does not fit the model or the window length."""
+    if meta["vocab_size"] > mcfg.vocab_size:
+        raise TinyMixtralError(f"the data's tokenizer has {meta['vocab_size']} tokens but the model's vocab_size is "
+                               f"{mcfg.vocab_size}; set --vocab-size {meta['vocab_size']} or more")
+    if seq_len > mcfg.max_seq_len:
+        raise TinyMixtralError(f"--seq-len {seq_len} exceeds the model's max_seq_len {mcfg.max_seq_len}")
+    if len(train_data) <= seq_len + 1:
+        raise TinyMixtralError(f"the train split has only {len(train_data)} tokens; need more than seq_len+1")
+    if len(val_data) < seq_len + 1:  # else the first evaluation fails after the training it cost
+        raise TinyMixtralError(f"the val split has only {len(val_data)} tokens; need at least seq_len+1 "
+                               f"({seq_len + 1}): lower --seq-len or prepare with a larger --val-fraction")
+
+
 # ---- windows: what training and evaluation read -------------------------------------------------------
 def windows(data: np.ndarray, starts: list[int], seq_len: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and next-token targets [len(starts), seq_len] of the windows data[s : s + seq_len + 1]."""

@@ -30,7 +30,7 @@ from .build import build_model
 from .checkpoint import read_safetensors
 from .config import ModelConfig
 from .convert import from_hf
-from .data import get_batch, load_split, window_starts
+from .data import check_training_data, get_batch, load_split, window_starts
 from .errors import TinyMixtralError
 from .evaluate import bits_per_byte, evaluate
 from .params import flops_per_token, measure_matmul_flops
@@ -89,7 +89,6 @@ def load_run_config(run_dir: Path) -> tuple[TrainConfig, ModelConfig]:
         raise TinyMixtralError(f"{run_dir} is not a training run (no run.json)")
     d = json.loads(path.read_text())
     return TrainConfig(**d["train"]), ModelConfig(**d["model"])
-
 
 
 @dataclass
@@ -214,7 +213,7 @@ def setup(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool) -> Run:
     out = Path(tcfg.out)
     train_data, meta = load_split(tcfg.data, "train")
     val_data, _ = load_split(tcfg.data, "val")
-    _check_data(tcfg, mcfg, meta, train_data, val_data)
+    check_training_data(meta, train_data, val_data, tcfg.seq_len, mcfg)
     mcfg = mcfg.replace(bos_token_id=meta.get("bos_id", mcfg.bos_token_id), eos_token_id=meta.get("eos_id"))
     if resume and tcfg.fsdp:
         raise TinyMixtralError("resuming an FSDP run is not supported yet (its checkpoints hold weights only)")
@@ -269,19 +268,6 @@ def setup(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool) -> Run:
         r.wandb = wandb.init(project=tcfg.wandb_project, dir=str(out), id=id_file.read_text(), resume="allow",
                              config=dataclasses.asdict(tcfg) | {"model": dataclasses.asdict(mcfg)})
     return r
-
-
-def _check_data(tcfg: TrainConfig, mcfg: ModelConfig, meta: dict, train_data, val_data):
-    if meta["vocab_size"] > mcfg.vocab_size:
-        raise TinyMixtralError(f"the data's tokenizer has {meta['vocab_size']} tokens but the model's vocab_size is "
-                               f"{mcfg.vocab_size}; set --vocab-size {meta['vocab_size']} or more")
-    if tcfg.seq_len > mcfg.max_seq_len:
-        raise TinyMixtralError(f"--seq-len {tcfg.seq_len} exceeds the model's max_seq_len {mcfg.max_seq_len}")
-    if len(train_data) <= tcfg.seq_len + 1:
-        raise TinyMixtralError(f"the train split has only {len(train_data)} tokens; need more than seq_len+1")
-    if len(val_data) < tcfg.seq_len + 1:  # else the first evaluation fails after the training it cost
-        raise TinyMixtralError(f"the val split has only {len(val_data)} tokens; need at least seq_len+1 "
-                               f"({tcfg.seq_len + 1}): lower --seq-len or prepare with a larger --val-fraction")
 
 
 def eval_and_log(r: Run, full: bool = False) -> dict:
