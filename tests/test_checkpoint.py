@@ -378,3 +378,18 @@ def test_loading_holds_the_checkpoint_once(tmp_path):
     assert size < 0.51 * fp32_bytes and grown <= 1.25 * size + 150e6, (grown, size)
     grown, size = peak("fp32", 4)
     assert size < 0.3 * fp32_bytes and grown < 0.5 * fp32_bytes, (grown, size, fp32_bytes)  # int4 + fp32 scales, embedding, head
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_directory_loads_cast_and_keeps_its_integers(bits, tmp_path):
+    from tinymixtral.quantize import quantize_model
+
+    cfg = CONFIGS["moe"].replace(d_ff=64, vocab_size=96)
+    q = quantize_model(tiny_model(cfg), bits, 32 if bits == 4 else None)
+    tinymixtral.save_model(q, tmp_path / "q")
+    back = checkpoint.load_model(tmp_path / "q", dtype=torch.bfloat16)
+    ints = {k: v.dtype for k, v in back.state_dict().items() if not v.is_floating_point()}
+    assert ints and set(ints.values()) == {torch.int8 if bits == 8 else torch.uint8}
+    for k, v in back.state_dict().items():
+        want = q.state_dict()[k]
+        assert torch.equal(v, want.to(v.dtype)), k

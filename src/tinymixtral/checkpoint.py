@@ -60,7 +60,9 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
     sd = {}
     for name, parts in tqdm(layout.items(), desc=f"loading {path.name}", unit="tensor", disable=None, leave=False):
         if name in quantized:  # quantize block by block: rows are quantized independently
-            names = {"weight": name, **{w: quantized[name] + w for w in ("scales", "zeros") if bits == 4 or w == "scales"}}
+            names = {"weight": name, "scales": quantized[name] + "scales"}
+            if bits == 4:
+                names["zeros"] = quantized[name] + "zeros"
             out = {w: torch.empty_like(like[k], device="cpu") for w, k in names.items()}
             for key, index in parts:
                 part = files[key].read(key)
@@ -71,7 +73,8 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
             sd.update({names[w]: t for w, t in out.items()})
         else:
             first = parts[0][0]
-            sd[name] = torch.empty(like[name].shape, dtype=dtype or files[first].dtype(first))
+            cast = dtype is not None and like[name].is_floating_point()  # a stored int8/int4 weight stays integer
+            sd[name] = torch.empty(like[name].shape, dtype=dtype if cast else files[first].dtype(first))
             for key, index in parts:
                 files[key].read_into(key, sd[name][index])
     return build_model(model_cfg, sd, dtype=dtype, device=device or "cpu").eval()
