@@ -68,17 +68,16 @@ def write_checkpoint(cfg: ModelConfig, out: Path, shard_bytes: int = 2 * 2**30):
     cfg.save(out / "config.json")
     shapes = {k: tuple(v.shape) for k, v in to_hf(skeleton(cfg).state_dict(), cfg).items()}
     gen = torch.Generator().manual_seed(0)
-    shards, current, size = [], {}, 0
+    current, size, n_shards, weight_map = {}, 0, 0, {}
     names = list(shapes)
-    weight_map = {}
     for i, name in enumerate(names):
         t = torch.ones(shapes[name], dtype=torch.bfloat16) if name.endswith("norm.weight") else \
             (torch.randn(shapes[name], generator=gen) * 0.02).to(torch.bfloat16)
         current[name] = t
         size += t.numel() * 2
-        if size >= shard_bytes or i == len(names) - 1:
-            shards.append(current)
-            file = f"model-{len(shards):05d}.safetensors"
+        if size >= shard_bytes or i == len(names) - 1:  # write the shard and let it go
+            n_shards += 1
+            file = f"model-{n_shards:05d}.safetensors"
             tensorfile.write(current, out / file, {"format": "pt"})
             weight_map.update({k: file for k in current})
             current, size = {}, 0

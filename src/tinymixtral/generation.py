@@ -13,8 +13,6 @@ the first step compiles for tens of seconds on a CPU.
 
 from __future__ import annotations
 
-import sys
-import time
 from collections.abc import Iterator
 
 import torch
