@@ -393,3 +393,14 @@ def test_quantized_directory_loads_cast_and_keeps_its_integers(bits, tmp_path):
     for k, v in back.state_dict().items():
         want = q.state_dict()[k]
         assert torch.equal(v, want.to(v.dtype)), k
+
+
+def test_quantize_on_load_in_bf16_equals_casting_after(tmp_path):
+    from tinymixtral.quantize import quantize_model
+
+    cfg = CONFIGS["moe"].replace(d_ff=64, vocab_size=96)
+    tinymixtral.save_model(tiny_model(cfg, vary_norms=True), tmp_path / "m")
+    on_load = checkpoint.load_model(tmp_path / "m", dtype=torch.bfloat16, bits=4)
+    after = quantize_model(checkpoint.load_model(tmp_path / "m"), 4).to(torch.bfloat16)
+    a, b = on_load.state_dict(), after.state_dict()
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)

@@ -63,7 +63,9 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
             names = {"weight": name, "scales": quantized[name] + "scales"}
             if bits == 4:
                 names["zeros"] = quantized[name] + "zeros"
-            out = {w: torch.empty_like(like[k], device="cpu") for w, k in names.items()}
+            # scales and zeros straight in the final dtype: no second copy when build_model casts
+            out = {w: torch.empty(like[k].shape, dtype=dtype if dtype and like[k].is_floating_point() else like[k].dtype)
+                   for w, k in names.items()}
             for key, index in parts:
                 part = files[key].read(key)
                 rows = max(1, QUANT_CHUNK // part.shape[-1])  # a few MB at a time: quantize's temporaries stay small
