@@ -111,7 +111,8 @@ class Run:
     meta: dict
     data_gen: torch.Generator
     wandb: object | None
-    peak_flops: float
+    peak_flops: float  # the matmul rate measured at the start: MFU's denominator
+    flops_per_token: float
     step: int = 0
     tokens: int = 0
     elapsed: float = 0.0  # seconds of training steps (evaluations and checkpoints excluded)
@@ -242,7 +243,8 @@ def setup(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool) -> Run:
     autocast = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tcfg.autocast]
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=autocast is torch.float16)
     r = Run(tcfg, mcfg, out, device, rank, world, model, raw, optimizer, scaler, autocast, train_data, val_data,
-            meta, torch.Generator().manual_seed(tcfg.seed), None, measure_matmul_flops(device) if rank == 0 else 1.0)
+            meta, torch.Generator().manual_seed(tcfg.seed), None, measure_matmul_flops(device) if rank == 0 else 1.0,
+            flops_per_token(mcfg, tcfg.seq_len))
     if resume:
         scalars, rng = load_trainer_state(ckpt, optimizer)
         for k in ("step", "tokens", "elapsed", "best_val", "best_step"):
@@ -296,9 +298,9 @@ def log_step(r: Run, lr: float, parts: dict, grad_norm, tok_per_s: float) -> dic
     if r.distributed:
         for v in parts.values():
             dist.all_reduce(v, op=dist.ReduceOp.AVG)
-    fpt = flops_per_token(r.mcfg, r.tcfg.seq_len)
     row = {"step": r.step, "tokens": r.tokens, "lr": lr, **{k: float(v) for k, v in parts.items()},
-           "grad_norm": float(grad_norm), "tok_per_s": tok_per_s, "mfu": tok_per_s * fpt / r.peak_flops / r.world,
+           "grad_norm": float(grad_norm), "tok_per_s": tok_per_s,
+           "mfu": tok_per_s * r.flops_per_token / r.peak_flops / r.world,
            "elapsed": r.elapsed}
     load = [expert_load(rt.experts_NK, rt.logits_NE.shape[-1]).tolist() for rt in r.raw.routing()]
     if load:
