@@ -58,3 +58,12 @@ def test_eval_group_size_needs_int4(trained, data_dir):
     out, _, _ = trained
     assert_one_line_error(run_cli("eval", "--model", out / "latest", "--data", data_dir, "--group-size", "64"),
                           "eval", returncode=2)
+
+
+
+@pytest.mark.parametrize("seq_len", ["0", "-5", "100000"])
+def test_eval_refuses_a_seq_len_it_would_have_changed(trained, data_dir, seq_len):
+    """--seq-len 0 once became 512 and 100000 was capped, silently (issue 16): now one line, exit 2."""
+    out, _, _ = trained
+    r = run_cli("eval", "--model", out / "latest", "--data", data_dir, "--seq-len", seq_len)
+    assert "--seq-len must be between 1 and" in assert_one_line_error(r, "eval", returncode=2)

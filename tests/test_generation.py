@@ -98,6 +98,11 @@ def test_bad_input():
         list(stream(model, [[1, 2]], 3, temperature=1.0, top_p=1.5))
     with pytest.raises(TinyMixtralError, match="temperature"):
         list(stream(model, [[1, 2]], 3, temperature=-1))
+    for bad in (float("nan"), float("inf")):  # NaN passed `temperature < 0` (issue 16)
+        with pytest.raises(TinyMixtralError, match="temperature must be >= 0 .0 = greedy. and finite"):
+            list(stream(model, [[1, 2]], 3, temperature=bad))
+        with pytest.raises(TinyMixtralError, match="repetition_penalty must be > 0 and finite"):
+            list(stream(model, [[1, 2]], 3, repetition_penalty=bad))
     with pytest.raises(TinyMixtralError, match="at least one token"):
         list(stream(model, [[]], 3))
     with pytest.raises(TinyMixtralError, match="exceeds"):

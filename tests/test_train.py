@@ -434,6 +434,12 @@ def test_every_flag_reaches_its_config_field(tmp_path, fake_train, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--lr", "-1"], "--lr must be > 0"),
+    (["--lr", "nan"], "--lr must be > 0 and finite, got nan"),
+    (["--lr", "inf"], "--lr must be > 0 and finite, got inf"),
+    (["--warmup-steps", "-5"], "--warmup-steps must be >= 0"),
+    (["--beta2", "1.5"], "--beta2 must be in [0, 1) and finite"),
+    (["--grad-clip", "nan"], "--grad-clip must be > 0 and finite"),
+    (["--max-time", "-10"], "--max-time must be a positive duration"),
     (["--autocast", "fp8"], "--autocast must be none, bf16 or fp16"),
     (["--max-time", "soon"], "--max-time must look like"),
     (["--n-heads", "5"], "n_heads"),

@@ -48,7 +48,12 @@ def eval_model(model_dir: str, data_dir: str, split: str = "val", seq_len: int |
     if meta["vocab_size"] > model.cfg.vocab_size:
         raise TinyMixtralError(f"the data's tokenizer has {meta['vocab_size']} tokens, the model only "
                                f"{model.cfg.vocab_size}: this data was not prepared for this model")
-    seq_len = min(seq_len or 512, model.cfg.max_seq_len, len(data) - 1)
+    if seq_len is None:
+        seq_len = min(512, model.cfg.max_seq_len, len(data) - 1)
+    elif not 1 <= seq_len <= min(model.cfg.max_seq_len, len(data) - 1):  # never changed silently
+        raise TinyMixtralError(f"--seq-len must be between 1 and {min(model.cfg.max_seq_len, len(data) - 1)} "
+                               f"(the model's max_seq_len {model.cfg.max_seq_len}, the split's {len(data):,} tokens "
+                               f"less one), got {seq_len}")
     loss = evaluate(model, data, batch_size, seq_len, device, max_batches)
     n_windows = len(window_starts(len(data), batch_size, seq_len, max_batches))
     return {"model": str(Path(model_dir).resolve()), "split": split, "loss": loss, "ppl": math.exp(min(loss, 50)), "bpb": bits_per_byte(loss, meta, split),

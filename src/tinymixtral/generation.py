@@ -13,6 +13,7 @@ the first step compiles for tens of seconds on a CPU.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -163,14 +164,14 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, repetition_penalty=None):
-    if temperature < 0:
-        raise TinyMixtralError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 <= temperature < math.inf:  # NaN fails every comparison
+        raise TinyMixtralError(f"temperature must be >= 0 (0 = greedy) and finite, got {temperature}")
     if top_k is not None and top_k < 1:
         raise TinyMixtralError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise TinyMixtralError(f"top_p must be in (0, 1], got {top_p}")
-    if repetition_penalty is not None and repetition_penalty <= 0:
-        raise TinyMixtralError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    if repetition_penalty is not None and not 0 < repetition_penalty < math.inf:
+        raise TinyMixtralError(f"repetition_penalty must be > 0 and finite, got {repetition_penalty}")
 
 
 def chat_template(prompt: str, system: str | None) -> str:

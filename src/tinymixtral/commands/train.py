@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import math
 import os
 import re
 from pathlib import Path
@@ -103,12 +104,25 @@ def run(args) -> int:
 
 
 def _check(t: TrainConfig):
+    """Every numeric training flag in its range (NaN and inf fail every comparison: `not x > 0` refuses them)."""
     for name in ("batch_size", "seq_len", "grad_accum", "max_steps", "eval_interval", "log_interval",
                  "ckpt_interval", "eval_batches"):
         if getattr(t, name) < 1:
             raise TinyMixtralError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(t, name)}")
-    if t.lr <= 0:
-        raise TinyMixtralError(f"--lr must be > 0, got {t.lr}")
+    for name in ("warmup_steps", "keep_last"):
+        if getattr(t, name) < 0:
+            raise TinyMixtralError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(t, name)}")
+    ranges = {"lr": ("> 0", lambda v: v > 0), "grad_clip": ("> 0", lambda v: v > 0),
+              "weight_decay": (">= 0", lambda v: v >= 0), "min_lr_ratio": ("in [0, 1]", lambda v: 0 <= v <= 1),
+              "beta1": ("in [0, 1)", lambda v: 0 <= v < 1), "beta2": ("in [0, 1)", lambda v: 0 <= v < 1)}
+    for name, (what, ok) in ranges.items():
+        v = getattr(t, name)
+        if not (math.isfinite(v) and ok(v)):
+            raise TinyMixtralError(f"--{name.replace('_', '-')} must be {what} and finite, got {v}")
+    if t.max_tokens is not None and t.max_tokens < 1:
+        raise TinyMixtralError(f"--max-tokens must be >= 1, got {t.max_tokens}")
+    if t.max_time is not None and not (0 < t.max_time < math.inf):
+        raise TinyMixtralError(f"--max-time must be a positive duration, got {t.max_time}")
     if t.autocast not in ("none", "bf16", "fp16"):
         raise TinyMixtralError(f"--autocast must be none, bf16 or fp16, got {t.autocast!r}")
 
