@@ -104,7 +104,7 @@ def run(args) -> int:
 
 
 def _check(t: TrainConfig):
-    """Every numeric training flag in its range (NaN and inf fail every comparison: `not x > 0` refuses them)."""
+    """Every numeric training flag in its range and finite (NaN would slip past a plain `x <= 0` check)."""
     for name in ("batch_size", "seq_len", "grad_accum", "max_steps", "eval_interval", "log_interval",
                  "ckpt_interval", "eval_batches"):
         if getattr(t, name) < 1:
