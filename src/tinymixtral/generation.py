@@ -177,3 +177,12 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None, r
 def chat_template(prompt: str, system: str | None) -> str:
     """Mistral's instruct format (v1): the system prompt goes in front of the first user turn."""
     return f"[INST] {system}\n\n{prompt} [/INST]" if system else f"[INST] {prompt} [/INST]"
+
+
+def printable(text: str, stops: list[str] | None) -> str:
+    """The part of streamed text that is safe to print: not a half-decoded UTF-8 character at the end
+    (byte-level tokens can split one), nor an end that may yet become a stop string."""
+    text = text.rstrip("\ufffd")
+    hold = max((k for s in stops or [] for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])),
+               default=0)
+    return text[:len(text) - hold]

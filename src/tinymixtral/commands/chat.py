@@ -15,10 +15,9 @@ import torch
 from ..cache import KVCache
 from ..checkpoint import load_model
 from ..errors import TinyMixtralError
-from ..generation import chat_template, check_sampling, stream
+from ..generation import chat_template, check_sampling, printable, stream
 from ..tokenizer import load_tokenizer
 from . import add_load_options, load_options
-from .generate import _printable
 
 
 def add_arguments(p):
@@ -102,7 +101,7 @@ def _reply(model, tok, cache, ids, args, gen) -> list[int]:
             reply.append(t)
             if t == tok.eos_id:
                 break
-            text = _printable(tok.decode(reply), None)
+            text = printable(tok.decode(reply), None)
             print(text[len(shown):], end="", flush=True)
             shown = text
             if stop.requested:

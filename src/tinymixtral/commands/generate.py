@@ -13,7 +13,7 @@ from ..checkpoint import load_model
 from . import add_load_options, load_options
 from ..config import ModelConfig
 from ..errors import TinyMixtralError
-from ..generation import chat_template, check_sampling, stream
+from ..generation import chat_template, check_sampling, printable, stream
 from ..tokenizer import load_tokenizer
 
 
@@ -92,7 +92,7 @@ def run(args) -> int:
                 if live[b] and any(s in text for s in args.stop):
                     live[b] = False
         if streaming:
-            text = _printable(_cut(outs[0], args.stop), args.stop if live[0] else None)
+            text = printable(_cut(outs[0], args.stop), args.stop if live[0] else None)
             print(text[len(shown):], end="", flush=True)
             shown = text
         if not any(live):
@@ -107,15 +107,6 @@ def run(args) -> int:
     print(f"[{n_tokens} tokens in {dt:.2f} s, {n_tokens / max(dt, 1e-9):.1f} tok/s, batch {len(rows)}]",
           file=sys.stderr)
     return 0
-
-
-def _printable(text: str, stops: list[str] | None) -> str:
-    """The part of streamed text that is safe to print: not a half-decoded UTF-8 character at the end
-    (byte-level tokens can split one), nor an end that may yet become a stop string."""
-    text = text.rstrip("\ufffd")
-    hold = max((k for s in stops or [] for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])),
-               default=0)
-    return text[:len(text) - hold]
 
 
 def _cut(text: str, stops: list[str] | None) -> str:
