@@ -18,12 +18,15 @@ from .errors import TinyMixtralError
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
+SHARDED = "sharded"  # an FSDP run's model and optimizer shards (torch.distributed.checkpoint), in a checkpoint
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scalars: dict, rng: dict[str, torch.Tensor],
-                    tokenizer_dir: Path | None, keep_last: int, best_step: int | None) -> Path:
+                    tokenizer_dir: Path | None, keep_last: int, best_step: int | None,
+                    shards: Path | None = None) -> Path:
     """Write checkpoints/step-N atomically, point `latest` (and `best` if it is the best) at it, and prune
-    old ones (never the best)."""
+    old ones (never the best). `shards`: a directory already written (an FSDP run's sharded state) that
+    moves into the checkpoint as `sharded/`."""
     ckpts = run_dir / "checkpoints"
     final = ckpts / f"step-{step}"
     partial = ckpts / f".step-{step}.partial"
@@ -32,6 +35,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scalars: dict, r
     tensors.update({f"rng.{k}": v for k, v in rng.items()})
     save_file(tensors, partial / STATE_TENSORS)
     (partial / STATE_JSON).write_text(json.dumps({**scalars, "step": step, "param_groups": groups}, indent=2))
+    if shards is not None:
+        os.replace(shards, partial / SHARDED)
     if final.exists():
         shutil.rmtree(final)
     os.replace(partial, final)
@@ -46,7 +51,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scalars: dict, r
 
 
 def load_trainer_state(ckpt: Path, optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Restore the optimizer in place; return (scalars, rng states)."""
+    """Restore the optimizer in place (unless None: a sharded run restores it from `sharded/`); return
+    (scalars, rng states)."""
     if not (ckpt / STATE_JSON).is_file() or not (ckpt / STATE_TENSORS).is_file():
         raise TinyMixtralError(f"{ckpt} has no trainer state ({STATE_JSON}, {STATE_TENSORS}); cannot resume from it")
     scalars = json.loads((ckpt / STATE_JSON).read_text())
@@ -56,7 +62,9 @@ def load_trainer_state(ckpt: Path, optimizer) -> tuple[dict, dict[str, torch.Ten
         if key.startswith("opt."):
             _, idx, name = key.split(".", 2)
             state.setdefault(int(idx), {})[name] = t
-    optimizer.load_state_dict({"state": state, "param_groups": scalars.pop("param_groups")})
+    groups = scalars.pop("param_groups")
+    if optimizer is not None:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
     rng = {k.removeprefix("rng."): v for k, v in tensors.items() if k.startswith("rng.")}
     return scalars, rng
 

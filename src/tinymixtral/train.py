@@ -13,6 +13,7 @@ import math
 import os
 import time
 import uuid
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import fully_shard
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -35,7 +38,7 @@ from .errors import TinyMixtralError
 from .evaluate import bits_per_byte, evaluate
 from .params import flops_per_token, measure_matmul_flops
 from .plots import plot_run
-from .run_state import append_metrics, latest_checkpoint, load_trainer_state, save_checkpoint
+from .run_state import SHARDED, append_metrics, latest_checkpoint, load_trainer_state, save_checkpoint
 
 
 @dataclass
@@ -68,6 +71,7 @@ class TrainConfig:
     wandb: bool = False  # log to Weights & Biases (pip install wandb)
     wandb_project: str = "tinymixtral"  # the W&B project
     fsdp: bool = False  # under torchrun: shard with FSDP2 instead of DDP
+    fsdp_bf16: bool = False  # with --fsdp: bf16 parameters in forward and backward, fp32 gradient reduction (for GPUs)
     progress: bool = True  # show a progress bar
 
 
@@ -216,12 +220,17 @@ def setup(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool) -> Run:
     val_data, _ = load_split(tcfg.data, "val")
     check_training_data(meta, train_data, val_data, tcfg.seq_len, mcfg)
     mcfg = mcfg.replace(bos_token_id=meta.get("bos_id", mcfg.bos_token_id), eos_token_id=meta.get("eos_id"))
-    if resume and tcfg.fsdp:
-        raise TinyMixtralError("resuming an FSDP run is not supported yet (its checkpoints hold weights only)")
+    sharded = distributed and tcfg.fsdp
     torch.manual_seed(tcfg.seed)
     if resume:
         ckpt = latest_checkpoint(out)
-        model = build_model(mcfg, from_hf(read_safetensors(ckpt), mcfg), device=device)
+        if sharded and not (ckpt / SHARDED).is_dir():
+            raise TinyMixtralError(f"{ckpt} was written without FSDP (its optimizer state is not sharded); "
+                                   "resume it with --fsdp false")
+        if (ckpt / SHARDED).is_dir():  # model and optimizer come from the sharded state below
+            model = build_model(mcfg, device=device)
+        else:
+            model = build_model(mcfg, from_hf(read_safetensors(ckpt), mcfg), device=device)
     else:
         model = build_model(mcfg, device=device)
         if rank == 0:
@@ -229,9 +238,10 @@ def setup(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool) -> Run:
             save_run_config(out, tcfg, mcfg)
     raw = model
     if distributed and tcfg.fsdp:
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if tcfg.fsdp_bf16 else None
         for layer in model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, **({"mp_policy": mp} if mp else {}))
+        fully_shard(model, **({"mp_policy": mp} if mp else {}))
     elif distributed:
         model = DistributedDataParallel(model)
     # After sharding: FSDP replaces the parameters, and the optimizer must hold the new ones.
@@ -246,7 +256,14 @@ def setup(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool) -> Run:
             meta, torch.Generator().manual_seed(tcfg.seed), None, measure_matmul_flops(device) if rank == 0 else 1.0,
             flops_per_token(mcfg, tcfg.seq_len))
     if resume:
-        scalars, rng = load_trainer_state(ckpt, optimizer)
+        if (ckpt / SHARDED).is_dir():  # any number of processes: DCP reshards to this run's layout
+            msd, osd = get_state_dict(raw, optimizer)
+            state = {"model": msd, "optim": osd}
+            with warnings.catch_warnings():  # one process reading a sharded run is what DCP warns about
+                warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+                dcp.load(state, checkpoint_id=ckpt / SHARDED)
+            set_state_dict(raw, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        scalars, rng = load_trainer_state(ckpt, None if (ckpt / SHARDED).is_dir() else optimizer)
         for k in ("step", "tokens", "elapsed", "best_val", "best_step"):
             setattr(r, k, scalars.get(k, getattr(r, k)))
         if "grad_scaler" in scalars:
@@ -276,10 +293,10 @@ def eval_and_log(r: Run, full: bool = False) -> dict:
     """Validation loss of the current model, logged. In training (full=False) it is an estimate on
     eval_batches batches of windows spread over the split, and it picks the best checkpoint; at the end
     (full=True) every window of the split is read, and the row says final_val_loss / final_val_bpb."""
-    # Every process evaluates the same windows, as many as one process with the global batch would.
+    # The windows one process with the global batch would read, shared out among the processes.
     t, batch = r.tcfg, r.tcfg.batch_size * r.world
     n_batches = None if full else t.eval_batches
-    val = evaluate(r.model, r.val_data, batch, t.seq_len, r.device, n_batches)
+    val = evaluate(r.model, r.val_data, t.batch_size, t.seq_len, r.device, n_batches, r.rank, r.world)
     name = "final_val" if full else "val"
     row = {"step": r.step, "tokens": r.tokens, f"{name}_loss": val, f"{name}_ppl": math.exp(min(val, 50)),
            f"{name}_bpb": bits_per_byte(val, r.meta, "val"),
@@ -299,7 +316,7 @@ def log_step(r: Run, lr: float, parts: dict, grad_norm, tok_per_s: float) -> dic
         for v in parts.values():
             dist.all_reduce(v, op=dist.ReduceOp.AVG)
     row = {"step": r.step, "tokens": r.tokens, "lr": lr, **{k: float(v) for k, v in parts.items()},
-           "grad_norm": float(grad_norm), "tok_per_s": tok_per_s,
+           "grad_norm": float(grad_norm), "tok_per_s": tok_per_s, "tok_per_s_per_process": tok_per_s / r.world,
            "mfu": tok_per_s * r.flops_per_token / r.peak_flops / r.world,
            "elapsed": r.elapsed}
     load = [expert_load(rt.experts_NK, rt.logits_NE.shape[-1]).tolist() for rt in r.raw.routing()]
@@ -314,12 +331,24 @@ def log_step(r: Run, lr: float, parts: dict, grad_norm, tok_per_s: float) -> dic
 
 
 def save(r: Run):
-    """A checkpoint of the model and the trainer state; `best` moves to it when it is the best."""
-    full = _full_model(r.raw, r.tcfg.fsdp)  # a collective under FSDP: every process takes part
+    """A checkpoint of the model and the trainer state; `best` moves to it when it is the best.
+
+    Under FSDP every process also writes its shards of the model and optimizer state with
+    torch.distributed.checkpoint (nothing is gathered for them); rank 0 writes the full model as a
+    Hugging Face directory for users, then moves the shards into the checkpoint."""
+    sharded = r.distributed and r.tcfg.fsdp
+    shards = None
+    if sharded:
+        shards = r.out / "checkpoints" / f".step-{r.step}.{SHARDED}.partial"
+        msd, osd = get_state_dict(r.raw, r.optimizer)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=shards)  # returns when every process has written
+    full = _full_model(r.raw, sharded)  # a collective under FSDP: every process takes part
     if r.master:
         rng = {"data": r.data_gen.get_state(), "torch": torch.get_rng_state()}
-        save_checkpoint(r.out, r.step, full, None if r.tcfg.fsdp else r.optimizer, r.scalars(), rng,
-                        Path(r.tcfg.data) / "tokenizer", r.tcfg.keep_last, r.best_step)
+        save_checkpoint(r.out, r.step, full, None if sharded else r.optimizer, r.scalars(), rng,
+                        Path(r.tcfg.data) / "tokenizer", r.tcfg.keep_last, r.best_step, shards=shards)
+    if sharded:
+        dist.barrier()  # the checkpoint is complete before any process goes on (or is killed)
 
 
 def finish(r: Run):
