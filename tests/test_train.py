@@ -136,10 +136,12 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "latest" / "model.safetensors")
 
 
-def test_resume_is_exact(tmp_path, data_dir, monkeypatch):
+@pytest.mark.parametrize("recipe", [{}, {"optimizer": "muon", "schedule": "wsd", "decay_fraction": 0.5}],
+                         ids=["adamw-cosine", "muon-wsd"])
+def test_resume_is_exact(tmp_path, data_dir, monkeypatch, recipe):
     n, accum = 6, 2
     mcfg = TRAIN_CFG.replace(router_jitter_noise=0.1, router_z_loss_coef=1e-3)
-    kw = dict(max_steps=2 * n, grad_accum=accum, eval_interval=4, ckpt_interval=100, batch_size=4)
+    kw = dict(max_steps=2 * n, grad_accum=accum, eval_interval=4, ckpt_interval=100, batch_size=4, **recipe)
     train(tcfg_for(data_dir, tmp_path / "A", **kw), mcfg)
 
     real, calls = T.get_batch, []
@@ -305,7 +307,8 @@ TRAIN_VALUES = dict(batch_size=3, seq_len=17, grad_accum=2, lr=0.005, min_lr_rat
                     max_steps=11, max_tokens=1000, max_time="10m", weight_decay=0.2, beta1=0.8, beta2=0.9,
                     grad_clip=0.5, eval_interval=5, eval_batches=3, log_interval=2, ckpt_interval=9, keep_last=4,
                     seed=99, device="cpu", autocast="bf16", compile=True, wandb=True, wandb_project="proj",
-                    fsdp=True, progress=False)
+                    fsdp=True, fsdp_bf16=True, optimizer="muon", muon_lr=0.03, schedule="wsd", decay_fraction=0.3,
+                    progress=False)
 MODEL_VALUES = dict(vocab_size=320, d_model=48, n_layers=3, n_heads=6, n_kv_heads=3, head_dim=16, d_ff=96,
                     n_experts=5, top_k=3, sliding_window=24, max_seq_len=96, rope_theta=5e4, norm_eps=1e-6,
                     tie_embeddings=False, init_std=0.03, bos_token_id=5, eos_token_id=6, pad_token_id=7,

@@ -36,6 +36,7 @@ from .convert import from_hf
 from .data import check_training_data, get_batch, load_split, window_starts
 from .errors import TinyMixtralError
 from .evaluate import bits_per_byte, evaluate
+from .optim import Muon, split_params
 from .params import flops_per_token, measure_matmul_flops
 from .plots import plot_run
 from .run_state import SHARDED, append_metrics, latest_checkpoint, load_trainer_state, save_checkpoint
@@ -49,8 +50,12 @@ class TrainConfig:
     batch_size: int = 16  # sequences per micro-batch (per process)
     seq_len: int = 256  # tokens per training sequence
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 3e-3  # peak learning rate (after warmup)
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    optimizer: str = "adamw"  # adamw | muon (Muon for the hidden matrices, AdamW for embeddings, head, norms, router)
+    lr: float = 3e-3  # peak learning rate (after warmup); with --optimizer muon, AdamW's
+    muon_lr: float = 0.02  # Muon's peak learning rate (with --optimizer muon)
+    schedule: str = "cosine"  # cosine | wsd (warmup, stable, then a linear decay over --decay-fraction of the run)
+    decay_fraction: float = 0.2  # wsd: the last part of the run (steps, tokens or time) over which lr decays
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
     warmup_steps: int = 50  # linear warmup steps
     max_steps: int = 1000  # stop after this many optimizer steps
     max_tokens: int | None = None  # stop after this many training tokens (all processes)
@@ -76,10 +81,39 @@ class TrainConfig:
 
 
 def get_lr(step: int, progress: float, cfg: TrainConfig) -> float:
-    """Linear warmup over warmup_steps, times a cosine from 1 to min_lr_ratio over progress 0..1."""
+    """Linear warmup over warmup_steps, times the schedule from 1 to min_lr_ratio over progress 0..1:
+    a cosine, or (wsd) 1 until the last decay_fraction of the run, then a straight line down.
+
+    progress is whichever limit binds (steps, tokens or seconds), so under --max-time the decay starts
+    when the time left says so."""
     warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
-    cos = 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
-    return cfg.lr * warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos)
+    x = min(max(progress, 0.0), 1.0)
+    if cfg.schedule == "wsd":
+        shape = min(1.0, (1.0 - x) / cfg.decay_fraction) if cfg.decay_fraction > 0 else 1.0
+    else:
+        shape = 0.5 * (1 + math.cos(math.pi * x))
+    return cfg.lr * warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape)
+
+
+def make_optimizer(raw: torch.nn.Module, tcfg: TrainConfig, device: str) -> torch.optim.Optimizer:
+    """AdamW (weight decay on matrices only, not embeddings, norms or biases), or Muon for the hidden
+    matrices with AdamW for the rest (the loop sets each group's lr: the schedule times --lr or --muon-lr)."""
+    if tcfg.optimizer == "muon":
+        hidden, rest = split_params(raw)
+        decay = [p for n, p in rest if p.dim() >= 2 and not n.startswith("embed.")]
+        no_decay = [p for n, p in rest if p.dim() < 2 or n.startswith("embed.")]
+        groups = [{"params": [p for _, p in hidden], "use_muon": True, "lr": tcfg.muon_lr,
+                   "weight_decay": tcfg.weight_decay},
+                  {"params": decay, "lr": tcfg.lr, "weight_decay": tcfg.weight_decay},
+                  {"params": no_decay, "lr": tcfg.lr, "weight_decay": 0.0}]
+        # Newton-Schulz in bf16 on GPUs (as torch's Muon); fp32 on a CPU, whose bf16 products are slower
+        return Muon([g for g in groups if g["params"]], betas=(tcfg.beta1, tcfg.beta2),
+                    ns_dtype="bfloat16" if torch.device(device).type == "cuda" else "float32")
+    decay = [p for n, p in raw.named_parameters() if p.dim() >= 2 and not n.startswith("embed.")]
+    no_decay = [p for n, p in raw.named_parameters() if p.dim() < 2 or n.startswith("embed.")]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), fused=torch.device(device).type in ("cpu", "cuda"))
 
 
 def save_run_config(out: Path, tcfg: TrainConfig, mcfg: ModelConfig):
@@ -159,7 +193,7 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> dict:
             t_step = time.perf_counter()
             lr = get_lr(r.step, r.progress(), tcfg)
             for group in r.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = (tcfg.muon_lr if group.get("use_muon") else tcfg.lr) * lr / tcfg.lr
             if r.step > 0 and r.step != r.resumed_at:
                 if r.step % tcfg.eval_interval == 0:
                     last.update(eval_and_log(r))
@@ -221,6 +255,9 @@ def setup(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool) -> Run:
     check_training_data(meta, train_data, val_data, tcfg.seq_len, mcfg)
     mcfg = mcfg.replace(bos_token_id=meta.get("bos_id", mcfg.bos_token_id), eos_token_id=meta.get("eos_id"))
     sharded = distributed and tcfg.fsdp
+    if sharded and tcfg.optimizer == "muon":
+        raise TinyMixtralError("--optimizer muon with --fsdp is not supported yet (its update needs whole matrices); "
+                               "use DDP (--fsdp false) or --optimizer adamw")
     torch.manual_seed(tcfg.seed)
     if resume:
         ckpt = latest_checkpoint(out)
@@ -244,12 +281,7 @@ def setup(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool) -> Run:
         fully_shard(model, **({"mp_policy": mp} if mp else {}))
     elif distributed:
         model = DistributedDataParallel(model)
-    # After sharding: FSDP replaces the parameters, and the optimizer must hold the new ones.
-    decay = [p for n, p in raw.named_parameters() if p.dim() >= 2 and not n.startswith("embed.")]
-    no_decay = [p for n, p in raw.named_parameters() if p.dim() < 2 or n.startswith("embed.")]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), fused=torch.device(device).type in ("cpu", "cuda"))
+    optimizer = make_optimizer(raw, tcfg, device)  # after sharding: FSDP replaces the parameters
     autocast = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tcfg.autocast]
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=autocast is torch.float16)
     r = Run(tcfg, mcfg, out, device, rank, world, model, raw, optimizer, scaler, autocast, train_data, val_data,
