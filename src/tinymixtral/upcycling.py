@@ -134,5 +134,5 @@ def _copies(w: torch.Tensor, n: int, noise: float, gen: torch.Generator) -> torc
     if noise == 0:
         return w.unsqueeze(0).repeat(n, *([1] * w.dim()))  # no fp32 copy of a bf16 layer
     out = w.float().unsqueeze(0).repeat(n, *([1] * w.dim()))
-    out += torch.randn(out.shape, generator=gen) * (noise * w.float().std())
+    out += torch.randn(out.shape, generator=gen).mul_(noise * w.float().std())  # in place: one draw's copy
     return out.to(w.dtype).contiguous()
