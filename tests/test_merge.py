@@ -282,7 +282,8 @@ def test_merge_and_upcycle_hold_one_layer_not_the_models(tmp_path):
     ffn_layer = 3 * over["d_model"] * over["d_ff"] * 4  # one dense layer's FFN in fp32
     (tmp_path / "moe.yaml").write_text(yaml.safe_dump({
         "base_model": "base", "gate_mode": "hidden", "dtype": "float32", "experts_per_token": 2,
-        "experts": [{"source_model": f"e{i}", "positive_prompts": [p]} for i, p in enumerate(["cat", "1 + 2", "dog"])]}))
+        "experts": [{"source_model": f"e{i}", "positive_prompts": [p]}
+                    for i, p in enumerate(["cat", "1 + 2", "dog"])]}))
 
     def peak(*args):
         r = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, *map(str, args)], capture_output=True, text=True,
@@ -299,3 +300,21 @@ def test_merge_and_upcycle_hold_one_layer_not_the_models(tmp_path):
           f"{4 * ffn_layer / 1e6:.0f} MB")
     assert up <= 2 * 4 * ffn_layer + 50e6, (up, ffn_layer)  # the layer's experts (+ the fp32 noise draw)
     assert mg <= dense / 2 + 2 * ffn_layer + 80e6, (mg, dense)  # the bf16 base, a tensor or two, the forward
+
+
+def test_merge_and_upcycle_refuse_a_source_without_a_weight(tiny_sources, tmp_path, capsys):
+    """A source missing a tensor ends in one line naming it, before anything is written."""
+    from conftest import rewrite_weights
+
+    shutil.copytree(tiny_sources / "b", tmp_path / "b")
+    rewrite_weights(tmp_path / "b", lambda sd: sd.pop("model.layers.1.mlp.down_proj.weight"))
+    c = config(tiny_sources)
+    c["experts"][1]["source_model"] = str(tmp_path / "b")
+    (tmp_path / "moe.yaml").write_text(yaml.safe_dump(c))
+    line = assert_one_line_error(call_cli(capsys, "merge", tmp_path / "moe.yaml", "--out", tmp_path / "m"), "merge", 2)
+    assert "model.layers.1.mlp.down_proj.weight is missing or misshapen in" in line and str(tmp_path / "b") in line
+    r = call_cli(capsys, "upcycle", "--model", tmp_path / "b", "--experts", "2", "--top-k", "1", "--out", tmp_path / "u")
+    line = assert_one_line_error(r, "upcycle", 2)
+    assert "missing 1 weight(s): model.layers.1.mlp.down_proj.weight" in line
+    assert not (tmp_path / "m").exists() and not (tmp_path / "u").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left

@@ -11,18 +11,23 @@ The YAML is mergekit-moe's (https://github.com/arcee-ai/mergekit, moe.md):
         positive_prompts: ["..."]
         negative_prompts: ["..."]       # optional
 
-Sources are local model directories (relative paths are relative to the YAML's folder), dense
-Mistral-architecture models with the base's vocabulary, width and depth. Routers (one vector per expert
-and layer, router logit = x . v):
-- hidden: per layer, the base model's hidden state at the last token of each prompt (BOS prepended, as
-  mergekit does), averaged over the positive prompts, minus the same average over the negative prompts,
-  L2-normalised. mergekit takes the residual stream entering each decoder layer; we take the input of the
-  layer's FFN (after the post-attention RMSNorm), which is exactly the vector the router multiplies.
-- cheap_embed: the L2-normalised mean token embedding of the positive prompts minus that of the negative
-  ones, normalised again; the same vectors in every layer (mergekit's formula).
+Sources are local model directories (relative paths are relative to the YAML's folder), Hugging Face or
+Mistral-native, dense Mistral-architecture models with the base's vocabulary, width and depth. The output
+is what mergekit-moe 0.1.4 writes for the same YAML (benchmarks/mergekit_parity.py checks it against the
+tool): every copied tensor cast to `dtype` (the YAML's, else the base config.json's, else the stored
+embedding's), routers as below, sliding_window dropped and "dtype" recorded in config.json. Routers (one
+vector per expert and layer, router logit = x . v), as mergekit's get_gate_params makes them:
+- hidden: the base model in bf16 is run on "<s>" + each prompt; per layer, the residual stream entering
+  the layer at the prompt's last token, averaged over the positive prompts (in bf16), minus the same
+  average over the negative prompts, L2-normalised. mergekit pads a batch on the left with masked BOS
+  tokens; one prompt at a time gives the same vectors to bf16 rounding.
+- cheap_embed: the L2-normalised sum of the prompts' token embeddings (fp32), positive minus negative,
+  normalised again; the same vectors in every layer.
 - random: normal(0, 1) (mergekit's torch.randn), seeded.
-Differences from mergekit: sliding_window is kept from the base (mergekit drops it), and the last real
-token of each prompt is used (mergekit's padded batch can read a pad position).
+The prompt ids are those of transformers' tokenizer on bos_token + prompt (see prompt_ids).
+
+Streaming: the output is written tensor by tensor (stream.ModelWriter) as it is read from the sources;
+only gate_mode hidden loads a model (the base, in bf16), and frees it before the copying starts.
 """
 
 from __future__ import annotations
@@ -163,10 +168,14 @@ def prompt_ids(tok, tok_dir: Path, prompt: str) -> list[int]:
 
 @torch.no_grad()
 def hidden_vector(model, ids: list[list[int]]) -> torch.Tensor:
-    """[L, D] in the model's dtype: the residual stream entering each layer at each prompt's last token
-    ("<s>" + prompt), averaged over the prompts as mergekit's get_hidden_states does (in the model's dtype)."""
+    """[L, D]: the residual stream entering each layer at the last token of each prompt (token ids), averaged
+    over the prompts in the model's dtype, as mergekit's get_hidden_states does."""
     captured: list[torch.Tensor] = []
-    hooks = [layer.register_forward_pre_hook(lambda _m, args: captured.append(args[0][0, -1])) for layer in model.layers]
+
+    def grab(_module, args):  # the residual stream entering the layer, last position
+        captured.append(args[0][0, -1])
+
+    hooks = [layer.register_forward_pre_hook(grab) for layer in model.layers]
     rows = []
     try:
         for row in ids:
@@ -200,15 +209,14 @@ def gate_vectors(base_dir: Path, base_files: dict, tok, experts: list[dict], mod
     E = len(experts)
     if mode == "random":
         return torch.randn(L, E, D, generator=torch.Generator().manual_seed(seed))
-    if mode == "hidden":
-        model = load_model(base_dir, dtype=torch.bfloat16)
-        def vector(prompts):
-            return hidden_vector(model, [prompt_ids(tok, base_dir, p) for p in prompts])
-    else:
-        key = "model.embed_tokens.weight"
-        embed_VD = base_files[key].read(key)
-        def vector(prompts):
-            return cheap_embed_vector(embed_VD, [prompt_ids(tok, base_dir, p) for p in prompts]).expand(L, D)
+    key = "model.embed_tokens.weight"
+    model = load_model(base_dir, dtype=torch.bfloat16) if mode == "hidden" else None  # freed when this returns
+    embed_VD = base_files[key].read(key) if mode == "cheap_embed" else None
+
+    def vector(prompts: list[str]) -> torch.Tensor:  # [L, D]
+        ids = [prompt_ids(tok, base_dir, p) for p in prompts]
+        return hidden_vector(model, ids) if model is not None else cheap_embed_vector(embed_VD, ids).expand(L, D)
+
     vecs = []
     for e in tqdm(experts, desc="expert prompts", unit="expert", disable=None, leave=False):
         v = vector(e["positive_prompts"])

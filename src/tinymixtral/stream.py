@@ -83,7 +83,8 @@ class ModelWriter:
         assert self._next < len(self.order) and name == self.order[self._next], \
             f"wrote {name}, expected {self.order[self._next] if self._next < len(self.order) else 'nothing more'}"
         dtype, shape = self.plan[name]
-        assert t.dtype == dtype and tuple(t.shape) == shape, f"{name}: {t.dtype} {tuple(t.shape)}, planned {dtype} {shape}"
+        assert t.dtype == dtype and tuple(t.shape) == shape, \
+            f"{name}: {t.dtype} {tuple(t.shape)}, planned {dtype} {shape}"
         if self._left == 0:
             self._open_next()
         t = t.detach().cpu().contiguous()
