@@ -26,7 +26,7 @@ vector per expert and layer, router logit = x . v), as mergekit's get_gate_param
 - random: normal(0, 1) (mergekit's torch.randn), seeded.
 The prompt ids are those of transformers' tokenizer on bos_token + prompt (see prompt_ids).
 
-Streaming: the output is written tensor by tensor (stream.ModelWriter) as it is read from the sources;
+Streaming: the output is written tensor by tensor (streaming.ModelWriter) as it is read from the sources;
 only gate_mode hidden loads a model (the base, in bf16), and frees it before the copying starts.
 """
 
@@ -47,7 +47,7 @@ from .checkpoint import has_tokenizer, load_model
 from .config import ModelConfig
 from .convert import to_hf
 from .errors import TinyMixtralError
-from .stream import ModelWriter, open_weights
+from .streaming import ModelWriter, open_weights
 from .tokenizer import load_tokenizer
 
 GATE_MODES = ("hidden", "cheap_embed", "random")

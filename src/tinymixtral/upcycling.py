@@ -30,7 +30,7 @@ from .config import ModelConfig
 from .convert import hf_layout, to_hf
 from .errors import TinyMixtralError
 from .model.moe import FeedForward
-from .stream import ModelWriter, open_weights
+from .streaming import ModelWriter, open_weights
 
 ROUTER_INITS = ("random", "zero")
 
