@@ -21,7 +21,7 @@ from tinymixtral import TinyMixtralError, cli
 from tinymixtral.checkpoint import load_model, save_model
 from tinymixtral.data import load_split, write_tokens
 from tinymixtral.evaluate import evaluate
-from tinymixtral.merging import degenerate_pairs, merge
+from tinymixtral.merging import degenerate_pairs, merge, prompt_ids
 from tinymixtral.tokenizer import load_tokenizer, train_bpe
 from tinymixtral.train import TrainConfig, train
 from tinymixtral.upcycling import upcycle
@@ -85,11 +85,12 @@ def config(root, **over):
     ({"experts": [{"source_model": "moe", "positive_prompts": ["x"]}]}, "is an MoE"),
     ({"experts": [{"source_model": "wide", "positive_prompts": ["x"]}]}, "has d_model=128 but the base has 64"),
 ])
-def test_merge_config_errors(tiny_sources, monkeypatch, over, message):
+def test_merge_config_errors(tiny_sources, monkeypatch, tmp_path, over, message):
     monkeypatch.chdir(tiny_sources)  # relative paths of a dict config start at the cwd
     with pytest.raises(TinyMixtralError) as e:
-        merge(config(tiny_sources, **over))
+        merge(config(tiny_sources, **over), tmp_path / "out")
     assert message in str(e.value)
+    assert not any(tmp_path.iterdir())  # nothing half-written
 
 
 def test_merge_cli_error_is_one_line(tiny_sources, tmp_path, capsys):
@@ -102,18 +103,21 @@ def test_merge_cli_error_is_one_line(tiny_sources, tmp_path, capsys):
     assert "merge config not found" in capsys.readouterr().err
 
 
-def test_cheap_embed_random_dtype_and_degenerate_warning(tiny_sources, capsys):
+def test_cheap_embed_random_dtype_and_degenerate_warning(tiny_sources, tmp_path, capsys):
     same = "cat " * 40
-    m = merge(config(tiny_sources, gate_mode="cheap_embed", dtype="bfloat16", experts=[
+    merge(config(tiny_sources, gate_mode="cheap_embed", dtype="bfloat16", experts=[
         {"source_model": str(tiny_sources / "a"), "positive_prompts": [same]},
-        {"source_model": str(tiny_sources / "b"), "positive_prompts": [same + "dog"]}]))
+        {"source_model": str(tiny_sources / "b"), "positive_prompts": [same + "dog"]}]), tmp_path / "m")
+    m = load_model(tmp_path / "m")
     assert next(m.parameters()).dtype == torch.bfloat16
+    assert json.loads((tmp_path / "m/config.json").read_text())["dtype"] == "bfloat16"  # as mergekit writes it
     g0, g1 = (layer.ffn.router.weight.float() for layer in m.layers)
     assert torch.equal(g0, g1) and g0.norm(dim=-1).tolist() == pytest.approx([1.0, 1.0], abs=1e-2)
     err = capsys.readouterr().err
     assert "warning: layer 0: router vectors of experts 0 and 1 are nearly parallel" in err
-    r = merge(config(tiny_sources, gate_mode="random", experts=[
-        {"source_model": str(tiny_sources / "a")}, {"source_model": str(tiny_sources / "b")}]))
+    merge(config(tiny_sources, gate_mode="random", experts=[
+        {"source_model": str(tiny_sources / "a")}, {"source_model": str(tiny_sources / "b")}]), tmp_path / "r")
+    r = load_model(tmp_path / "r")
     assert r.layers[0].ffn.router.weight.std().item() == pytest.approx(1.0, rel=0.2)  # mergekit's randn
     pairs = degenerate_pairs(torch.tensor([[[1.0, 0.0], [0.99, 0.05], [0.0, 1.0]]]))
     assert pairs == [(0, 0, 1, pytest.approx(0.9987, abs=1e-3))]
@@ -196,3 +200,121 @@ def test_merged_dir_is_a_hf_mixtral_with_the_base_tokenizer(franken):
     assert torch.equal(merged.layers[1].attn.wqkv.weight, base.layers[1].attn.wqkv.weight)  # attention from base
     src = load_model(root / "ft-arithmetic/latest")
     assert torch.equal(merged.layers[1].ffn.experts.w13[1], src.layers[1].ffn.w13.weight)  # expert 1 = source 1
+
+
+# ---- merge: streamed, from any directory layout, with mergekit's prompt ids ---------------------------
+def test_streamed_merge_copies_sources_from_hf_and_native_dirs(tiny_sources, tmp_path):
+    """Base tensors and experts are the sources' bit for bit (cast to dtype), sharded output included, with an
+    expert given in Mistral's native layout; layer 0's router is the last tokens' embeddings, as mergekit's."""
+    save_model(load_model(tiny_sources / "b"), tmp_path / "b-native", format="mistral")
+    c = config(tiny_sources, dtype="bfloat16")
+    c["experts"][1]["source_model"] = str(tmp_path / "b-native")
+    c["experts"][0]["positive_prompts"] = ["the cat sat", "a dog"]
+    cfg = merge(c, tmp_path / "m", max_shard_bytes=20_000)
+    assert len(list((tmp_path / "m").glob("model-*-of-*.safetensors"))) > 2
+    assert cfg.sliding_window is None and cfg.n_experts == 2 and cfg.top_k == 1
+    m = load_model(tmp_path / "m")
+    base, a, b = (load_model(tiny_sources / n) for n in ("base", "a", "b"))
+    bf16 = torch.bfloat16
+    assert torch.equal(m.embed.weight, base.embed.weight.to(bf16))
+    for i in range(cfg.n_layers):
+        assert torch.equal(m.layers[i].attn.wqkv.weight, base.layers[i].attn.wqkv.weight.to(bf16))
+        assert torch.equal(m.layers[i].ffn_norm.weight, base.layers[i].ffn_norm.weight.to(bf16))
+        for e, src in enumerate((a, b)):
+            assert torch.equal(m.layers[i].ffn.experts.w13[e], src.layers[i].ffn.w13.weight.to(bf16))
+            assert torch.equal(m.layers[i].ffn.experts.w2[e], src.layers[i].ffn.w2.weight.to(bf16))
+    tok = load_tokenizer(tiny_sources / "base")
+    last = [prompt_ids(tok, tiny_sources / "base", p)[-1] for p in c["experts"][0]["positive_prompts"]]
+    v = base.embed.weight[last].to(bf16).sum(0) / len(last)  # the hidden state entering layer 0, in bf16
+    v = v / v.norm().clamp(min=1e-8)
+    torch.testing.assert_close(m.layers[0].ffn.router.weight[0], v, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_prompt_ids_are_mergekits_tokenizer_call(tiny_sources, tmp_path, split):
+    """mergekit tokenizes bos_token + prompt with add_special_tokens=False: with split_special_tokens (ours)
+    "<s>" is text, without it (most Hub tokenizers) it is BOS."""
+    from transformers import AutoTokenizer
+
+    d = tmp_path / "tok"
+    shutil.copytree(tiny_sources / "base", d)
+    conf = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**conf, "split_special_tokens": split}))
+    hf = AutoTokenizer.from_pretrained(d)
+    ours = load_tokenizer(d)
+    for p in ["the cat sat", " 3 + 4 = 7", "x"]:
+        want = hf([hf.bos_token + p], add_special_tokens=False)["input_ids"][0]
+        assert prompt_ids(ours, d, p) == want
+        assert (want[0] == ours.bos_id) == (not split)
+
+
+PEAK_SCRIPT = """
+import sys, torch
+def status(field):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field + ":"))
+from tinymixtral.merging import merge
+from tinymixtral.upcycling import upcycle_dir
+base = status("VmRSS")  # after the imports; VmHWM, not ru_maxrss, which a child inherits from its parent
+if sys.argv[1] == "upcycle":
+    upcycle_dir(sys.argv[2], sys.argv[3], 4, 2, noise=0.01)
+else:
+    merge(sys.argv[2], sys.argv[3])
+print(status("VmHWM") - base)
+"""
+
+
+@pytest.mark.slow
+def test_merge_and_upcycle_hold_one_layer_not_the_models(tmp_path):
+    """Peak memory in a fresh process: upcycle holds about one layer's experts; merge the base in bf16 (for its
+    hidden-state gates) or one layer, never the sources or the output."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import tiny_model
+    from tinymixtral.tokenizer import train_bpe
+
+    over = dict(vocab_size=4096, d_model=512, n_layers=4, n_heads=8, n_kv_heads=2, d_ff=4096, max_seq_len=256)
+    tok = train_bpe(animals(50, 0) + arithmetic(50, 0), 300)
+    for i, name in enumerate(("base", "e0", "e1", "e2")):  # ~33M parameters: 133 MB each in fp32
+        save_model(tiny_model(DENSE_CFG, i, **over), tmp_path / name, tokenizer=tok, max_shard_bytes=64 * 2**20)
+    dense = sum(f.stat().st_size for f in (tmp_path / "base").glob("*.safetensors"))
+    ffn_layer = 3 * over["d_model"] * over["d_ff"] * 4  # one dense layer's FFN in fp32
+    (tmp_path / "moe.yaml").write_text(yaml.safe_dump({
+        "base_model": "base", "gate_mode": "hidden", "dtype": "float32", "experts_per_token": 2,
+        "experts": [{"source_model": f"e{i}", "positive_prompts": [p]}
+                    for i, p in enumerate(["cat", "1 + 2", "dog"])]}))
+
+    def peak(*args):
+        r = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, *map(str, args)], capture_output=True, text=True,
+                           timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr
+        return int(r.stdout.split()[-1])
+
+    up = peak("upcycle", tmp_path / "base", tmp_path / "up")
+    out = sum(f.stat().st_size for f in (tmp_path / "up").glob("*.safetensors"))
+    mg = peak("merge", tmp_path / "moe.yaml", tmp_path / "merged")
+    merged = sum(f.stat().st_size for f in (tmp_path / "merged").glob("*.safetensors"))
+    print(f"\n[stream] dense {dense / 1e6:.0f} MB; upcycle x4 (output {out / 1e6:.0f} MB) peak {up / 1e6:.0f} MB; "
+          f"merge of 3 (output {merged / 1e6:.0f} MB) peak {mg / 1e6:.0f} MB; one layer's experts "
+          f"{4 * ffn_layer / 1e6:.0f} MB")
+    assert up <= 2 * 4 * ffn_layer + 50e6, (up, ffn_layer)  # the layer's experts (+ the fp32 noise draw)
+    assert mg <= dense / 2 + 2 * ffn_layer + 80e6, (mg, dense)  # the bf16 base, a tensor or two, the forward
+
+
+def test_merge_and_upcycle_refuse_a_source_without_a_weight(tiny_sources, tmp_path, capsys):
+    """A source missing a tensor ends in one line naming it, before anything is written."""
+    from conftest import rewrite_weights
+
+    shutil.copytree(tiny_sources / "b", tmp_path / "b")
+    rewrite_weights(tmp_path / "b", lambda sd: sd.pop("model.layers.1.mlp.down_proj.weight"))
+    c = config(tiny_sources)
+    c["experts"][1]["source_model"] = str(tmp_path / "b")
+    (tmp_path / "moe.yaml").write_text(yaml.safe_dump(c))
+    line = assert_one_line_error(call_cli(capsys, "merge", tmp_path / "moe.yaml", "--out", tmp_path / "m"), "merge", 2)
+    assert "model.layers.1.mlp.down_proj.weight is missing or misshapen in" in line and str(tmp_path / "b") in line
+    r = call_cli(capsys, "upcycle", "--model", tmp_path / "b", "--experts", "2", "--top-k", "1", "--out", tmp_path / "u")
+    line = assert_one_line_error(r, "upcycle", 2)
+    assert "missing 1 weight(s): model.layers.1.mlp.down_proj.weight" in line
+    assert not (tmp_path / "m").exists() and not (tmp_path / "u").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left

@@ -7,8 +7,8 @@ import torch
 
 from conftest import DENSE, assert_one_line_error, call_cli, tiny_dense_dir, tiny_model
 from tinymixtral import cli
-from tinymixtral.checkpoint import load_model, save_model
-from tinymixtral.upcycling import upcycle
+from tinymixtral.checkpoint import load_model, read_safetensors, save_model
+from tinymixtral.upcycling import upcycle, upcycle_dir
 
 
 @pytest.mark.parametrize("router", ["random", "zero", "large"])
@@ -66,3 +66,22 @@ def test_upcycle_errors(tmp_path, tok300, capsys):
     r = call_cli(capsys, "upcycle", "--model", moe_dir, "--experts", "4", "--top-k", "1", "--out", tmp_path / "y")
     assert "already an MoE" in assert_one_line_error(r, "upcycle", 2)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("over, dtype, fmt", [({"noisy_gating": True}, None, "hf"),
+                                              ({"tie_embeddings": True}, torch.bfloat16, "hf"), ({}, None, "mistral")])
+def test_streamed_upcycle_equals_the_in_memory_one(tmp_path, tok300, over, dtype, fmt):
+    """upcycle_dir (layer by layer, sharded output) writes what save_model(upcycle(load_model(...))) writes, bit for
+    bit (noise and router draws included), from a HF or a Mistral-native directory, fp32 or bf16."""
+    dense = tiny_model(DENSE, 0, vocab_size=300, **over)
+    dense = dense.to(dtype) if dtype else dense
+    src = save_model(dense, tmp_path / "dense", tokenizer=tok300, format=fmt)
+    cfg = upcycle_dir(src, tmp_path / "streamed", 3, 2, noise=0.05, seed=4, max_shard_bytes=30_000)
+    assert len(list((tmp_path / "streamed").glob("model-*-of-*.safetensors"))) > 2
+    save_model(upcycle(load_model(src), 3, 2, noise=0.05, seed=4), tmp_path / "in-memory", tokenizer=tok300)
+    a, b = read_safetensors(tmp_path / "streamed"), read_safetensors(tmp_path / "in-memory")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert (tmp_path / "streamed/config.json").read_text() == (tmp_path / "in-memory/config.json").read_text()
+    assert cfg == load_model(tmp_path / "streamed").cfg

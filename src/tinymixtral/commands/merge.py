@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..merging import merge
+from ..params import count_params
 
 
 def add_arguments(p):
@@ -12,8 +13,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    model = merge(args.config, args.out, seed=args.seed)
-    cfg = model.cfg
+    cfg = merge(args.config, args.out, seed=args.seed)
     print(f"{args.out}: {cfg.n_experts} experts, top-{cfg.top_k}, {cfg.n_layers} layers, "
-          f"{model.num_params():,} parameters ({next(model.parameters()).dtype})")
+          f"{count_params(cfg)['total']:,} parameters")
     return 0

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import sys
 
-from ..checkpoint import has_tokenizer, load_model, save_model
-from ..upcycling import ROUTER_INITS, upcycle
+from ..checkpoint import has_tokenizer
+from ..params import count_params
+from ..upcycling import ROUTER_INITS, upcycle_dir
 
 
 def add_arguments(p):
-    p.add_argument("--model", required=True, help="a dense (Mistral-architecture) model directory")
+    p.add_argument("--model", required=True, help="a dense (Mistral-architecture) model directory, Hugging Face or Mistral-native")
     p.add_argument("--experts", type=int, required=True, help="number of experts per layer")
     p.add_argument("--top-k", type=int, required=True, help="experts per token")
     p.add_argument("--out", required=True, help="output Mixtral model directory")
@@ -21,13 +22,10 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    dense = load_model(args.model)
-    model = upcycle(dense, args.experts, args.top_k, args.noise, args.router, args.seed)
-    tokenizer = args.model if has_tokenizer(args.model) else None
-    if tokenizer is None:
+    cfg = upcycle_dir(args.model, args.out, args.experts, args.top_k, args.noise, args.router, args.seed)
+    if not has_tokenizer(args.model):
         print(f"upcycle: warning: {args.model} has no tokenizer files; none copied", file=sys.stderr)
-    save_model(model, args.out, tokenizer=tokenizer)
-    n_dense, n_moe = dense.num_params(), model.num_params()
+    n_dense, n_moe = (count_params(c)["total"] for c in (cfg.replace(n_experts=0), cfg))
     print(f"{args.out}: {args.experts} experts, top-{args.top_k}, router {args.router}, noise {args.noise}; "
           f"{n_moe:,} parameters (dense model: {n_dense:,})")
     return 0
