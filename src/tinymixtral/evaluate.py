@@ -9,29 +9,46 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .chats import eval_windows
 from .checkpoint import load_model
-from .data import load_split, window_starts, windows
+from .data import IGNORE, check_tokenizer, load_mask, load_split, window_starts, windows
 from .errors import TinyMixtralError
 
 
 @torch.no_grad()
-def evaluate(model, data: np.ndarray, batch: int, seq_len: int, device, max_batches: int | None) -> float:
-    """Mean next-token loss over evenly spaced, non-overlapping windows of a split (deterministic)."""
-    starts = window_starts(len(data), batch, seq_len, max_batches)
+def evaluate(model, data: np.ndarray, batch: int, seq_len: int, device, max_batches: int | None,
+             mask: np.ndarray | None = None, bos_id: int = 1) -> float:
+    """Mean next-token loss over evenly spaced, non-overlapping windows of a split (deterministic).
+
+    With a loss mask (conversations) only the trained targets count, over windows cut at conversation
+    starts (chats.eval_windows: all of them, or max_batches * batch spread over the split)."""
+    if mask is None:
+        starts, cols = window_starts(len(data), batch, seq_len, max_batches), None
+    else:
+        wins = eval_windows(data, bos_id, seq_len)
+        if max_batches and max_batches * batch < len(wins):
+            n = max_batches * batch
+            wins = [wins[round(i * (len(wins) - 1) / max(n - 1, 1))] for i in range(n)]
+        starts, cols = [w[0] for w in wins], [w[1:] for w in wins]
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(starts), batch):
-        x, y = windows(data, starts[i:i + batch], seq_len, device)
+        x, y = windows(data, starts[i:i + batch], seq_len, device, mask, cols[i:i + batch] if cols else None)
         logits = model(x)
         total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").item()
-        count += y.numel()
+        count += int((y != IGNORE).sum())
     model.train(was_training)
+    if count == 0:
+        raise TinyMixtralError("the evaluated windows hold no trained (assistant) token")
     return total / count
 
 
 def bits_per_byte(loss: float, meta: dict, split: str) -> float:
-    """Nats per token -> bits per UTF-8 byte of the text, using the split's token/byte ratio."""
+    """Nats per token -> bits per UTF-8 byte of the text, using the split's token/byte ratio (of the trained
+    tokens and the replies' text, for conversations)."""
+    if meta.get(f"{split}_loss_tokens"):
+        return loss / math.log(2) * meta[f"{split}_loss_tokens"] / max(meta[f"{split}_loss_bytes"], 1)
     return loss / math.log(2) * meta[f"{split}_tokens"] / meta[f"{split}_bytes"]
 
 
@@ -44,6 +61,8 @@ def eval_model(model_dir: str, data_dir: str, split: str = "val", seq_len: int |
     'model' is the directory actually read: a run's `best` or `latest` link resolved to its checkpoint."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     data, meta = load_split(data_dir, split)
+    mask = load_mask(data_dir, split, meta)
+    check_tokenizer(data_dir, meta, model_dir)
     model = load_model(model_dir, device=device, dtype=dtype, bits=bits, group_size=group_size)
     if meta["vocab_size"] > model.cfg.vocab_size:
         raise TinyMixtralError(f"the data's tokenizer has {meta['vocab_size']} tokens, the model only "
@@ -54,7 +73,11 @@ def eval_model(model_dir: str, data_dir: str, split: str = "val", seq_len: int |
         raise TinyMixtralError(f"--seq-len must be between 1 and {min(model.cfg.max_seq_len, len(data) - 1)} "
                                f"(the model's max_seq_len {model.cfg.max_seq_len}, the split's {len(data):,} tokens "
                                f"less one), got {seq_len}")
-    loss = evaluate(model, data, batch_size, seq_len, device, max_batches)
-    n_windows = len(window_starts(len(data), batch_size, seq_len, max_batches))
-    return {"model": str(Path(model_dir).resolve()), "split": split, "loss": loss, "ppl": math.exp(min(loss, 50)), "bpb": bits_per_byte(loss, meta, split),
-            "tokens": n_windows * seq_len, "seq_len": seq_len}
+    loss = evaluate(model, data, batch_size, seq_len, device, max_batches, mask, meta.get("bos_id", 1))
+    if mask is None:
+        n_tokens = len(window_starts(len(data), batch_size, seq_len, max_batches)) * seq_len
+    else:
+        n_tokens = None if max_batches else int(np.asarray(mask[1:]).sum())
+    return {"model": str(Path(model_dir).resolve()), "split": split, "loss": loss, "ppl": math.exp(min(loss, 50)),
+            "bpb": bits_per_byte(loss, meta, split), "tokens": n_tokens, "seq_len": seq_len,
+            "assistant_only": mask is not None}
