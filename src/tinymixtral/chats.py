@@ -56,6 +56,11 @@ def encode_conversation(tok, messages: list[dict]) -> tuple[list[int], list[int]
     return ids, mask
 
 
+def chat_text(messages: list[dict]) -> str:
+    """The rendered conversation as one text (what a BPE is trained on)."""
+    return " ".join(text for text, _ in chat_segments(messages))
+
+
 def loss_bytes(doc) -> int:
     """UTF-8 bytes of the text whose tokens are trained: a reply's content, or a whole text document."""
     if isinstance(doc, str):

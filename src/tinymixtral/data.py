@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .chats import encode_conversation, loss_bytes, parse_conversation
+from .chats import chat_text, encode_conversation, loss_bytes, parse_conversation
 from .checkpoint import has_tokenizer
 from .errors import TinyMixtralError
 from .stories import CORPUS_DESCRIPTION, generate_stories
@@ -148,7 +148,7 @@ def prepare(source: str, out: str | Path, tokenizer: str = "bpe:4096", val_fract
         val = val[: max(1, int(max_docs * val_fraction))]
     if kind == "bpe":
         print(f"training a byte-level BPE of {size} tokens on {len(train):,} documents")
-        tok = train_bpe(train, size)
+        tok = train_bpe([d if isinstance(d, str) else chat_text(d) for d in train], size)
     else:
         tok = load_tokenizer(tokenizer)
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32

@@ -22,14 +22,7 @@ def evaluate(model, data: np.ndarray, batch: int, seq_len: int, device, max_batc
 
     With a loss mask (conversations) only the trained targets count, over windows cut at conversation
     starts (chats.eval_windows: all of them, or max_batches * batch spread over the split)."""
-    if mask is None:
-        starts, cols = window_starts(len(data), batch, seq_len, max_batches), None
-    else:
-        wins = eval_windows(data, bos_id, seq_len)
-        if max_batches and max_batches * batch < len(wins):
-            n = max_batches * batch
-            wins = [wins[round(i * (len(wins) - 1) / max(n - 1, 1))] for i in range(n)]
-        starts, cols = [w[0] for w in wins], [w[1:] for w in wins]
+    starts, cols = _windows(data, batch, seq_len, max_batches, mask, bos_id)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -42,6 +35,26 @@ def evaluate(model, data: np.ndarray, batch: int, seq_len: int, device, max_batc
     if count == 0:
         raise TinyMixtralError("the evaluated windows hold no trained (assistant) token")
     return total / count
+
+
+def _windows(data, batch: int, seq_len: int, max_batches: int | None, mask, bos_id: int):
+    """The starts of evaluate's windows, and for conversations each one's counted columns (lo, hi)."""
+    if mask is None:
+        return window_starts(len(data), batch, seq_len, max_batches), None
+    wins = eval_windows(data, bos_id, seq_len)
+    if max_batches and max_batches * batch < len(wins):
+        n = max_batches * batch
+        wins = [wins[round(i * (len(wins) - 1) / max(n - 1, 1))] for i in range(n)]
+    return [w[0] for w in wins], [w[1:] for w in wins]
+
+
+def evaluated_tokens(data, batch: int, seq_len: int, max_batches: int | None, mask=None, bos_id: int = 1) -> int:
+    """How many targets evaluate() counts with the same arguments."""
+    starts, cols = _windows(data, batch, seq_len, max_batches, mask, bos_id)
+    if cols is None:
+        return len(starts) * seq_len
+    seen = np.concatenate([[0], np.cumsum(np.asarray(mask), dtype=np.int64)])
+    return int(sum(seen[s + 1 + hi] - seen[s + 1 + lo] for s, (lo, hi) in zip(starts, cols)))
 
 
 def bits_per_byte(loss: float, meta: dict, split: str) -> float:
@@ -74,10 +87,7 @@ def eval_model(model_dir: str, data_dir: str, split: str = "val", seq_len: int |
                                f"(the model's max_seq_len {model.cfg.max_seq_len}, the split's {len(data):,} tokens "
                                f"less one), got {seq_len}")
     loss = evaluate(model, data, batch_size, seq_len, device, max_batches, mask, meta.get("bos_id", 1))
-    if mask is None:
-        n_tokens = len(window_starts(len(data), batch_size, seq_len, max_batches)) * seq_len
-    else:
-        n_tokens = None if max_batches else int(np.asarray(mask[1:]).sum())
+    n_tokens = evaluated_tokens(data, batch_size, seq_len, max_batches, mask, meta.get("bos_id", 1))
     return {"model": str(Path(model_dir).resolve()), "split": split, "loss": loss, "ppl": math.exp(min(loss, 50)),
             "bpb": bits_per_byte(loss, meta, split), "tokens": n_tokens, "seq_len": seq_len,
             "assistant_only": mask is not None}

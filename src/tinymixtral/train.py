@@ -31,9 +31,9 @@ from .chats import train_starts
 from .checkpoint import has_tokenizer, load_model, read_safetensors
 from .config import ModelConfig
 from .convert import from_hf
-from .data import check_tokenizer, check_training_data, get_batch, load_mask, load_split, window_starts
+from .data import check_tokenizer, check_training_data, get_batch, load_mask, load_split
 from .errors import TinyMixtralError
-from .evaluate import bits_per_byte, evaluate
+from .evaluate import bits_per_byte, evaluate, evaluated_tokens
 from .params import flops_per_token, measure_matmul_flops
 from .plots import plot_run
 from .run_state import append_metrics, latest_checkpoint, load_trainer_state, save_checkpoint
@@ -301,7 +301,7 @@ def eval_and_log(r: Run, full: bool = False) -> dict:
     name = "final_val" if full else "val"
     row = {"step": r.step, "tokens": r.tokens, f"{name}_loss": val, f"{name}_ppl": math.exp(min(val, 50)),
            f"{name}_bpb": bits_per_byte(val, r.meta, "val"),
-           "val_tokens": len(window_starts(len(r.val_data), batch, t.seq_len, n_batches)) * t.seq_len}
+           "val_tokens": evaluated_tokens(r.val_data, batch, t.seq_len, n_batches, r.val_mask, r.meta.get("bos_id", 1))}
     if r.master:
         append_metrics(r.out, row)
         if r.wandb:

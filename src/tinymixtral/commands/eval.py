@@ -28,8 +28,7 @@ def run(args) -> int:
         print(json.dumps(r))
     else:
         print(f"{r['model']}")
-        counted = f"{r['tokens']:,} tokens" if r["tokens"] is not None else "a sample of the windows"
-        which = "assistant tokens only, " if r["assistant_only"] else ""
+        which = " assistant" if r["assistant_only"] else ""
         print(f"{args.split}: loss {r['loss']:.4f} nats/token   perplexity {r['ppl']:.3f}   "
-              f"{r['bpb']:.4f} bits/byte   ({which}{counted}, windows of {r['seq_len']})")
+              f"{r['bpb']:.4f} bits/byte   ({r['tokens']:,}{which} tokens, windows of {r['seq_len']})")
     return 0
