@@ -9,7 +9,8 @@ def add_arguments(p):
     p.add_argument("source", help="'stories' (offline, synthetic), 'tinystories' (needs network), a file or a folder "
                    "(.jsonl lines: {\"text\": ...} or chat {\"messages\": [{\"role\", \"content\"}, ...]})")
     p.add_argument("--out", required=True, help="output data directory")
-    p.add_argument("--tokenizer", default="bpe:4096", help="'mistral' (Mixtral's 32000), 'bpe:N' (trained here) or a model directory (its tokenizer)")
+    p.add_argument("--tokenizer", default="bpe:4096",
+                   help="'mistral' (Mixtral's 32000), 'bpe:N' (trained here) or a model directory (its tokenizer)")
     p.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out (no val split given)")
     p.add_argument("--num-stories", type=int, default=50_000, help="how many stories the 'stories' source makes")
     p.add_argument("--max-docs", type=int, default=None, help="use at most this many training documents")
