@@ -17,6 +17,7 @@ A rerun with the same --work skips the steps whose output is already there.
 import argparse
 import json
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -62,20 +63,25 @@ def write(path: Path, docs: list[str]) -> Path:
     return path
 
 
-def evaluate(model: Path, data: Path) -> dict:
-    return json.loads(tm("eval", "--model", model, "--data", data, "--json", "--max-batches", "20"))
+def evaluate(model: Path, data: Path) -> float:
+    """Val loss on (up to) 16 windows of 512 tokens spread over the split."""
+    return json.loads(tm("eval", "--model", model, "--data", data, "--json", "--max-batches", "2"))["loss"]
 
 
 def train(out: Path, data: Path, minutes: float, *extra) -> dict:
+    """Train for `minutes`; steps, tokens and the final loss on the whole val split of `data`."""
+    if out.exists() and not (out / "latest").exists():
+        shutil.rmtree(out)  # an interrupted earlier attempt
     tm("train", "--data", data, "--out", out, "--max-time", f"{minutes * 60:.0f}", *TRAIN, *extra,
        makes=out / "latest")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return {"steps": rows[-1]["step"], "tokens": rows[-1]["tokens"], "minutes": minutes}
+    return {"steps": rows[-1]["step"], "tokens": rows[-1]["tokens"], "minutes": minutes,
+            "val_loss": rows[-1]["final_val_loss"], "val_bpb": rows[-1]["final_val_bpb"]}
 
 
 def first_choice_share(model: Path, data: Path) -> list[float]:
     """Per expert: the share of tokens (all layers together) whose first choice it is."""
-    stats = json.loads(tm("routes", "--model", model, "--data", data, "--json", "--max-tokens", "4096"))
+    stats = json.loads(tm("routes", "--model", model, "--data", data, "--json", "--max-tokens", "2048"))
     counts = [sum(lay["first_choice"][e] for lay in stats["layers"]) for e in range(stats["n_experts"])]
     return [c / sum(counts) for c in counts]
 
@@ -104,8 +110,6 @@ def main():
        makes=w / "up")
     res["A_moe"] = train(w / "A-moe", w / "mix", m, "--init-from", w / "up")
     res["A_dense"] = train(w / "A-dense", w / "mix", m, "--init-from", base)
-    for k, d in (("A_moe", "A-moe"), ("A_dense", "A-dense"), ("base", "base")):
-        res[k]["eval"] = evaluate(w / d / "latest", w / "mix")
     # B: merge two fine-tunes with random gates, train the router alone
     res["B_ft_stories"] = train(w / "ft-stories", w / "stories", m / 2, "--init-from", base)
     res["B_ft_sums"] = train(w / "ft-sums", w / "sums", m / 2, "--init-from", base)
@@ -119,7 +123,7 @@ def main():
     res["B_routes_after"] = {d: first_choice_share(w / "B-router" / "latest", w / d) for d in ("stories", "sums")}
     for k, d in (("B_router", "B-router"), ("B_dense", "B-dense"), ("B_ft_stories", "ft-stories"),
                  ("B_ft_sums", "ft-sums")):
-        res[k]["eval"] = {s: evaluate(w / d / "latest", w / s) for s in ("stories", "sums")}
+        res[k]["domain_loss"] = {s: evaluate(w / d / "latest", w / s) for s in ("stories", "sums")}
     res["commands"] = commands
     print(json.dumps({k: v for k, v in res.items() if k != "commands"}, indent=1))
     if args.out:

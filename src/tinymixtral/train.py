@@ -221,17 +221,17 @@ def setup(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool) -> Run:
     out = Path(tcfg.out)
     train_data, meta = load_split(tcfg.data, "train")
     val_data, _ = load_split(tcfg.data, "val")
+    ckpt = latest_checkpoint(out) if resume else None
+    if ckpt or tcfg.init_from:  # data of another tokenizer: refused before anything else is said about them
+        check_tokenizer(tcfg.data, meta, ckpt or tcfg.init_from)
     check_training_data(meta, train_data, val_data, tcfg.seq_len, mcfg)
     mcfg = mcfg.replace(bos_token_id=meta.get("bos_id", mcfg.bos_token_id), eos_token_id=meta.get("eos_id"))
     if resume and tcfg.fsdp:
         raise TinyMixtralError("resuming an FSDP run is not supported yet (its checkpoints hold weights only)")
     torch.manual_seed(tcfg.seed)
     if resume:
-        ckpt = latest_checkpoint(out)
-        check_tokenizer(tcfg.data, meta, ckpt)
         model = build_model(mcfg, from_hf(read_safetensors(ckpt), mcfg), device=device)
     elif tcfg.init_from:  # its config with the run's routing options (commands/train.py checks the rest)
-        check_tokenizer(tcfg.data, meta, tcfg.init_from)
         model = build_model(mcfg, load_model(tcfg.init_from, dtype=torch.float32).state_dict(), device=device)
     else:
         model = build_model(mcfg, device=device)
