@@ -211,7 +211,8 @@ def write_tokens(texts: list, tok, path: Path, dtype, desc: str, batch: int = 20
                 ids.append(row)
                 mask.append([1] * len(row) if m is None else m)
             arr = np.fromiter((t for seq in ids for t in seq), dtype=np.int64)
-            masks.append(np.fromiter((t for seq in mask for t in seq), dtype=np.uint8))
+            if mask_path is not None:
+                masks.append(np.fromiter((t for seq in mask for t in seq), dtype=np.uint8))
             if arr.size and arr.max() > np.iinfo(dtype).max:
                 raise TinyMixtralError(f"token id {arr.max()} does not fit {np.dtype(dtype).name}")
             if getattr(tok, "unk_id", None) is not None:
