@@ -154,6 +154,8 @@ def _check(t: TrainConfig):
         raise TinyMixtralError(f"--max-tokens must be >= 1, got {t.max_tokens}")
     if t.max_time is not None and not (0 < t.max_time < math.inf):
         raise TinyMixtralError(f"--max-time must be a positive duration, got {t.max_time}")
+    if t.train_only not in ("router", "experts", "attention", "all"):
+        raise TinyMixtralError(f"--train-only must be router, experts, attention or all, got {t.train_only!r}")
     if t.autocast not in ("none", "bf16", "fp16"):
         raise TinyMixtralError(f"--autocast must be none, bf16 or fp16, got {t.autocast!r}")
 
