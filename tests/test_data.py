@@ -162,10 +162,10 @@ def test_failed_prepare_keeps_the_previous_output_and_leaves_no_temp(tmp_path, d
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     real = D.write_tokens
 
-    def failing(texts, tok, path, dtype, desc, batch=2048):
+    def failing(texts, tok, path, dtype, desc, batch=2048, **kw):
         if path.name == "val.bin":  # train.bin is already written in the temp directory
             raise TinyMixtralError("simulated failure while tokenizing")
-        return real(texts, tok, path, dtype, desc, batch)
+        return real(texts, tok, path, dtype, desc, batch, **kw)
 
     monkeypatch.setattr(D, "write_tokens", failing)
     with pytest.raises(TinyMixtralError, match="simulated"):

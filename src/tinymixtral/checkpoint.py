@@ -82,6 +82,17 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
     return build_model(model_cfg, sd, dtype=dtype, device=device or "cpu").eval()
 
 
+def model_config(path: str | Path) -> ModelConfig:
+    """The config of a model directory, HF (config.json) or Mistral-native (params.json)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise TinyMixtralError(f"model directory not found: {path}" if not path.exists() else
+                               f"{path} is a file, not a model directory (config.json + model.safetensors)")
+    if model_format(path) == "mistral":
+        return native.read_params(path)
+    return ModelConfig.load(path / "config.json")
+
+
 def model_format(path: Path) -> str:
     """'hf' or 'mistral' (native) for a model directory; a directory that mixes them is refused."""
     hf_weights = (path / WEIGHTS).is_file() or (path / INDEX).is_file()

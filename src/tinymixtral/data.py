@@ -1,8 +1,10 @@
 """`tinymixtral prepare`: text source -> tokenized train/val shards (numpy memmap) + meta.json.
 
 A prepared data directory holds `train.bin` and `val.bin` (token ids, uint16 when the vocabulary
-fits, else uint32; every document is <s> text </s>), `meta.json` (tokenizer, dtype, token, byte and
-document counts: bytes are what bits-per-byte is measured against) and `tokenizer/`.
+fits, else uint32; every document is <s> text </s>), `meta.json` (tokenizer and its identity, dtype,
+token, byte and document counts: bytes are what bits-per-byte is measured against) and `tokenizer/`.
+Data with conversations (chats.py) also hold `train.mask.bin` / `val.mask.bin`: one uint8 per token,
+1 where the token is trained (meta.json "loss_mask": true).
 Training reads random windows from the memmaps (nanoGPT's "poor man's data loader"); evaluation reads
 evenly spread ones. Both come from `windows`.
 """
@@ -19,6 +21,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .chats import chat_text, encode_conversation, loss_bytes, parse_conversation
+from .checkpoint import has_tokenizer
 from .errors import TinyMixtralError
 from .stories import CORPUS_DESCRIPTION, generate_stories
 from .tokenizer import load_tokenizer, parse_tokenizer_spec, train_bpe
@@ -50,8 +54,9 @@ def read_source(source: str, num_stories: int = 50_000, seed: int = 0) -> tuple[
     return {"train": texts, "val": None}, {"source": str(path), "synthetic": False}
 
 
-def read_file(path: Path) -> list[str]:
-    """Documents of one local file: .txt (split at <|endoftext|> or blank-line runs), .jsonl, .parquet."""
+def read_file(path: Path) -> list:
+    """Documents of one local file: .txt (split at <|endoftext|> or blank-line runs), .jsonl, .parquet.
+    A .jsonl line is a text ({"text": ...}) or a conversation ({"messages": [...]}, a list of messages)."""
     if path.suffix not in TEXT_SUFFIXES:
         raise TinyMixtralError(f"{path}: unsupported file type {path.suffix!r}; use .txt, .jsonl or .parquet")
     try:
@@ -64,10 +69,17 @@ def read_file(path: Path) -> list[str]:
             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
                 if not line.strip():
                     continue
-                row = json.loads(line)
-                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise TinyMixtralError(f"{path}:{n}: each line must be a JSON object with a 'text' string")
-                docs.append(row["text"])
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise TinyMixtralError(f"{path}:{n}: invalid JSON ({e})") from None
+                if isinstance(row, dict) and "messages" in row:
+                    docs.append(parse_conversation(row, f"{path}:{n}"))
+                elif not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                    raise TinyMixtralError(f"{path}:{n}: each line must be a JSON object with a 'text' string "
+                                           "or a 'messages' list")
+                else:
+                    docs.append(row["text"])
             return docs
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -118,22 +130,24 @@ def prepare(source: str, out: str | Path, tokenizer: str = "bpe:4096", val_fract
             num_stories: int = 50_000, seed: int = 0, max_docs: int | None = None, val_file: str | None = None) -> dict:
     """Tokenize a source into OUT/{train,val}.bin + meta.json + tokenizer/ (written atomically).
 
+    tokenizer: 'mistral', 'bpe:N' (trained here on the train split) or a directory with tokenizer files
+    (a model directory: the data are then prepared for that model).
     The val split is the source's own (a dataset's validation split), else `val_file` (any file or folder
     source), else a seeded val_fraction of the documents (of a single document: its tail)."""
     if not 0 < val_fraction < 1:
         raise TinyMixtralError(f"--val-fraction must be in (0, 1), got {val_fraction}")
-    kind, size = parse_tokenizer_spec(tokenizer)
+    kind, size = ("dir", None) if Path(tokenizer).is_dir() else parse_tokenizer_spec(tokenizer)
     splits, meta = read_source(source, num_stories=num_stories, seed=seed)
-    train = [t for t in splits["train"] if t and t.strip()]
+    train = [t for t in splits["train"] if _has_text(t)]
     if max_docs:
         train = train[:max_docs]
     if not train:
         raise TinyMixtralError(f"data source {source} holds no text")
-    val = [t for t in splits["val"] if t and t.strip()] if splits["val"] is not None else None
+    val = [t for t in splits["val"] if _has_text(t)] if splits["val"] is not None else None
     if val_file is not None:
         if val:
             raise TinyMixtralError(f"{source} has a validation split of its own; drop --val-file")
-        val = [t for t in read_source(val_file)[0]["train"] if t and t.strip()]
+        val = [t for t in read_source(val_file)[0]["train"] if _has_text(t)]
         if not val:
             raise TinyMixtralError(f"--val-file {val_file} holds no text")
         meta["val_source"] = str(val_file)
@@ -143,10 +157,11 @@ def prepare(source: str, out: str | Path, tokenizer: str = "bpe:4096", val_fract
         val = val[: max(1, int(max_docs * val_fraction))]
     if kind == "bpe":
         print(f"training a byte-level BPE of {size} tokens on {len(train):,} documents")
-        tok = train_bpe(train, size)
+        tok = train_bpe([d if isinstance(d, str) else chat_text(d) for d in train], size)
     else:
         tok = load_tokenizer(tokenizer)
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+    chat = any(not isinstance(d, str) for d in train + val)
     out = Path(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -154,11 +169,12 @@ def prepare(source: str, out: str | Path, tokenizer: str = "bpe:4096", val_fract
     try:
         stats = {}
         for name, texts in (("train", train), ("val", val)):
-            stats[name] = write_tokens(texts, tok, tmp / f"{name}.bin", dtype, desc=f"tokenizing {name}")
+            stats[name] = write_tokens(texts, tok, tmp / f"{name}.bin", dtype, desc=f"tokenizing {name}",
+                                       mask_path=tmp / f"{name}.mask.bin" if chat else None)
         tok.save(tmp / "tokenizer")
         meta.update({
-            "tokenizer": tokenizer, "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name,
-            "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+            "tokenizer": tokenizer, "tokenizer_id": tok.identity(), "vocab_size": tok.vocab_size,
+            "dtype": np.dtype(dtype).name, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "loss_mask": chat,
             **{f"{s}_{k}": v for s, d in stats.items() for k, v in d.items()},
         })
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -171,9 +187,13 @@ def prepare(source: str, out: str | Path, tokenizer: str = "bpe:4096", val_fract
     return meta
 
 
-def split_docs(docs: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """A seeded document-level split; a single document is split by characters instead."""
-    if len(docs) == 1:
+def _has_text(doc) -> bool:
+    return bool(doc.strip()) if isinstance(doc, str) else bool(doc)
+
+
+def split_docs(docs: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded document-level split; a single text document is split by characters instead."""
+    if len(docs) == 1 and isinstance(docs[0], str):
         cut = int(len(docs[0]) * (1 - fraction))
         return [docs[0][:cut]], [docs[0][cut:]]
     idx = list(range(len(docs)))
@@ -183,14 +203,25 @@ def split_docs(docs: list[str], fraction: float, seed: int) -> tuple[list[str], 
     return [d for i, d in enumerate(docs) if i not in val_idx], [d for i, d in enumerate(docs) if i in val_idx]
 
 
-def write_tokens(texts: list[str], tok, path: Path, dtype, desc: str, batch: int = 2048) -> dict:
-    """Encode texts (<s> text </s> each) in batches into a flat memmap file; returns counts."""
-    total_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    chunks, n_tokens, unk = [], 0, 0
+def write_tokens(texts: list, tok, path: Path, dtype, desc: str, batch: int = 2048,
+                 mask_path: Path | None = None) -> dict:
+    """Encode documents (texts as <s> text </s>; conversations as chats.encode_conversation) in batches into
+    a flat memmap file, and with mask_path their loss mask into another; returns counts."""
+    total_bytes = sum(len(t.encode("utf-8")) if isinstance(t, str) else sum(len(m["content"].encode("utf-8"))
+                      for m in t) for t in texts)
+    chunks, masks, n_tokens, unk = [], [], 0, 0
     with tqdm(total=len(texts), desc=desc, unit="doc", unit_scale=True, leave=False) as bar:
         for i in range(0, len(texts), batch):
-            ids = tok.encode_batch(texts[i:i + batch], bos=True, eos=True)
+            part = texts[i:i + batch]
+            encoded = iter(tok.encode_batch([t for t in part if isinstance(t, str)], bos=True, eos=True))
+            ids, mask = [], []
+            for doc in part:
+                row, m = (next(encoded), None) if isinstance(doc, str) else encode_conversation(tok, doc)
+                ids.append(row)
+                mask.append([1] * len(row) if m is None else m)
             arr = np.fromiter((t for seq in ids for t in seq), dtype=np.int64)
+            if mask_path is not None:
+                masks.append(np.fromiter((t for seq in mask for t in seq), dtype=np.uint8))
             if arr.size and arr.max() > np.iinfo(dtype).max:
                 raise TinyMixtralError(f"token id {arr.max()} does not fit {np.dtype(dtype).name}")
             if getattr(tok, "unk_id", None) is not None:
@@ -206,7 +237,12 @@ def write_tokens(texts: list[str], tok, path: Path, dtype, desc: str, batch: int
         mm[pos:pos + c.size] = c
         pos += c.size
     mm.flush()
-    return {"tokens": n_tokens, "bytes": total_bytes, "docs": len(texts)}
+    stats = {"tokens": n_tokens, "bytes": total_bytes, "docs": len(texts)}
+    if mask_path is not None:
+        mask = np.concatenate(masks) if masks else np.zeros(0, np.uint8)
+        mask.tofile(mask_path)
+        stats.update(loss_tokens=int(mask.sum()), loss_bytes=sum(loss_bytes(t) for t in texts))
+    return stats
 
 
 def load_split(data_dir: str | Path, split: str) -> tuple[np.memmap, dict]:
@@ -220,6 +256,42 @@ def load_split(data_dir: str | Path, split: str) -> tuple[np.memmap, dict]:
     if not file.is_file():
         raise TinyMixtralError(f"no {split} split in {data_dir} ({file.name} missing)")
     return np.memmap(file, dtype=np.dtype(meta["dtype"]), mode="r"), meta
+
+
+def load_mask(data_dir: str | Path, split: str, meta: dict) -> np.memmap | None:
+    """The loss mask of a split of conversations (1 = trained token), or None for plain text."""
+    if not meta.get("loss_mask"):
+        return None
+    file = Path(data_dir) / f"{split}.mask.bin"
+    if not file.is_file():
+        raise TinyMixtralError(f"no {file.name} in {data_dir}, but its meta.json says it holds a loss mask")
+    return np.memmap(file, dtype=np.uint8, mode="r")
+
+
+def data_tokenizer_id(data_dir: str | Path, meta: dict) -> str | None:
+    """The identity of the tokenizer data were prepared with: meta.json's "tokenizer_id", or for data
+    prepared before it was recorded, that of the tokenizer/ files saved beside them (None: neither)."""
+    if meta.get("tokenizer_id"):
+        return meta["tokenizer_id"]
+    try:
+        return load_tokenizer(Path(data_dir) / "tokenizer").identity()
+    except TinyMixtralError:
+        return None
+
+
+def check_tokenizer(data_dir: str | Path, meta: dict, model_dir: str | Path) -> None:
+    """Refuse data prepared with another tokenizer than the model directory's (one line). A model without
+    tokenizer files, or old data without a recorded or saved tokenizer, cannot be checked and is let through."""
+    ours = data_tokenizer_id(data_dir, meta)
+    if ours is None or not has_tokenizer(model_dir):
+        return
+    try:
+        theirs = load_tokenizer(model_dir).identity()
+    except TinyMixtralError:
+        return  # e.g. only a tokenizer_config.json: nothing to compare
+    if ours != theirs:
+        raise TinyMixtralError(f"{data_dir} was prepared with another tokenizer than {model_dir}'s ({ours} vs "
+                               f"{theirs}); prepare the data with --tokenizer {model_dir}")
 
 
 def check_training_data(meta: dict, train_data, val_data, seq_len: int, mcfg) -> None:
@@ -237,17 +309,32 @@ def check_training_data(meta: dict, train_data, val_data, seq_len: int, mcfg) ->
 
 
 # ---- windows: what training and evaluation read -------------------------------------------------------
-def windows(data: np.ndarray, starts: list[int], seq_len: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-token targets [len(starts), seq_len] of the windows data[s : s + seq_len + 1]."""
+IGNORE = -100  # a target cross_entropy skips (its default ignore_index): not trained, not counted
+
+
+def windows(data: np.ndarray, starts: list[int], seq_len: int, device="cpu", mask: np.ndarray | None = None,
+            cols: list[tuple[int, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets [len(starts), seq_len] of the windows data[s : s + seq_len + 1].
+
+    Targets whose mask is 0, or (with cols) whose column is outside the window's [lo, hi), are IGNORE."""
     x = torch.from_numpy(np.stack([data[s:s + seq_len + 1].astype(np.int64) for s in starts]))
-    x = x.to(device, non_blocking=True)
-    return x[:, :-1], x[:, 1:]
+    y = x[:, 1:]
+    if mask is not None:
+        keep = torch.from_numpy(np.stack([mask[s + 1:s + seq_len + 1] for s in starts])) > 0
+        if cols is not None:
+            j = torch.arange(seq_len)
+            keep &= torch.stack([(j >= lo) & (j < hi) for lo, hi in cols])
+        y = y.masked_fill(~keep, IGNORE)
+    return x[:, :-1].to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
-def get_batch(data: np.ndarray, batch: int, seq_len: int, gen: torch.Generator, device, rank=0, world=1):
-    """Random windows: every process draws the same global batch and keeps its own slice."""
-    ix = torch.randint(len(data) - seq_len - 1, (batch * world,), generator=gen)[rank * batch:(rank + 1) * batch]
-    return windows(data, ix.tolist(), seq_len, device)
+def get_batch(data: np.ndarray, batch: int, seq_len: int, gen: torch.Generator, device, rank=0, world=1,
+              mask: np.ndarray | None = None, starts: np.ndarray | None = None):
+    """Random windows: every process draws the same global batch and keeps its own slice. With starts
+    (conversations: chats.train_starts) the windows start there, and mask hides the untrained targets."""
+    n = len(data) - seq_len - 1 if starts is None else len(starts)
+    ix = torch.randint(n, (batch * world,), generator=gen)[rank * batch:(rank + 1) * batch].tolist()
+    return windows(data, ix if starts is None else [int(starts[i]) for i in ix], seq_len, device, mask)
 
 
 def window_starts(n_tokens: int, batch: int, seq_len: int, max_batches: int | None) -> list[int]:

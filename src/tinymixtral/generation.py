@@ -179,6 +179,21 @@ def chat_template(prompt: str, system: str | None) -> str:
     return f"[INST] {system}\n\n{prompt} [/INST]" if system else f"[INST] {prompt} [/INST]"
 
 
+def chat_segments(messages: list[dict]) -> list[tuple[str, str]]:
+    """A whole conversation in the same template, as (text, role) segments in order: each user turn is
+    chat_template(content, system) (the system prompt in front of the first one, as `chat` does), each
+    assistant turn its content. Tokenized segment by segment (<s> before the first, </s> after each reply),
+    it is the token sequence `chat` builds turn by turn."""
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+    out = []
+    for m in messages[1:] if system is not None else messages:
+        if m["role"] == "user":
+            out.append((chat_template(m["content"], system if not out else None), "user"))
+        else:
+            out.append((m["content"], m["role"]))
+    return out
+
+
 def printable(text: str, stops: list[str] | None) -> str:
     """The part of streamed text that is safe to print: not a half-decoded UTF-8 character at the end
     (byte-level tokens can split one), nor an end that may yet become a stop string."""

@@ -5,6 +5,7 @@ happens to spell "<s>" is encoded as plain text; BOS/EOS only come from the bos/
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 import json
 import os
@@ -39,6 +40,19 @@ class Tokenizer:
             backend.encode_special_tokens = True  # "<s>" inside text is text, as in sentencepiece
         if self.bos_id is None or self.bos_id < 0 or self.eos_id is None or self.eos_id < 0:
             raise TinyMixtralError(f"tokenizer has no {BOS} / {EOS} tokens")
+
+    def identity(self) -> str:
+        """What makes two tokenizers interchangeable: a hash of the vocabulary (every token's text, by id).
+
+        Prepared data record it (meta.json "tokenizer_id"); a model meets data only with the same identity.
+        A SentencePiece model and its `tokenizers` copy in tokenizer.json have the same one.
+        """
+        if self.kind == "mistral":
+            pieces = [self._backend.id_to_piece(i) for i in range(self.vocab_size)]
+        else:
+            by_id = {i: p for p, i in self._backend.get_vocab(with_added_tokens=True).items()}
+            pieces = [by_id.get(i) for i in range(self.vocab_size)]
+        return "vocab-sha256:" + hashlib.sha256(json.dumps(pieces).encode()).hexdigest()[:16]
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         """Token ids of one text, optionally with BOS in front and EOS at the end."""

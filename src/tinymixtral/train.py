@@ -30,12 +30,13 @@ from tqdm import tqdm
 
 from .analysis.stats import expert_load
 from .build import build_model
-from .checkpoint import read_safetensors
+from .chats import train_starts
+from .checkpoint import has_tokenizer, load_model, read_safetensors
 from .config import ModelConfig
 from .convert import from_hf
-from .data import check_training_data, get_batch, load_split, window_starts
+from .data import check_tokenizer, check_training_data, get_batch, load_mask, load_split
 from .errors import TinyMixtralError
-from .evaluate import bits_per_byte, evaluate
+from .evaluate import bits_per_byte, evaluate, evaluated_tokens
 from .optim import Muon, split_params
 from .params import flops_per_token, measure_matmul_flops
 from .plots import plot_run
@@ -78,6 +79,8 @@ class TrainConfig:
     fsdp: bool = False  # under torchrun: shard with FSDP2 instead of DDP
     fsdp_bf16: bool = False  # with --fsdp: bf16 parameters in forward and backward, fp32 gradient reduction (for GPUs)
     progress: bool = True  # show a progress bar
+    init_from: str | None = None  # start from this model directory's weights and config (fine-tuning)
+    train_only: str = "all"  # router | experts | attention | all: train these parameters, freeze the rest
 
 
 def get_lr(step: int, progress: float, cfg: TrainConfig) -> float:
@@ -98,8 +101,9 @@ def get_lr(step: int, progress: float, cfg: TrainConfig) -> float:
 def make_optimizer(raw: torch.nn.Module, tcfg: TrainConfig, device: str) -> torch.optim.Optimizer:
     """AdamW (weight decay on matrices only, not embeddings, norms or biases), or Muon for the hidden
     matrices with AdamW for the rest (the loop sets each group's lr: the schedule times --lr or --muon-lr)."""
+    # Frozen parameters (--train-only) are not given to the optimizer: no moments, no weight decay.
     if tcfg.optimizer == "muon":
-        hidden, rest = split_params(raw)
+        hidden, rest = ([(n, p) for n, p in part if p.requires_grad] for part in split_params(raw))
         decay = [p for n, p in rest if p.dim() >= 2 and not n.startswith("embed.")]
         no_decay = [p for n, p in rest if p.dim() < 2 or n.startswith("embed.")]
         groups = [{"params": [p for _, p in hidden], "use_muon": True, "lr": tcfg.muon_lr,
@@ -109,8 +113,9 @@ def make_optimizer(raw: torch.nn.Module, tcfg: TrainConfig, device: str) -> torc
         # Newton-Schulz in bf16 on GPUs (as torch's Muon); fp32 on a CPU, whose bf16 products are slower
         return Muon([g for g in groups if g["params"]], betas=(tcfg.beta1, tcfg.beta2),
                     ns_dtype="bfloat16" if torch.device(device).type == "cuda" else "float32")
-    decay = [p for n, p in raw.named_parameters() if p.dim() >= 2 and not n.startswith("embed.")]
-    no_decay = [p for n, p in raw.named_parameters() if p.dim() < 2 or n.startswith("embed.")]
+    trained = [(n, p) for n, p in raw.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trained if p.dim() >= 2 and not n.startswith("embed.")]
+    no_decay = [p for n, p in trained if p.dim() < 2 or n.startswith("embed.")]
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), fused=torch.device(device).type in ("cpu", "cuda"))
@@ -157,6 +162,9 @@ class Run:
     best_val: float | None = None
     best_step: int | None = None
     resumed_at: int | None = None  # the step a resumed run starts at: no second eval/checkpoint there
+    train_mask: np.ndarray | None = None  # conversations: 1 where a token is trained (data.load_mask)
+    val_mask: np.ndarray | None = None
+    train_starts: np.ndarray | None = None  # conversations: where training windows start (chats.train_starts)
 
     @property
     def master(self) -> bool:
@@ -201,7 +209,8 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> dict:
                     save(r)
             parts_sum = {}
             for micro in range(tcfg.grad_accum):
-                x, y = get_batch(r.train_data, tcfg.batch_size, tcfg.seq_len, r.data_gen, r.device, r.rank, r.world)
+                x, y = get_batch(r.train_data, tcfg.batch_size, tcfg.seq_len, r.data_gen, r.device, r.rank, r.world,
+                                 r.train_mask, r.train_starts)
                 sync = nullcontext()
                 if isinstance(r.model, DistributedDataParallel) and micro < tcfg.grad_accum - 1:
                     sync = r.model.no_sync()  # all-reduce gradients once, on the last micro-batch
@@ -240,7 +249,7 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> dict:
 
 
 def setup(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool) -> Run:
-    """Processes, device, data, model (fresh, or the run's latest checkpoint), optimizer, W&B."""
+    """Processes, device, data, model (fresh, a model directory's, or the run's latest checkpoint), optimizer, W&B."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = tcfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     distributed = "RANK" in os.environ  # started by torchrun
@@ -252,6 +261,9 @@ def setup(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool) -> Run:
     out = Path(tcfg.out)
     train_data, meta = load_split(tcfg.data, "train")
     val_data, _ = load_split(tcfg.data, "val")
+    ckpt = latest_checkpoint(out) if resume else None
+    if ckpt or tcfg.init_from:  # data of another tokenizer: refused before anything else is said about them
+        check_tokenizer(tcfg.data, meta, ckpt or tcfg.init_from)
     check_training_data(meta, train_data, val_data, tcfg.seq_len, mcfg)
     mcfg = mcfg.replace(bos_token_id=meta.get("bos_id", mcfg.bos_token_id), eos_token_id=meta.get("eos_id"))
     sharded = distributed and tcfg.fsdp
@@ -260,7 +272,6 @@ def setup(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool) -> Run:
                                "use DDP (--fsdp false) or --optimizer adamw")
     torch.manual_seed(tcfg.seed)
     if resume:
-        ckpt = latest_checkpoint(out)
         if sharded and not (ckpt / SHARDED).is_dir():
             raise TinyMixtralError(f"{ckpt} was written without FSDP (its optimizer state is not sharded); "
                                    "resume it with --fsdp false")
@@ -268,11 +279,15 @@ def setup(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool) -> Run:
             model = build_model(mcfg, device=device)
         else:
             model = build_model(mcfg, from_hf(read_safetensors(ckpt), mcfg), device=device)
+    elif tcfg.init_from:  # its config with the run's routing options (commands/train.py checks the rest)
+        model = build_model(mcfg, load_model(tcfg.init_from, dtype=torch.float32).state_dict(), device=device)
     else:
         model = build_model(mcfg, device=device)
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            save_run_config(out, tcfg, mcfg)
+    freeze(model, tcfg.train_only)
+    if not resume and rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_run_config(out, tcfg, mcfg)
+    train_mask, val_mask = load_mask(tcfg.data, "train", meta), load_mask(tcfg.data, "val", meta)
     raw = model
     if distributed and tcfg.fsdp:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if tcfg.fsdp_bf16 else None
@@ -287,6 +302,9 @@ def setup(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool) -> Run:
     r = Run(tcfg, mcfg, out, device, rank, world, model, raw, optimizer, scaler, autocast, train_data, val_data,
             meta, torch.Generator().manual_seed(tcfg.seed), None, measure_matmul_flops(device) if rank == 0 else 1.0,
             flops_per_token(mcfg, tcfg.seq_len))
+    r.train_mask, r.val_mask = train_mask, val_mask
+    if train_mask is not None:
+        r.train_starts = train_starts(train_data, train_mask, meta["bos_id"], meta["eos_id"], tcfg.seq_len)
     if resume:
         if (ckpt / SHARDED).is_dir():  # any number of processes: DCP reshards to this run's layout
             msd, osd = get_state_dict(raw, optimizer)
@@ -328,11 +346,12 @@ def eval_and_log(r: Run, full: bool = False) -> dict:
     # The windows one process with the global batch would read, shared out among the processes.
     t, batch = r.tcfg, r.tcfg.batch_size * r.world
     n_batches = None if full else t.eval_batches
-    val = evaluate(r.model, r.val_data, t.batch_size, t.seq_len, r.device, n_batches, r.rank, r.world)
+    val = evaluate(r.model, r.val_data, t.batch_size, t.seq_len, r.device, n_batches, r.val_mask,
+                   r.meta.get("bos_id", 1), r.rank, r.world)
     name = "final_val" if full else "val"
     row = {"step": r.step, "tokens": r.tokens, f"{name}_loss": val, f"{name}_ppl": math.exp(min(val, 50)),
            f"{name}_bpb": bits_per_byte(val, r.meta, "val"),
-           "val_tokens": len(window_starts(len(r.val_data), batch, t.seq_len, n_batches)) * t.seq_len}
+           "val_tokens": evaluated_tokens(r.val_data, batch, t.seq_len, n_batches, r.val_mask, r.meta.get("bos_id", 1))}
     if r.master:
         append_metrics(r.out, row)
         if r.wandb:
@@ -378,9 +397,34 @@ def save(r: Run):
     if r.master:
         rng = {"data": r.data_gen.get_state(), "torch": torch.get_rng_state()}
         save_checkpoint(r.out, r.step, full, None if sharded else r.optimizer, r.scalars(), rng,
-                        Path(r.tcfg.data) / "tokenizer", r.tcfg.keep_last, r.best_step, shards=shards)
+                        tokenizer_dir(r.tcfg), r.tcfg.keep_last, r.best_step, shards=shards)
     if sharded:
         dist.barrier()  # the checkpoint is complete before any process goes on (or is killed)
+
+
+def tokenizer_dir(tcfg: TrainConfig) -> Path:
+    """The tokenizer files checkpoints carry: the --init-from model's (the run's tokenizer is the model's;
+    check_tokenizer made sure the data's is the same), else the data's."""
+    if tcfg.init_from and has_tokenizer(tcfg.init_from):
+        return Path(tcfg.init_from)
+    return Path(tcfg.data) / "tokenizer"
+
+
+TRAIN_ONLY = {"router": (".ffn.router.",), "experts": (".ffn.experts.", ".ffn.w13.", ".ffn.w2."),
+              "attention": (".attn.",)}
+
+
+def freeze(model, train_only: str) -> None:
+    """--train-only: requires_grad stays on the router, the experts (a dense model's FFN) or the attention
+    projections alone; every other parameter is frozen. 'all' trains everything."""
+    if train_only == "all":
+        return
+    if train_only not in TRAIN_ONLY:
+        raise TinyMixtralError(f"--train-only must be router, experts, attention or all, got {train_only!r}")
+    if train_only == "router" and not model.cfg.is_moe:
+        raise TinyMixtralError("--train-only router needs an MoE, but this model is dense (no router)")
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(part in name for part in TRAIN_ONLY[train_only]))
 
 
 def finish(r: Run):

@@ -28,6 +28,7 @@ def run(args) -> int:
         print(json.dumps(r))
     else:
         print(f"{r['model']}")
+        which = " assistant" if r["assistant_only"] else ""
         print(f"{args.split}: loss {r['loss']:.4f} nats/token   perplexity {r['ppl']:.3f}   "
-              f"{r['bpb']:.4f} bits/byte   ({r['tokens']:,} tokens, windows of {r['seq_len']})")
+              f"{r['bpb']:.4f} bits/byte   ({r['tokens']:,}{which} tokens, windows of {r['seq_len']})")
     return 0

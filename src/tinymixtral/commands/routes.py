@@ -20,7 +20,7 @@ from ..analysis.stats import collect_routing, summarize
 from ..checkpoint import load_model
 from . import add_load_options, load_options
 from ..config import ModelConfig
-from ..data import load_split
+from ..data import check_tokenizer, load_split
 from ..errors import TinyMixtralError
 from ..tokenizer import load_tokenizer
 
@@ -122,6 +122,8 @@ def run(args) -> int:
             raise TinyMixtralError(f"{args.model} is a dense model (no router): routes needs a Mixtral (MoE) model")
         if not 0 <= args.layer < cfg.n_layers:
             raise TinyMixtralError(f"--layer {args.layer} is out of range: the model has layers 0..{cfg.n_layers - 1}")
+    if args.data is not None:  # before loading the model: data of another tokenizer are refused
+        check_tokenizer(args.data, load_split(args.data, args.split)[1], args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, device=device, **load_options(args, torch.float32))
     seq_len = args.seq_len or min(512, model.cfg.max_seq_len)

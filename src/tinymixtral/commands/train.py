@@ -14,15 +14,18 @@ import re
 from pathlib import Path
 
 from .. import train as T
+from ..checkpoint import model_config, weight_files
 from ..config import ModelConfig
 from ..errors import TinyMixtralError
 from ..train import TrainConfig
 
 _SKIP = {"data", "out"}  # positional to the run, not training knobs
+# What --init-from lets change in the model's config: options of training-time routing, not of the weights.
+ROUTING_OPTIONS = ("router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise", "capacity_factor")
 
 
 def add_arguments(p):
-    p.add_argument("--preset", default="demo", help="model preset (default: demo)")
+    p.add_argument("--preset", default=None, help="model preset (default: demo)")
     p.add_argument("--config", default=None, help="a model config.json instead of a preset")
     p.add_argument("--data", help="a prepared data directory")
     p.add_argument("--out", help="the run directory")
@@ -84,12 +87,18 @@ def run(args) -> int:
         tcfg, mcfg = T.load_run_config(Path(args.resume))
         if model_over:
             raise TinyMixtralError("model fields cannot change when resuming a run")
+        for name in ("init_from", "train_only"):  # the optimizer state holds exactly the trained parameters
+            if name in train_over and train_over[name] != getattr(tcfg, name):
+                raise TinyMixtralError(f"--{name.replace('_', '-')} cannot change when resuming a run")
         tcfg = dataclasses.replace(tcfg, out=args.resume, **train_over)
     else:
         if not args.data or not args.out:
             raise TinyMixtralError("train needs --data DIR and --out RUN_DIR (or --resume RUN_DIR)")
-        mcfg = ModelConfig.load(args.config) if args.config else ModelConfig.from_name(args.preset)
-        mcfg = mcfg.replace(**model_over) if model_over else mcfg
+        if args.init_from:
+            mcfg = init_config(args.init_from, model_over, args.preset or args.config)
+        else:
+            mcfg = ModelConfig.load(args.config) if args.config else ModelConfig.from_name(args.preset or "demo")
+            mcfg = mcfg.replace(**model_over) if model_over else mcfg
         tcfg = TrainConfig(data=args.data, out=args.out, **train_over)
         if Path(args.out, "run.json").exists():
             raise TinyMixtralError(f"{args.out} already holds a run; use --resume {args.out} or another --out")
@@ -101,6 +110,28 @@ def run(args) -> int:
               f"val bpb {final.get('final_val_bpb', nan):.4f} (the whole val split, {final.get('val_tokens', 0):,} "
               f"tokens); checkpoints in {tcfg.out}/checkpoints")
     return 0
+
+
+def init_config(model_dir: str, model_over: dict, other) -> ModelConfig:
+    """The config of an --init-from model directory, with the routing options the flags change."""
+    if other:
+        raise TinyMixtralError("--init-from takes the model's config: drop --preset / --config")
+    path = Path(model_dir)
+    cfg = model_config(path)
+    if path.is_dir() and not (path / "params.json").is_file():
+        weight_files(path)  # a directory without weights: one line now, not after the data are read
+    if cfg.quantization:
+        raise TinyMixtralError(f"{model_dir} is quantized ({cfg.quantization['bits']}-bit): train from the "
+                               "full-precision model")
+    fixed = sorted(k for k in model_over if k not in ROUTING_OPTIONS)
+    if fixed:
+        allowed = ", ".join("--" + k.replace("_", "-") for k in ROUTING_OPTIONS)
+        raise TinyMixtralError(f"--{fixed[0].replace('_', '-')} cannot change with --init-from: the model's "
+                               f"config and weights are kept (only routing options may change: {allowed})")
+    if not cfg.is_moe and model_over:
+        raise TinyMixtralError(f"{model_dir} is a dense model: it has no router for --"
+                               f"{next(iter(model_over)).replace('_', '-')}")
+    return cfg.replace(**model_over) if model_over else cfg
 
 
 def _check(t: TrainConfig):
@@ -128,6 +159,8 @@ def _check(t: TrainConfig):
         raise TinyMixtralError(f"--optimizer must be adamw or muon, got {t.optimizer!r}")
     if t.schedule not in ("cosine", "wsd"):
         raise TinyMixtralError(f"--schedule must be cosine or wsd, got {t.schedule!r}")
+    if t.train_only not in ("router", "experts", "attention", "all"):
+        raise TinyMixtralError(f"--train-only must be router, experts, attention or all, got {t.train_only!r}")
     if t.autocast not in ("none", "bf16", "fp16"):
         raise TinyMixtralError(f"--autocast must be none, bf16 or fp16, got {t.autocast!r}")
 
