@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 import uuid
 from contextlib import nullcontext
@@ -35,7 +36,15 @@ from .errors import TinyMixtralError
 from .evaluate import bits_per_byte, evaluate
 from .params import flops_per_token, measure_matmul_flops
 from .plots import plot_run
-from .run_state import append_metrics, latest_checkpoint, load_trainer_state, save_checkpoint
+from .run_state import (
+    append_metrics,
+    clean_stale,
+    latest_checkpoint,
+    load_trainer_state,
+    save_checkpoint,
+    start_run_dir,
+    truncate_metrics,
+)
 
 
 @dataclass
@@ -56,6 +65,7 @@ class TrainConfig:
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # clip the global gradient norm to this
+    skip_nonfinite: int = 0  # steps with a NaN/inf loss or gradient norm to skip, with a warning (0: stop at the first)
     eval_interval: int = 200  # estimate the val loss every this many steps (and keep the best checkpoint)
     eval_batches: int = 20  # batches of val windows, spread over the split, in each estimate
     log_interval: int = 10  # write a metrics row every this many steps
@@ -79,8 +89,11 @@ def get_lr(step: int, progress: float, cfg: TrainConfig) -> float:
 
 
 def save_run_config(out: Path, tcfg: TrainConfig, mcfg: ModelConfig):
-    (out / "run.json").write_text(json.dumps(
-        {"train": dataclasses.asdict(tcfg), "model": dataclasses.asdict(mcfg)}, indent=2) + "\n")
+    try:
+        (out / "run.json").write_text(json.dumps(
+            {"train": dataclasses.asdict(tcfg), "model": dataclasses.asdict(mcfg)}, indent=2) + "\n")
+    except OSError as e:
+        raise TinyMixtralError(f"cannot write {out / 'run.json'}: {e.strerror or e}") from None
 
 
 def load_run_config(run_dir: Path) -> tuple[TrainConfig, ModelConfig]:
@@ -118,6 +131,7 @@ class Run:
     elapsed: float = 0.0  # seconds of training steps (evaluations and checkpoints excluded)
     best_val: float | None = None
     best_step: int | None = None
+    nonfinite_skipped: int = 0  # steps whose update was skipped for a NaN/inf loss or gradient norm
     resumed_at: int | None = None  # the step a resumed run starts at: no second eval/checkpoint there
 
     @property
@@ -136,7 +150,7 @@ class Run:
 
     def scalars(self) -> dict:
         d = {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed, "best_val": self.best_val,
-             "best_step": self.best_step}
+             "best_step": self.best_step, "nonfinite_skipped": self.nonfinite_skipped}
         return d | ({"grad_scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {})
 
 
@@ -174,7 +188,8 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> dict:
                     parts_sum[k] = parts_sum.get(k, 0.0) + v.detach() / tcfg.grad_accum
             r.scaler.unscale_(r.optimizer)  # clip the true gradients
             grad_norm = torch.nn.utils.clip_grad_norm_(r.model.parameters(), tcfg.grad_clip)
-            r.scaler.step(r.optimizer)  # skipped by the scaler if fp16 gradients overflowed
+            if not skip_nonfinite(r, parts_sum["loss"], grad_norm, bar):  # NaN never reaches the weights
+                r.scaler.step(r.optimizer)  # skipped by the scaler if fp16 gradients overflowed
             r.scaler.update()
             r.optimizer.zero_grad(set_to_none=True)
             r.step += 1
@@ -225,7 +240,7 @@ def setup(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool) -> Run:
     else:
         model = build_model(mcfg, device=device)
         if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
+            start_run_dir(out)
             save_run_config(out, tcfg, mcfg)
     raw = model
     if distributed and tcfg.fsdp:
@@ -247,7 +262,7 @@ def setup(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool) -> Run:
             flops_per_token(mcfg, tcfg.seq_len))
     if resume:
         scalars, rng = load_trainer_state(ckpt, optimizer)
-        for k in ("step", "tokens", "elapsed", "best_val", "best_step"):
+        for k in ("step", "tokens", "elapsed", "best_val", "best_step", "nonfinite_skipped"):
             setattr(r, k, scalars.get(k, getattr(r, k)))
         if "grad_scaler" in scalars:
             scaler.load_state_dict(scalars["grad_scaler"])
@@ -255,6 +270,8 @@ def setup(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool) -> Run:
         torch.set_rng_state(rng["torch"])
         r.resumed_at = r.step
         if r.master:
+            clean_stale(out)  # what writes interrupted by a kill left behind
+            truncate_metrics(out, r.step)  # rows after the checkpoint are logged again from here
             print(f"resuming {out} from step {r.step}")
         if r.progress() >= 1.0:
             raise TinyMixtralError(f"{out} already reached its limit at step {r.step}; raise --max-steps, "
@@ -288,7 +305,7 @@ def eval_and_log(r: Run, full: bool = False) -> dict:
         append_metrics(r.out, row)
         if r.wandb:
             r.wandb.log(row, step=r.step)
-    if not full and (r.best_val is None or val < r.best_val):  # every process: they all checkpoint under FSDP
+    if not full and math.isfinite(val) and (r.best_val is None or val < r.best_val):  # every process: they all checkpoint under FSDP
         r.best_val, r.best_step = val, r.step
     return row
 
@@ -313,8 +330,45 @@ def log_step(r: Run, lr: float, parts: dict, grad_norm, tok_per_s: float) -> dic
     return row
 
 
+def skip_nonfinite(r: Run, loss, grad_norm, bar) -> bool:
+    """Whether this step's update must be skipped: its loss (or, without fp16's GradScaler, which skips
+    overflowed steps itself, its gradient norm) is NaN or inf on some process. Past --skip-nonfinite such
+    steps the run stops with one line, before the update, so the weights and checkpoints stay finite."""
+    values = {"loss": float(loss)} | ({} if r.scaler.is_enabled() else {"gradient norm": float(grad_norm)})
+    if not _any_process(r, not all(map(math.isfinite, values.values()))):
+        return False
+    r.nonfinite_skipped += 1
+    what = " and ".join(f"{k} {v}" for k, v in values.items())
+    if r.nonfinite_skipped > r.tcfg.skip_nonfinite:
+        bar.close()
+        raise TinyMixtralError(
+            f"step {r.step + 1}: {what}: training diverged (lower --lr, or let --skip-nonfinite N skip such steps); "
+            f"stopped before the update, no checkpoint holds it")
+    if r.master:
+        tqdm.write(f"warning: step {r.step + 1}: {what}: update skipped ({r.nonfinite_skipped} of "
+                   f"--skip-nonfinite {r.tcfg.skip_nonfinite})", file=sys.stderr)
+    return True
+
+
+def _any_process(r: Run, flag: bool) -> bool:
+    """flag on any process (the same answer on all of them, so that they all take the same branch)."""
+    if not r.distributed:
+        return flag
+    t = torch.tensor(float(flag), device=r.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t)
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if hasattr(p, "to_local") else p  # an FSDP parameter is a DTensor: its shard
+
+
 def save(r: Run):
     """A checkpoint of the model and the trainer state; `best` moves to it when it is the best."""
+    if _any_process(r, not all(bool(torch.isfinite(_local(p)).all()) for p in r.raw.parameters())):
+        latest = r.out / "latest"
+        kept = f"the latest is still {latest.resolve().name}" if latest.exists() else "none was saved before"
+        raise TinyMixtralError(f"step {r.step}: the weights hold NaN or inf; no checkpoint was written ({kept})")
     full = _full_model(r.raw, r.tcfg.fsdp)  # a collective under FSDP: every process takes part
     if r.master:
         rng = {"data": r.data_gen.get_state(), "torch": torch.get_rng_state()}

@@ -91,7 +91,7 @@ def run(args) -> int:
         mcfg = ModelConfig.load(args.config) if args.config else ModelConfig.from_name(args.preset)
         mcfg = mcfg.replace(**model_over) if model_over else mcfg
         tcfg = TrainConfig(data=args.data, out=args.out, **train_over)
-        if Path(args.out, "run.json").exists():
+        if Path(args.out, "latest").exists():  # a run that never saved a checkpoint may start again
             raise TinyMixtralError(f"{args.out} already holds a run; use --resume {args.out} or another --out")
     _check(tcfg)
     final = T.train(tcfg, mcfg, resume=bool(args.resume))
@@ -109,7 +109,7 @@ def _check(t: TrainConfig):
                  "ckpt_interval", "eval_batches"):
         if getattr(t, name) < 1:
             raise TinyMixtralError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(t, name)}")
-    for name in ("warmup_steps", "keep_last"):
+    for name in ("warmup_steps", "keep_last", "skip_nonfinite"):
         if getattr(t, name) < 0:
             raise TinyMixtralError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(t, name)}")
     ranges = {"lr": ("> 0", lambda v: v > 0), "grad_clip": ("> 0", lambda v: v > 0),
