@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .build import pick_device
 from .checkpoint import load_model
 from .data import load_split, window_starts, windows
 from .errors import TinyMixtralError
@@ -42,7 +43,7 @@ def eval_model(model_dir: str, data_dir: str, split: str = "val", seq_len: int |
     """{'loss', 'ppl', 'bpb', 'tokens', 'model', ...} of a model directory on a prepared data split.
 
     'model' is the directory actually read: a run's `best` or `latest` link resolved to its checkpoint."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(device)
     data, meta = load_split(data_dir, split)
     model = load_model(model_dir, device=device, dtype=dtype, bits=bits, group_size=group_size)
     if meta["vocab_size"] > model.cfg.vocab_size:

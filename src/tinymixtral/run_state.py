@@ -38,9 +38,12 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scalars: dict, r
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
-    except OSError as e:  # a full disk, a quota: the half-written checkpoint goes, the complete ones stay
+    except (OSError, TinyMixtralError) as e:  # a full disk, a quota: the half-written checkpoint goes
         shutil.rmtree(partial, ignore_errors=True)
-        raise TinyMixtralError(f"cannot write the checkpoint {final}: {e.strerror or e}; "
+        cause = e if isinstance(e, OSError) else e.__cause__  # save_model's TinyMixtralError says which file
+        if not isinstance(cause, OSError):
+            raise
+        raise TinyMixtralError(f"cannot write the checkpoint {final}: {cause.strerror or cause}; "
                                "the checkpoints written before it are intact") from None
     point(run_dir, "latest", final)
     if best_step == step:

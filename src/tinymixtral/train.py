@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .analysis.stats import expert_load
-from .build import build_model
+from .build import build_model, pick_device
 from .checkpoint import read_safetensors
 from .config import ModelConfig
 from .convert import from_hf
@@ -219,7 +219,7 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> dict:
 def setup(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool) -> Run:
     """Processes, device, data, model (fresh, or the run's latest checkpoint), optimizer, W&B."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = tcfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(tcfg.device)
     distributed = "RANK" in os.environ  # started by torchrun
     if distributed:
         if device == "cuda":

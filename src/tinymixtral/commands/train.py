@@ -119,6 +119,8 @@ def _check(t: TrainConfig):
         v = getattr(t, name)
         if not (math.isfinite(v) and ok(v)):
             raise TinyMixtralError(f"--{name.replace('_', '-')} must be {what} and finite, got {v}")
+    if not -2**63 <= t.seed < 2**64:  # what torch.manual_seed takes
+        raise TinyMixtralError(f"--seed must be an integer of at most 64 bits, got {t.seed}")
     if t.max_tokens is not None and t.max_tokens < 1:
         raise TinyMixtralError(f"--max-tokens must be >= 1, got {t.max_tokens}")
     if t.max_time is not None and not (0 < t.max_time < math.inf):
