@@ -42,15 +42,15 @@ class Overtime(BaseException):
 
 class World:
     """The files the cases point at, made once: a tiny MoE and a dense model (with the data's tokenizer), prepared
-    data, a run with metrics, a merge YAML, text files, and the hostile ones."""
+    data, a run with metrics, a merge YAML and a text file. None of them is ever a case's hostile value."""
 
     def __init__(self, root: Path, data_dir: Path):
         self.root = root
         tok = data_dir / "tokenizer"
         self.data = data_dir
         self.model = save_model(tiny_model(vocab_size=320, max_seq_len=64), root / "model", tokenizer=tok)
-        self.dense = save_model(tiny_model(DENSE, seed=1, vocab_size=320, max_seq_len=64),
-                   root / "dense", tokenizer=tok)
+        self.dense = save_model(tiny_model(DENSE, seed=1, vocab_size=320, max_seq_len=64), root / "dense",
+                                tokenizer=tok)
         self.run = root / "run"
         self.run.mkdir()
         (self.run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0, "lr": 0.001}\n'
@@ -62,13 +62,6 @@ class World:
                         {"source_model": str(self.dense), "positive_prompts": ["1 + 2"]}]}))
         self.text = root / "corpus.txt"
         self.text.write_text("Tom ran to the park.\n<|endoftext|>\nLily found a red ball.\n" * 20)
-        (root / "file").write_text("hello\n")
-        (root / "bad_utf8").write_bytes(b"\xff\xfe\x80 not utf-8 \xc3\x28\n")
-        (root / "empty").write_bytes(b"")
-        (root / "dir").mkdir()
-        (root / "bad_model").mkdir()
-        (root / "bad_model" / "config.json").write_bytes(b"\xff\xfe{not utf-8")
-        (root / "bad_model" / "model.safetensors").write_bytes(b"\x00" * 16)
         self.n = 0
 
     def new(self, name: str) -> str:
@@ -76,9 +69,19 @@ class World:
         self.n += 1
         return str(self.root / "out" / f"{name}-{self.n}")
 
-    def value(self, v: str) -> str:
-        return v.format(missing=self.root / "missing", file=self.root / "file", bad_utf8=self.root / "bad_utf8",
-                        empty=self.root / "empty", dir=self.root / "dir", bad_model=self.root / "bad_model")
+
+def hostile_paths(root: Path) -> dict[str, Path]:
+    """Fresh for each case (a case may replace or fill them): a text file, non-UTF-8 bytes, an empty file, an empty
+    directory, a model directory whose config.json is not UTF-8, and a path that does not exist."""
+    root.mkdir()
+    (root / "file").write_text("hello\n")
+    (root / "bad_utf8").write_bytes(b"\xff\xfe\x80 not utf-8 \xc3\x28\n")
+    (root / "empty").write_bytes(b"")
+    (root / "dir").mkdir()
+    (root / "bad_model").mkdir()
+    (root / "bad_model" / "config.json").write_bytes(b"\xff\xfe{not utf-8")
+    (root / "bad_model" / "model.safetensors").write_bytes(b"\x00" * 16)
+    return {name: root / name for name in ("missing", "file", "bad_utf8", "empty", "dir", "bad_model")}
 
 
 TINY_TRAIN = {"--vocab-size": "320", "--d-model": "32", "--n-layers": "1", "--n-heads": "2", "--n-kv-heads": "1",
@@ -105,6 +108,20 @@ BASES = {
     "upcycle": lambda w: {"--model": w.dense, "--experts": "2", "--top-k": "1", "--out": w.new("up")},
     "merge": lambda w: {"config": w.yaml, "--out": w.new("merged")},
 }
+
+
+# Cases that once ended in a traceback (or deleted what they should not have): always run, whatever the seed.
+PINNED = [
+    ("train", "--device", "x y"), ("bench", "--device", "cuda:7"), ("generate", "--seed", "99999999999999999999"),
+    ("chat", "--seed", "99999999999999999999"), ("chat", "--context", "99999999999999999999"),
+    ("chat", "--context", "0"), ("train", "--vocab-size", "99999999999999999999"), ("train", "--init-std", "nan"),
+    ("train", "--capacity-factor", "1e308"), ("train", "--batch-size", "99999999999999999999"),
+    ("train", "--grad-accum", "99999999999999999999"), ("eval", "--batch-size", "-1"), ("routes", "--out", "{file}"),
+    ("routes", "--seq-len", "0"), ("upcycle", "--experts", "99999999999999999999"), ("upcycle", "--out", ""),
+    ("convert", "--out", ""), ("merge", "--out", "{bad_utf8}"), ("prepare", "--out", ""),
+    ("prepare", "--out", "{file}"), ("prepare", "--out", "{bad_model}"), ("prepare", "--max-docs", "0"),
+    ("bench", "--seq", "99999999999999999999"),
+]
 
 
 def command_parser(command: str) -> argparse.ArgumentParser:
@@ -139,7 +156,7 @@ def cases() -> list[tuple[str, str, str | bool]]:
             name = a.option_strings[0] if a.option_strings else a.dest
             values = pool(a)
             out += [(command, name, v) for v in rng.sample(values, min(PER_FLAG, len(values)))]
-    return out
+    return out + [c for c in PINNED if c not in out]
 
 
 def argv_of(command: str, args: dict, w: World) -> list[str]:
@@ -177,7 +194,7 @@ def test_fuzz(world, command, flag, value, capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(T, "measure_matmul_flops", lambda *a, **k: 1e9)  # 0.3 s of timing per train case
     monkeypatch.setattr(T, "plot_run", lambda run_dir: [])  # 3 s of matplotlib per train case (`plot` is fuzzed)
     args = BASES[command](w)
-    args[flag] = value if value is True else w.value(value)
+    args[flag] = value if value is True else value.format(**hostile_paths(tmp_path / "hostile"))
     argv = argv_of(command, args, w)
     repo = Path(__file__).resolve().parents[1]
     before = _tree(repo / "src") | _tree(repo / "tests") | set(map(str, repo.iterdir()))

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from .. import train as T
-from ..config import ModelConfig
+from ..config import MAX_SIZE, ModelConfig
 from ..errors import TinyMixtralError
 from ..train import TrainConfig
 
@@ -109,6 +109,9 @@ def _check(t: TrainConfig):
                  "ckpt_interval", "eval_batches"):
         if getattr(t, name) < 1:
             raise TinyMixtralError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(t, name)}")
+    for name in ("batch_size", "seq_len", "grad_accum"):  # tensor sizes: torch overflows past MAX_SIZE
+        if getattr(t, name) > MAX_SIZE:
+            raise TinyMixtralError(f"--{name.replace('_', '-')} must be at most {MAX_SIZE:,}, got {getattr(t, name)}")
     for name in ("warmup_steps", "keep_last", "skip_nonfinite"):
         if getattr(t, name) < 0:
             raise TinyMixtralError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(t, name)}")
