@@ -22,13 +22,14 @@ import pytest
 import torch
 import yaml
 
+import tinymixtral.bench as B
 import tinymixtral.train as T
 from conftest import DENSE, tiny_model
 from tinymixtral import cli, save_model
 
 SEED = int(os.environ.get("TINYMIXTRAL_FUZZ_SEED", 16))
 PER_FLAG = int(os.environ.get("TINYMIXTRAL_FUZZ_PER_FLAG", 2))  # values drawn per flag (every flag, every command)
-WATCHDOG_S = 2.0
+WATCHDOG_S = 1.5
 
 INTS = ["0", "-1", "-7", "99999999999999999999", "nan", "inf", "1.5", "x", ""]
 FLOATS = ["0", "-1", "-0.5", "nan", "inf", "-inf", "1e308", "x", ""]
@@ -191,7 +192,8 @@ def test_fuzz(world, command, flag, value, capsys, monkeypatch, tmp_path):
     w = world
     monkeypatch.chdir(tmp_path)  # relative paths and defaults (runs/demo) land in the case's temp dir
     monkeypatch.setattr(sys, "stdin", io.StringIO("Tom ran\n/exit\n"))  # chat's conversation
-    monkeypatch.setattr(T, "measure_matmul_flops", lambda *a, **k: 1e9)  # 0.3 s of timing per train case
+    for module in (T, B):  # 0.3 s of timing per train case, and per bench phase
+        monkeypatch.setattr(module, "measure_matmul_flops", lambda *a, **k: 1e9)
     monkeypatch.setattr(T, "plot_run", lambda run_dir: [])  # 3 s of matplotlib per train case (`plot` is fuzzed)
     args = BASES[command](w)
     args[flag] = value if value is True else value.format(**hostile_paths(tmp_path / "hostile"))

@@ -94,7 +94,8 @@ def point(run_dir: Path, name: str, target: Path):
 def latest_checkpoint(run_dir: Path) -> Path:
     link = run_dir / "latest"
     if not link.exists():
-        raise TinyMixtralError(f"{run_dir} has no checkpoint to resume from (no 'latest'); start it again with --out {run_dir}")
+        raise TinyMixtralError(f"{run_dir} has no checkpoint to resume from (no 'latest'); "
+                               f"start it again with --out {run_dir}")
     return link.resolve()
 
 

@@ -305,7 +305,8 @@ def eval_and_log(r: Run, full: bool = False) -> dict:
         append_metrics(r.out, row)
         if r.wandb:
             r.wandb.log(row, step=r.step)
-    if not full and math.isfinite(val) and (r.best_val is None or val < r.best_val):  # every process: they all checkpoint under FSDP
+    # every process: they all checkpoint under FSDP; a NaN evaluation is never the best
+    if not full and math.isfinite(val) and (r.best_val is None or val < r.best_val):
         r.best_val, r.best_step = val, r.step
     return row
 
