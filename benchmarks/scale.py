@@ -2,7 +2,7 @@
 decode speed next to its memory-bandwidth limit.
 
     python benchmarks/scale.py --shape mistral-7b --dir /tmp/scale --out benchmarks/scale.result.json
-    python benchmarks/scale.py --shape mixtral-8x7b-8layers --dir /tmp/scale
+    python benchmarks/scale.py --shape mixtral-8x7b-8layers --dir /tmp/scale --modes int8,int4,quantize-4
 
 It writes a random-weight bf16 checkpoint with the real shapes (Mistral-7B: 7.24B parameters, 14.5 GB;
 Mixtral-8x7B cut to 8 of its 32 layers: ~11.7B parameters with real 14336 x 4096 experts), one tensor
@@ -43,6 +43,18 @@ def status(f):
 path, mode, tokens, compile_ = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
 base = status("VmRSS")
 t0 = time.perf_counter()
+if mode.startswith("quantize-"):  # the `quantize` command itself, in this process: load as int, write shards
+    import os, shutil, tempfile
+    from tinymixtral.cli import main
+    out = tempfile.mkdtemp(dir=os.path.dirname(path))
+    try:
+        assert main(["quantize", "--model", path, "--bits", mode[-1], "--out", out + "/q"]) == 0
+        disk = sum(os.path.getsize(f"{out}/q/{f}") for f in os.listdir(out + "/q") if f.endswith(".safetensors"))
+    finally:
+        shutil.rmtree(out)
+    print(json.dumps({"mode": mode, "load_s": time.perf_counter() - t0, "load_peak_bytes": status("VmHWM") - base,
+                      "model_bytes": disk, "peak_bytes": status("VmHWM") - base}))
+    sys.exit(0)
 kw = {"bf16": dict(dtype=torch.bfloat16), "int8": dict(dtype=torch.bfloat16, bits=8),
       "int4": dict(dtype=torch.bfloat16, bits=4)}[mode]
 model = load_model(path, **kw)
@@ -108,7 +120,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=SHAPES, default="mistral-7b")
     ap.add_argument("--dir", required=True, help="where to write the checkpoint (many GB)")
-    ap.add_argument("--modes", default="bf16,int8,int4")
+    ap.add_argument("--modes", default="bf16,int8,int4",
+                    help="bf16, int8, int4 (load, then decode); quantize-8, quantize-4 (the `quantize` command)")
     ap.add_argument("--tokens", type=int, default=8, help="decode tokens per measurement (0: load only)")
     ap.add_argument("--compile", action="store_true", help="also time the compiled decode step")
     ap.add_argument("--out", default=None)
@@ -125,15 +138,16 @@ def main():
               "copy_GB_s": bw / 1e9, "disk_bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")),
               "runs": []}
     for mode in args.modes.split(","):
-        for compiled in ([False, True] if args.compile else [False]):
+        for compiled in ([False, True] if args.compile and not mode.startswith("quantize") else [False]):
             r = subprocess.run([sys.executable, "-c", CHILD, str(path), mode, str(args.tokens), str(int(compiled))],
                                capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
             if r.returncode:
                 print(r.stderr[-2000:], file=sys.stderr)
                 continue
             row = json.loads(r.stdout.strip().splitlines()[-1])
-            width = {"bf16": 2, "int8": 1, "int4": 0.5}[mode]
-            row["bandwidth_limit_tok_s"] = bw / bytes_per_token(cfg, row["model_bytes"], width)
+            width = {"bf16": 2, "int8": 1, "int4": 0.5}.get(mode)
+            if width and "decode_tok_s" in row:
+                row["bandwidth_limit_tok_s"] = bw / bytes_per_token(cfg, row["model_bytes"], width)
             result["runs"].append(row)
             print(json.dumps(row), flush=True)
     if args.out:

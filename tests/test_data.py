@@ -106,6 +106,21 @@ def test_txt_single_document_is_split_by_characters(tmp_path):
     assert train[0] + val[0] == text and abs(len(val[0]) - 0.1 * len(text)) <= 1
 
 
+def test_val_file_is_the_val_split(tmp_path, capsys):
+    train_text, val_text = " ".join(make_docs(150)), " ".join(make_docs(20, seed=5))
+    src, vf = write_txt(tmp_path / "book.txt", [train_text]), write_txt(tmp_path / "tail.txt", [val_text])
+    assert call_cli(capsys, "prepare", src, "--out", tmp_path / "out", "--tokenizer", "bpe:300",
+                    "--val-file", vf).returncode == 0
+    train, _ = decoded_docs(tmp_path / "out", "train")
+    val, _ = decoded_docs(tmp_path / "out", "val")
+    assert train == [train_text] and val == [val_text]  # nothing held out of the source
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["val_source"] == str(vf)
+    empty = write_txt(tmp_path / "empty.txt", ["  "])
+    err = assert_one_line_error(call_cli(capsys, "prepare", src, "--out", tmp_path / "o2", "--val-file", empty),
+                                "prepare", 2)
+    assert "holds no text" in err and not (tmp_path / "o2").exists()
+
+
 def test_jsonl_source(tmp_path, docs):
     src = write_jsonl(tmp_path / "docs.jsonl", docs)
     D.prepare(str(src), tmp_path / "out", "bpe:300", val_fraction=0.05, seed=3)

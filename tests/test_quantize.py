@@ -9,6 +9,7 @@ from conftest import assert_one_line_error, call_cli, run_cli, seeded_ids, tiny_
 from tinymixtral import cli, generate
 from tinymixtral.checkpoint import load_model, save_model
 from tinymixtral.errors import TinyMixtralError
+from tinymixtral.model.cpu_kernels import int4_block, to_kernel_layout, unpack_kernel_layout
 from tinymixtral.model.moe import Experts
 from tinymixtral.model.quant import (
     QuantExperts,
@@ -140,6 +141,59 @@ def test_quant_experts_equal_fp_experts_with_dequantized_weights(bits, group_siz
         assert dropped == 0 and len(qex._packed) == 6  # 3 active experts x (w13, w2) through the kernel
         qex.use_kernel = False
         torch.testing.assert_close(qex(x, weights, experts)[0], ref, rtol=1e-5, atol=1e-5)
+
+
+# ---- int4 held once, in the CPU kernel's own layout ------------------------------------------------
+@pytest.mark.parametrize("N,K", [(64, 64), (96, 128), (256, 512)])
+def test_kernel_layout_is_torchs_int4_packing(N, K):
+    block = int4_block()
+    assert block, "this torch build's int4 CPU layout is not the one cpu_kernels.py knows"
+    q = torch.randint(0, 16, (N, K), generator=torch.Generator().manual_seed(N), dtype=torch.uint8)
+    if N % block:
+        pytest.skip(f"N={N} is not a multiple of the block {block}")
+    want = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    packed = to_kernel_layout(q, block)
+    assert torch.equal(packed, want)
+    assert torch.equal(unpack_kernel_layout(packed, block), q)
+    stack = torch.stack([packed, to_kernel_layout(q.flip(0), block)])  # leading dims (experts) unpack too
+    assert torch.equal(unpack_kernel_layout(stack, block), torch.stack([q, q.flip(0)]))
+
+
+def test_int4_weights_are_held_once_and_saved_in_the_storage_layout():
+    torch.manual_seed(0)
+    w, x = torch.randn(64, 128), torch.randn(3, 128)
+    stored = quantize(w, 4, 32)
+    m = _quant_linear(w, 4, 32)
+    m.compute_dtype = None
+    before = m.weight
+    ref = F.linear(x, dequantize(*stored.values()))
+    torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
+    assert m._layout == {"weight": int4_block()} and m.weight is not before  # re-packed as a new buffer
+    (_, (kernel_weight, _)), = m._packed.values()
+    assert kernel_weight is m.weight  # the kernel reads the module's own buffer: no second copy
+    assert not torch.equal(m.weight, stored["weight"])  # really another layout...
+    sd = m.state_dict()  # ...but saved in the storage layout, bit for bit
+    assert all(torch.equal(sd[k], stored[k]) for k in stored)
+    m.use_kernel = False  # the dequantize fallback reads the kernel layout too
+    torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
+    compiled = torch.compile(m, backend="eager", fullgraph=True)  # the compiled few-rows path
+    torch.testing.assert_close(compiled(x), ref, rtol=1e-5, atol=1e-5)
+    m.load_state_dict(quantize(-w, 4, 32))  # new weights arrive in the storage layout
+    assert m._layout == {}
+    m.use_kernel = True
+    torch.testing.assert_close(m(x), -ref, rtol=1e-4, atol=1e-4)
+
+
+def test_int4_model_saved_after_running_reloads_identically(tmp_path):
+    model = quantize_model(tiny_model(d_model=64, n_heads=4, n_kv_heads=2, d_ff=128), 4, 32)
+    x = seeded_ids(1, 12, model.cfg.vocab_size)
+    with torch.no_grad():
+        y = model(x)  # runs the kernel: int4 weights move to its layout
+    assert any(m._layout for m in model.modules() if hasattr(m, "_layout"))
+    save_model(model, tmp_path / "q")
+    again = load_model(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(again(x), y)
 
 
 # ---- a tiny MoE ----------------------------------------------------------------------------------

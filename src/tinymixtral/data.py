@@ -115,8 +115,11 @@ def _is_hf_dataset_dir(path: Path) -> bool:
 
 # ---- prepare ---------------------------------------------------------------------------------------
 def prepare(source: str, out: str | Path, tokenizer: str = "bpe:4096", val_fraction: float = 0.02,
-            num_stories: int = 50_000, seed: int = 0, max_docs: int | None = None) -> dict:
-    """Tokenize a source into OUT/{train,val}.bin + meta.json + tokenizer/ (written atomically)."""
+            num_stories: int = 50_000, seed: int = 0, max_docs: int | None = None, val_file: str | None = None) -> dict:
+    """Tokenize a source into OUT/{train,val}.bin + meta.json + tokenizer/ (written atomically).
+
+    The val split is the source's own (a dataset's validation split), else `val_file` (any file or folder
+    source), else a seeded val_fraction of the documents (of a single document: its tail)."""
     if not 0 < val_fraction < 1:
         raise TinyMixtralError(f"--val-fraction must be in (0, 1), got {val_fraction}")
     if max_docs is not None and max_docs < 1:
@@ -131,6 +134,13 @@ def prepare(source: str, out: str | Path, tokenizer: str = "bpe:4096", val_fract
     if not train:
         raise TinyMixtralError(f"data source {source} holds no text")
     val = [t for t in splits["val"] if t and t.strip()] if splits["val"] is not None else None
+    if val_file is not None:
+        if val:
+            raise TinyMixtralError(f"{source} has a validation split of its own; drop --val-file")
+        val = [t for t in read_source(val_file)[0]["train"] if t and t.strip()]
+        if not val:
+            raise TinyMixtralError(f"--val-file {val_file} holds no text")
+        meta["val_source"] = str(val_file)
     if val is None or not val:
         train, val = split_docs(train, val_fraction, seed)
     elif max_docs:

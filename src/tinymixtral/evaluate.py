@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from .build import pick_device
@@ -16,19 +17,31 @@ from .errors import TinyMixtralError
 
 
 @torch.no_grad()
-def evaluate(model, data: np.ndarray, batch: int, seq_len: int, device, max_batches: int | None) -> float:
-    """Mean next-token loss over evenly spaced, non-overlapping windows of a split (deterministic)."""
-    starts = window_starts(len(data), batch, seq_len, max_batches)
+def evaluate(model, data: np.ndarray, batch: int, seq_len: int, device, max_batches: int | None,
+             rank: int = 0, world: int = 1) -> float:
+    """Mean next-token loss over evenly spaced, non-overlapping windows of a split (deterministic).
+
+    The windows are those of one process reading batches of batch * world; with world > 1 (torchrun) each
+    process reads every world-th of them and the sums are all-reduced, so every process returns the loss of
+    the whole set. All processes run the same number of forward passes (a process out of windows runs one
+    it does not count), because an FSDP forward is a collective."""
+    starts = window_starts(len(data), batch * world, seq_len, max_batches)
+    mine = starts[rank::world]
+    n_steps = math.ceil(math.ceil(len(starts) / world) / batch)
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(starts), batch):
-        x, y = windows(data, starts[i:i + batch], seq_len, device)
+    total = torch.zeros(2, dtype=torch.float64)  # loss sum, token count
+    for i in range(n_steps):
+        chunk = mine[i * batch:(i + 1) * batch]
+        x, y = windows(data, chunk or starts[:1], seq_len, device)
         logits = model(x)
-        total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").item()
-        count += y.numel()
+        if chunk:
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
+            total += torch.tensor([loss.item(), y.numel()], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(total)
     model.train(was_training)
-    return total / count
+    return (total[0] / total[1]).item()
 
 
 def bits_per_byte(loss: float, meta: dict, split: str) -> float:

@@ -13,8 +13,9 @@ from torch import nn
 from .build import build_model, skeleton
 from .config import QUANT_METHOD, ModelConfig
 from .errors import TinyMixtralError
+from .model.cpu_kernels import GROUP_SIZES
 from .model.moe import Experts
-from .model.quant import GROUP_SIZES, quantize, targets
+from .model.quant import quantize, targets
 
 
 def make_settings(cfg: ModelConfig, bits: int, group_size: int | None = None, skip=()) -> dict:

@@ -20,12 +20,15 @@ from .errors import TinyMixtralError
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
+SHARDED = "sharded"  # an FSDP run's model and optimizer shards (torch.distributed.checkpoint), in a checkpoint
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scalars: dict, rng: dict[str, torch.Tensor],
-                    tokenizer_dir: Path | None, keep_last: int, best_step: int | None) -> Path:
+                    tokenizer_dir: Path | None, keep_last: int, best_step: int | None,
+                    shards: Path | None = None) -> Path:
     """Write checkpoints/step-N atomically, point `latest` (and `best` if it is the best) at it, and prune
-    old ones (never the best)."""
+    old ones (never the best). `shards`: a directory already written (an FSDP run's sharded state) that
+    moves into the checkpoint as `sharded/`."""
     ckpts = run_dir / "checkpoints"
     final = ckpts / f"step-{step}"
     partial = ckpts / f".step-{step}.partial-{os.getpid()}"  # the PID tells clean_stale whose it is
@@ -35,6 +38,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scalars: dict, r
         tensors.update({f"rng.{k}": v for k, v in rng.items()})
         save_file(tensors, partial / STATE_TENSORS)
         (partial / STATE_JSON).write_text(json.dumps({**scalars, "step": step, "param_groups": groups}, indent=2))
+        if shards is not None:
+            os.replace(shards, partial / SHARDED)
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -56,7 +61,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scalars: dict, r
 
 
 def load_trainer_state(ckpt: Path, optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Restore the optimizer in place; return (scalars, rng states)."""
+    """Restore the optimizer in place (unless None: a sharded run restores it from `sharded/`); return
+    (scalars, rng states)."""
     if not (ckpt / STATE_JSON).is_file() or not (ckpt / STATE_TENSORS).is_file():
         raise TinyMixtralError(f"{ckpt} has no trainer state ({STATE_JSON}, {STATE_TENSORS}); cannot resume from it")
     scalars = json.loads((ckpt / STATE_JSON).read_text())
@@ -66,7 +72,9 @@ def load_trainer_state(ckpt: Path, optimizer) -> tuple[dict, dict[str, torch.Ten
         if key.startswith("opt."):
             _, idx, name = key.split(".", 2)
             state.setdefault(int(idx), {})[name] = t
-    optimizer.load_state_dict({"state": state, "param_groups": scalars.pop("param_groups")})
+    groups = scalars.pop("param_groups")
+    if optimizer is not None:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
     rng = {k.removeprefix("rng."): v for k, v in tensors.items() if k.startswith("rng.")}
     return scalars, rng
 
@@ -99,10 +107,11 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return link.resolve()
 
 
-# .step-N.partial-PID (save_checkpoint) and ..step-N.partial-PID.tmp-PID (save_model inside it); a bare
-# .step-N.partial was written by versions that did not record the PID: no live writer of this one owns it.
+# .step-N.partial-PID (save_checkpoint) and ..step-N.partial-PID.tmp-PID (save_model inside it). Without a PID:
+# .step-N.partial, written by versions that did not record it, and .step-N.sharded.partial, an FSDP run's shards
+# before they move into their checkpoint; cleaned at start and resume, before this run writes any.
 TEMP_NAME = re.compile(r"^\..+[.-](?:tmp|old|partial)-(\d+)$")
-LEGACY_PARTIAL = re.compile(r"^\.step-\d+\.partial$")
+LEGACY_PARTIAL = re.compile(r"^\.step-\d+\.(?:sharded\.)?partial$")
 
 
 def clean_stale(run_dir: Path) -> list[Path]:

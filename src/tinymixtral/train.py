@@ -14,6 +14,7 @@ import os
 import sys
 import time
 import uuid
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import fully_shard
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -34,9 +37,11 @@ from .convert import from_hf
 from .data import check_training_data, get_batch, load_split, window_starts
 from .errors import TinyMixtralError
 from .evaluate import bits_per_byte, evaluate
+from .optim import Muon, split_params
 from .params import flops_per_token, measure_matmul_flops
 from .plots import plot_run
 from .run_state import (
+    SHARDED,
     append_metrics,
     clean_stale,
     latest_checkpoint,
@@ -55,8 +60,12 @@ class TrainConfig:
     batch_size: int = 16  # sequences per micro-batch (per process)
     seq_len: int = 256  # tokens per training sequence
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 3e-3  # peak learning rate (after warmup)
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    optimizer: str = "adamw"  # adamw | muon (Muon for the hidden matrices, AdamW for embeddings, head, norms, router)
+    lr: float = 3e-3  # peak learning rate (after warmup); with --optimizer muon, AdamW's
+    muon_lr: float = 0.02  # Muon's peak learning rate (with --optimizer muon)
+    schedule: str = "cosine"  # cosine | wsd (warmup, stable, then a linear decay over --decay-fraction of the run)
+    decay_fraction: float = 0.2  # wsd: the last part of the run (steps, tokens or time) over which lr decays
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
     warmup_steps: int = 50  # linear warmup steps
     max_steps: int = 1000  # stop after this many optimizer steps
     max_tokens: int | None = None  # stop after this many training tokens (all processes)
@@ -78,14 +87,44 @@ class TrainConfig:
     wandb: bool = False  # log to Weights & Biases (pip install wandb)
     wandb_project: str = "tinymixtral"  # the W&B project
     fsdp: bool = False  # under torchrun: shard with FSDP2 instead of DDP
+    fsdp_bf16: bool = False  # with --fsdp: bf16 parameters in forward and backward, fp32 gradient reduction (for GPUs)
     progress: bool = True  # show a progress bar
 
 
 def get_lr(step: int, progress: float, cfg: TrainConfig) -> float:
-    """Linear warmup over warmup_steps, times a cosine from 1 to min_lr_ratio over progress 0..1."""
+    """Linear warmup over warmup_steps, times the schedule from 1 to min_lr_ratio over progress 0..1:
+    a cosine, or (wsd) 1 until the last decay_fraction of the run, then a straight line down.
+
+    progress is whichever limit binds (steps, tokens or seconds), so under --max-time the decay starts
+    when the time left says so."""
     warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
-    cos = 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
-    return cfg.lr * warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos)
+    x = min(max(progress, 0.0), 1.0)
+    if cfg.schedule == "wsd":
+        shape = min(1.0, (1.0 - x) / cfg.decay_fraction) if cfg.decay_fraction > 0 else 1.0
+    else:
+        shape = 0.5 * (1 + math.cos(math.pi * x))
+    return cfg.lr * warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape)
+
+
+def make_optimizer(raw: torch.nn.Module, tcfg: TrainConfig, device: str) -> torch.optim.Optimizer:
+    """AdamW (weight decay on matrices only, not embeddings, norms or biases), or Muon for the hidden
+    matrices with AdamW for the rest (the loop sets each group's lr: the schedule times --lr or --muon-lr)."""
+    if tcfg.optimizer == "muon":
+        hidden, rest = split_params(raw)
+        decay = [p for n, p in rest if p.dim() >= 2 and not n.startswith("embed.")]
+        no_decay = [p for n, p in rest if p.dim() < 2 or n.startswith("embed.")]
+        groups = [{"params": [p for _, p in hidden], "use_muon": True, "lr": tcfg.muon_lr,
+                   "weight_decay": tcfg.weight_decay},
+                  {"params": decay, "lr": tcfg.lr, "weight_decay": tcfg.weight_decay},
+                  {"params": no_decay, "lr": tcfg.lr, "weight_decay": 0.0}]
+        # Newton-Schulz in bf16 on GPUs (as torch's Muon); fp32 on a CPU, whose bf16 products are slower
+        return Muon([g for g in groups if g["params"]], betas=(tcfg.beta1, tcfg.beta2),
+                    ns_dtype="bfloat16" if torch.device(device).type == "cuda" else "float32")
+    decay = [p for n, p in raw.named_parameters() if p.dim() >= 2 and not n.startswith("embed.")]
+    no_decay = [p for n, p in raw.named_parameters() if p.dim() < 2 or n.startswith("embed.")]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), fused=torch.device(device).type in ("cpu", "cuda"))
 
 
 def save_run_config(out: Path, tcfg: TrainConfig, mcfg: ModelConfig):
@@ -169,7 +208,7 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> dict:
             t_step = time.perf_counter()
             lr = get_lr(r.step, r.progress(), tcfg)
             for group in r.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = (tcfg.muon_lr if group.get("use_muon") else tcfg.lr) * lr / tcfg.lr
             if r.step > 0 and r.step != r.resumed_at:
                 if r.step % tcfg.eval_interval == 0:
                     last.update(eval_and_log(r))
@@ -231,12 +270,20 @@ def setup(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool) -> Run:
     val_data, _ = load_split(tcfg.data, "val")
     check_training_data(meta, train_data, val_data, tcfg.seq_len, mcfg)
     mcfg = mcfg.replace(bos_token_id=meta.get("bos_id", mcfg.bos_token_id), eos_token_id=meta.get("eos_id"))
-    if resume and tcfg.fsdp:
-        raise TinyMixtralError("resuming an FSDP run is not supported yet (its checkpoints hold weights only)")
+    sharded = distributed and tcfg.fsdp
+    if sharded and tcfg.optimizer == "muon":
+        raise TinyMixtralError("--optimizer muon with --fsdp is not supported yet (its update needs whole matrices); "
+                               "use DDP (--fsdp false) or --optimizer adamw")
     torch.manual_seed(tcfg.seed)
     if resume:
         ckpt = latest_checkpoint(out)
-        model = build_model(mcfg, from_hf(read_safetensors(ckpt), mcfg), device=device)
+        if sharded and not (ckpt / SHARDED).is_dir():
+            raise TinyMixtralError(f"{ckpt} was written without FSDP (its optimizer state is not sharded); "
+                                   "resume it with --fsdp false")
+        if (ckpt / SHARDED).is_dir():  # model and optimizer come from the sharded state below
+            model = build_model(mcfg, device=device)
+        else:
+            model = build_model(mcfg, from_hf(read_safetensors(ckpt), mcfg), device=device)
     else:
         model = build_model(mcfg, device=device)
         if rank == 0:
@@ -244,24 +291,27 @@ def setup(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool) -> Run:
             save_run_config(out, tcfg, mcfg)
     raw = model
     if distributed and tcfg.fsdp:
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if tcfg.fsdp_bf16 else None
         for layer in model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, **({"mp_policy": mp} if mp else {}))
+        fully_shard(model, **({"mp_policy": mp} if mp else {}))
     elif distributed:
         model = DistributedDataParallel(model)
-    # After sharding: FSDP replaces the parameters, and the optimizer must hold the new ones.
-    decay = [p for n, p in raw.named_parameters() if p.dim() >= 2 and not n.startswith("embed.")]
-    no_decay = [p for n, p in raw.named_parameters() if p.dim() < 2 or n.startswith("embed.")]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), fused=torch.device(device).type in ("cpu", "cuda"))
+    optimizer = make_optimizer(raw, tcfg, device)  # after sharding: FSDP replaces the parameters
     autocast = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tcfg.autocast]
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=autocast is torch.float16)
     r = Run(tcfg, mcfg, out, device, rank, world, model, raw, optimizer, scaler, autocast, train_data, val_data,
             meta, torch.Generator().manual_seed(tcfg.seed), None, measure_matmul_flops(device) if rank == 0 else 1.0,
             flops_per_token(mcfg, tcfg.seq_len))
     if resume:
-        scalars, rng = load_trainer_state(ckpt, optimizer)
+        if (ckpt / SHARDED).is_dir():  # any number of processes: DCP reshards to this run's layout
+            msd, osd = get_state_dict(raw, optimizer)
+            state = {"model": msd, "optim": osd}
+            with warnings.catch_warnings():  # one process reading a sharded run is what DCP warns about
+                warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+                dcp.load(state, checkpoint_id=ckpt / SHARDED)
+            set_state_dict(raw, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        scalars, rng = load_trainer_state(ckpt, None if (ckpt / SHARDED).is_dir() else optimizer)
         for k in ("step", "tokens", "elapsed", "best_val", "best_step", "nonfinite_skipped"):
             setattr(r, k, scalars.get(k, getattr(r, k)))
         if "grad_scaler" in scalars:
@@ -293,10 +343,10 @@ def eval_and_log(r: Run, full: bool = False) -> dict:
     """Validation loss of the current model, logged. In training (full=False) it is an estimate on
     eval_batches batches of windows spread over the split, and it picks the best checkpoint; at the end
     (full=True) every window of the split is read, and the row says final_val_loss / final_val_bpb."""
-    # Every process evaluates the same windows, as many as one process with the global batch would.
+    # The windows one process with the global batch would read, shared out among the processes.
     t, batch = r.tcfg, r.tcfg.batch_size * r.world
     n_batches = None if full else t.eval_batches
-    val = evaluate(r.model, r.val_data, batch, t.seq_len, r.device, n_batches)
+    val = evaluate(r.model, r.val_data, t.batch_size, t.seq_len, r.device, n_batches, r.rank, r.world)
     name = "final_val" if full else "val"
     row = {"step": r.step, "tokens": r.tokens, f"{name}_loss": val, f"{name}_ppl": math.exp(min(val, 50)),
            f"{name}_bpb": bits_per_byte(val, r.meta, "val"),
@@ -317,7 +367,7 @@ def log_step(r: Run, lr: float, parts: dict, grad_norm, tok_per_s: float) -> dic
         for v in parts.values():
             dist.all_reduce(v, op=dist.ReduceOp.AVG)
     row = {"step": r.step, "tokens": r.tokens, "lr": lr, **{k: float(v) for k, v in parts.items()},
-           "grad_norm": float(grad_norm), "tok_per_s": tok_per_s,
+           "grad_norm": float(grad_norm), "tok_per_s": tok_per_s, "tok_per_s_per_process": tok_per_s / r.world,
            "mfu": tok_per_s * r.flops_per_token / r.peak_flops / r.world,
            "elapsed": r.elapsed}
     load = [expert_load(rt.experts_NK, rt.logits_NE.shape[-1]).tolist() for rt in r.raw.routing()]
@@ -365,16 +415,28 @@ def _local(p: torch.Tensor) -> torch.Tensor:
 
 
 def save(r: Run):
-    """A checkpoint of the model and the trainer state; `best` moves to it when it is the best."""
+    """A checkpoint of the model and the trainer state; `best` moves to it when it is the best.
+
+    Under FSDP every process also writes its shards of the model and optimizer state with
+    torch.distributed.checkpoint (nothing is gathered for them); rank 0 writes the full model as a
+    Hugging Face directory for users, then moves the shards into the checkpoint."""
     if _any_process(r, not all(bool(torch.isfinite(_local(p)).all()) for p in r.raw.parameters())):
         latest = r.out / "latest"
         kept = f"the latest is still {latest.resolve().name}" if latest.exists() else "none was saved before"
         raise TinyMixtralError(f"step {r.step}: the weights hold NaN or inf; no checkpoint was written ({kept})")
-    full = _full_model(r.raw, r.tcfg.fsdp)  # a collective under FSDP: every process takes part
+    sharded = r.distributed and r.tcfg.fsdp
+    shards = None
+    if sharded:
+        shards = r.out / "checkpoints" / f".step-{r.step}.{SHARDED}.partial"
+        msd, osd = get_state_dict(r.raw, r.optimizer)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=shards)  # returns when every process has written
+    full = _full_model(r.raw, sharded)  # a collective under FSDP: every process takes part
     if r.master:
         rng = {"data": r.data_gen.get_state(), "torch": torch.get_rng_state()}
-        save_checkpoint(r.out, r.step, full, None if r.tcfg.fsdp else r.optimizer, r.scalars(), rng,
-                        Path(r.tcfg.data) / "tokenizer", r.tcfg.keep_last, r.best_step)
+        save_checkpoint(r.out, r.step, full, None if sharded else r.optimizer, r.scalars(), rng,
+                        Path(r.tcfg.data) / "tokenizer", r.tcfg.keep_last, r.best_step, shards=shards)
+    if sharded:
+        dist.barrier()  # the checkpoint is complete before any process goes on (or is killed)
 
 
 def finish(r: Run):

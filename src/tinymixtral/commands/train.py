@@ -115,7 +115,8 @@ def _check(t: TrainConfig):
     for name in ("warmup_steps", "keep_last", "skip_nonfinite"):
         if getattr(t, name) < 0:
             raise TinyMixtralError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(t, name)}")
-    ranges = {"lr": ("> 0", lambda v: v > 0), "grad_clip": ("> 0", lambda v: v > 0),
+    ranges = {"lr": ("> 0", lambda v: v > 0), "muon_lr": ("> 0", lambda v: v > 0),
+              "decay_fraction": ("in [0, 1]", lambda v: 0 <= v <= 1), "grad_clip": ("> 0", lambda v: v > 0),
               "weight_decay": (">= 0", lambda v: v >= 0), "min_lr_ratio": ("in [0, 1]", lambda v: 0 <= v <= 1),
               "beta1": ("in [0, 1)", lambda v: 0 <= v < 1), "beta2": ("in [0, 1)", lambda v: 0 <= v < 1)}
     for name, (what, ok) in ranges.items():
@@ -128,6 +129,10 @@ def _check(t: TrainConfig):
         raise TinyMixtralError(f"--max-tokens must be >= 1, got {t.max_tokens}")
     if t.max_time is not None and not (0 < t.max_time < math.inf):
         raise TinyMixtralError(f"--max-time must be a positive duration, got {t.max_time}")
+    if t.optimizer not in ("adamw", "muon"):
+        raise TinyMixtralError(f"--optimizer must be adamw or muon, got {t.optimizer!r}")
+    if t.schedule not in ("cosine", "wsd"):
+        raise TinyMixtralError(f"--schedule must be cosine or wsd, got {t.schedule!r}")
     if t.autocast not in ("none", "bf16", "fp16"):
         raise TinyMixtralError(f"--autocast must be none, bf16 or fp16, got {t.autocast!r}")
 

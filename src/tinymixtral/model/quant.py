@@ -14,9 +14,10 @@ Quantized: attention (wqkv, wo), experts (w13, w2), a dense FFN, and an untied L
 Full precision: the router (a quantized router changes which experts are chosen), embeddings, norms, and a
 head tied to the embedding.
 
-Runtime: on CPU, torch's weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`);
-elsewhere (CUDA, ...) or for shapes they refuse (int4: N % 16 != 0, group not 32/64/128/256), dequantize then
-matmul. Both run in `compute_dtype`, bf16 by default: in torch 2.13 the CPU kernels are vectorised for
+Runtime: on CPU, torch's weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`; see
+cpu_kernels.py); elsewhere (CUDA, ...) or for shapes they refuse (int4: N % 16 != 0, group not 32/64/128/256),
+dequantize then matmul. At its first use by the CPU kernel an int4 weight is re-packed into the kernel's
+layout and held only so (`state_dict()` gives it back in the storage layout above). Both run in `compute_dtype`, bf16 by default: in torch 2.13 the CPU kernels are vectorised for
 bf16 activations only (their fp32/fp16 loops were 10-30x slower than a plain fp32 matmul when measured).
 In a compiled decode step (a few rows) the product is written as dequantize-then-reduce, which inductor
 fuses into one pass that reads the int8 / int4 weights themselves, on all cores.
@@ -29,10 +30,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TinyMixtralError
+from .cpu_kernels import (
+    int4_block,
+    kernel_applies,
+    kernel_matmul,
+    scales_and_zeros,
+    to_kernel_layout,
+    unpack_kernel_layout,
+)
 from .fast import FEW_ROWS, mv
 from .moe import Experts
-
-GROUP_SIZES = (32, 64, 128, 256)  # what the int4 CPU kernel accepts
 
 
 # ---- pure functions of tensors ([..., N, K]: per row, over the last dim) ----------------------------
@@ -63,11 +70,13 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
 
 
-def dequantize(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 weight [..., N, K] back from int8 (zeros None) or packed int4; the group size is K / scales.shape[-1]."""
+def dequantize(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,
+               block: int | None = None) -> torch.Tensor:
+    """fp32 weight [..., N, K] back from int8 (zeros None) or packed int4 (in the CPU kernel's layout if
+    `block` is given); the group size is K / scales.shape[-1]."""
     if zeros is None:
         return weight.float() * scales.float()
-    q = unpack_nibbles(weight)
+    q = unpack_kernel_layout(weight, block) if block else unpack_nibbles(weight)
     *lead, N, K = q.shape
     g = q.reshape(*lead, N, scales.shape[-1], -1).float()
     return ((g - 8) * scales.float()[..., None] + zeros.float()[..., None]).reshape(*lead, N, K)
@@ -82,31 +91,6 @@ def quantize(w: torch.Tensor, bits: int, group_size: int | None = None) -> dict[
     return {"weight": q, "scales": s, "zeros": z}
 
 
-def kernel_applies(bits: int, n_out: int, group_size: int | None, device: torch.device) -> bool:
-    """Whether torch's CPU weight-only kernel takes this weight (otherwise: dequantize, then matmul)."""
-    if device.type != "cpu":
-        return False
-    if bits == 8:
-        return hasattr(torch.ops.aten, "_weight_int8pack_mm")
-    return n_out % 16 == 0 and group_size in GROUP_SIZES and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
-
-
-def pack_for_kernel(weight, scales, zeros, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel's operands for one [N, K] weight: (int8 [N, K], scales [N]) or (int4 pack, scales_and_zeros [G, N, 2])."""
-    if zeros is None:
-        return weight.contiguous(), scales.reshape(-1).to(dtype)
-    q = unpack_nibbles(weight).to(torch.int32).contiguous()
-    return (torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1),
-            torch.stack([scales.T, zeros.T], dim=-1).to(dtype).contiguous())
-
-
-def kernel_matmul(x_MK, packed, group_size: int | None) -> torch.Tensor:
-    """x [M, K] (contiguous, in the packed dtype) @ W^T -> [M, N]."""
-    if group_size is None:
-        return torch.ops.aten._weight_int8pack_mm(x_MK, *packed)
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x_MK, packed[0], group_size, packed[1])
-
-
 # ---- modules -------------------------------------------------------------------------------------
 class _Quantized(nn.Module):
     """Shared by QuantLinear and QuantExperts: quantized weights as buffers, and their matmul."""
@@ -118,6 +102,8 @@ class _Quantized(nn.Module):
         nn.Module.__init__(self)  # not Experts.__init__ (QuantExperts): the weights are the buffers below
         self.bits, self.group_size = bits, group_size
         self._packed: dict = {}  # (weight name, expert) -> (key, kernel operands); not saved
+        self._layout: dict[str, int] = {}  # int4 weight name -> row block, when held in the CPU kernel's layout
+        self.register_state_dict_post_hook(_storage_layout)
 
     def _add(self, name: str, shape: tuple[int, ...], device=None):
         """Empty buffers for one [..., N, K] weight (filled by load_state_dict)."""
@@ -146,20 +132,40 @@ class _Quantized(nn.Module):
         Compiled, e may also be a tensor of one expert per row of x (gathered, as Experts.forward_gathered).
         """
         w, s, z = self._parts(name, e)
-        N, dtype = w.shape[-2], self.compute_dtype or x.dtype
+        N, dtype, block = w.shape[-2], self.compute_dtype or x.dtype, self._layout.get(name)
         x_MK = x.reshape(-1, x.shape[-1]).to(dtype)
         if torch.compiler.is_compiling() and x_MK.shape[0] <= FEW_ROWS:
-            y = mv(x_MK, dequantize(w, s, z).to(dtype))  # fused: the quantized weights are read once
+            y = mv(x_MK, dequantize(w, s, z, block).to(dtype))  # fused: the quantized weights are read once
         elif self.use_kernel and dtype in (torch.float32, torch.bfloat16, torch.float16) and \
                 kernel_applies(self.bits, N, self.group_size, x.device):
+            if self.bits == 4 and block is None and self._relayout(name):
+                return self._matmul(x, name, e)
             base = getattr(self, name)  # views of a stack share its version counter
             key = (dtype, base.device, base.data_ptr(), *(p._version for p in (base, s, z) if p is not None))
             if self._packed.get((name, e), (None,))[0] != key:
-                self._packed[(name, e)] = (key, pack_for_kernel(w, s, z, dtype))
-            y = kernel_matmul(x_MK.contiguous(), self._packed[(name, e)][1], self.group_size)
+                if self.bits == 8:
+                    ops = (w.contiguous(), s.reshape(-1).to(dtype))
+                else:  # the weight itself when it is in the kernel's layout, else a converted copy
+                    q = w if block else torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                        unpack_nibbles(w).to(torch.int32).contiguous(), 1)
+                    ops = (q, scales_and_zeros(s, z, dtype))
+                self._packed[(name, e)] = (key, ops)
+            y = kernel_matmul(x_MK.contiguous(), *self._packed[(name, e)][1], self.group_size)
         else:
-            y = F.linear(x_MK, dequantize(w, s, z).to(dtype))
+            y = F.linear(x_MK, dequantize(w, s, z, block).to(dtype))
         return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+    def _relayout(self, name: str) -> int | None:
+        """Re-pack the int4 weight `name` (all experts) into the CPU kernel's layout, as a new buffer (a
+        state dict the weights came from keeps its tensors); None where that layout is not known."""
+        block, buf = int4_block(), getattr(self, name)
+        if block is None or buf.shape[-2] % block:
+            return None
+        new = torch.empty_like(buf)
+        for src, dst in zip(buf.reshape(-1, *buf.shape[-2:]), new.view(-1, *buf.shape[-2:])):  # one expert at a time
+            dst.copy_(to_kernel_layout(unpack_nibbles(src), block))
+        self._buffers[name], self._layout[name] = new, block
+        return block
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         want = torch.int8 if self.bits == 8 else torch.uint8
@@ -169,6 +175,18 @@ class _Quantized(nn.Module):
                 raise TinyMixtralError(f"{prefix}{name} has dtype {t.dtype}; a {self.bits}-bit quantized weight "
                                        f"needs {buf.dtype} (is config.json's quantization block right?)")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        for name in [n for n in self._layout if prefix + n in state_dict]:  # loaded in the storage layout
+            del self._layout[name]
+
+
+def _storage_layout(module: _Quantized, state_dict: dict, prefix: str, local_metadata) -> None:
+    """state_dict() post-hook: int4 weights held in the kernel's layout are given in the storage layout."""
+    for name, block in module._layout.items():
+        t = state_dict[prefix + name]
+        out = torch.empty_like(t)
+        for src, dst in zip(t.reshape(-1, *t.shape[-2:]), out.view(-1, *t.shape[-2:])):
+            dst.copy_(pack_nibbles(unpack_kernel_layout(src, block)))
+        state_dict[prefix + name] = out
 
 
 class QuantLinear(_Quantized):

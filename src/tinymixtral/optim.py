@@ -1,0 +1,114 @@
+"""Optimizers of a run: AdamW, or Muon for the hidden matrices with AdamW for the rest.
+
+Muon (Jordan et al., 2024; `torch.optim.Muon` since torch 2.9) replaces each hidden weight matrix's
+momentum update by its nearest semi-orthogonal matrix, found by a few Newton-Schulz iterations:
+
+    B <- mu B + (1 - mu) G;  U = G + mu (B - G) (Nesterov);  O = NS(U) ~ U (U^T U)^(-1/2)
+    W <- W (1 - lr wd) - lr sqrt(max(1, rows / cols)) O
+
+torch's Muon takes 2-D parameters only. Ours applies the same update to every matrix of a parameter:
+an expert stack [E, 2F, D] is E matrices (orthogonalised per expert, in one batched iteration), and a
+fused weight is cut into the matrices it fuses (q, k, v of `wqkv`; w1, w3 of `w13`), so each is
+updated as it would be unfused. Embeddings, the head, norms and the router stay with AdamW (Muon is
+for hidden matrices; the router's few rows choose experts and are better left to Adam).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)  # torch.optim.Muon's (and Keller Jordan's) quintic
+
+
+def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16):
+    """An approximately semi-orthogonal matrix with G's singular vectors, for each matrix of G [..., m, n].
+    The same products as torch.optim.Muon's (addmm there, its batched form here)."""
+    a, b, c = NS_COEFFICIENTS
+    X = G.to(dtype).reshape(-1, *G.shape[-2:])
+    tall = X.shape[-2] > X.shape[-1]
+    if tall:
+        X = X.mT
+    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        A = X @ X.mT
+        X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)
+    return (X.mT if tall else X).reshape(G.shape).to(G.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for the groups with use_muon=True (parameters [..., m, n], every trailing matrix on its own; a
+    parameter may carry `muon_splits`, the sizes along dim -2 of the matrices fused in it), AdamW for the
+    others, in one optimizer (as Keller Jordan's MuonWithAuxAdam): one object to clip, scale, save and
+    shard. AdamW here is torch.optim.AdamW's update (tested against it)."""
+
+    def __init__(self, param_groups: list[dict], momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
+                 ns_dtype: str = "bfloat16", betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8):
+        defaults = dict(use_muon=False, weight_decay=0.0, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                        ns_dtype=ns_dtype, betas=betas, eps=eps)
+        super().__init__(param_groups, defaults)
+        for group in self.param_groups:
+            for p in group["params"] if group["use_muon"] else []:
+                if p.dim() < 2:
+                    raise ValueError(f"Muon updates matrices; got a parameter of shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                p.mul_(1 - lr * wd)  # decoupled weight decay, both kinds
+                if group["use_muon"]:
+                    self._muon(p, group)
+                else:
+                    self._adamw(p, group)
+        return loss
+
+    def _muon(self, p, group):
+        mu, state = group["momentum"], self.state[p]
+        buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
+        buf.lerp_(p.grad, 1 - mu)
+        update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
+        for u, w in zip(update.split(getattr(p, "muon_splits", None) or [p.shape[-2]], dim=-2),
+                        p.split(getattr(p, "muon_splits", None) or [p.shape[-2]], dim=-2)):
+            o = newton_schulz(u, group["ns_steps"], dtype=getattr(torch, group["ns_dtype"]))
+            w.add_(o, alpha=-group["lr"] * math.sqrt(max(1.0, u.shape[-2] / u.shape[-1])))
+
+    def _adamw(self, p, group):
+        (b1, b2), state = group["betas"], self.state[p]
+        if "exp_avg" not in state:
+            state.update(step=torch.zeros(()), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        state["step"] += 1
+        t = state["step"].item()
+        state["exp_avg"].lerp_(p.grad, 1 - b1)
+        state["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+        denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - b2 ** t)).add_(group["eps"])
+        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - b1 ** t))
+
+
+MATRICES = ("wqkv", "wo", "w13", "w2")  # the hidden matrices: attention projections, experts, dense FFN
+
+
+def split_params(model: torch.nn.Module) -> tuple[list, list]:
+    """(hidden matrices, everything else) as (name, parameter) pairs; fused matrices get `muon_splits`."""
+    cfg = model.cfg
+    hidden, rest = [], []
+    for name, p in model.named_parameters():
+        *_, owner, leaf = ["", *name.split(".")]
+        kind = leaf if leaf in MATRICES else owner if leaf == "weight" and owner in MATRICES else None
+        if kind is None or p.dim() < 2:
+            rest.append((name, p))
+            continue
+        if kind == "wqkv":
+            p.muon_splits = [cfg.n_heads * cfg.head_dim] + [cfg.n_kv_heads * cfg.head_dim] * 2
+        elif kind == "w13":
+            p.muon_splits = [p.shape[-2] // 2] * 2
+        hidden.append((name, p))
+    return hidden, rest

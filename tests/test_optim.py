@@ -1,0 +1,110 @@
+"""Muon (with AdamW for the rest) against torch's own optimizers and a per-matrix reference; which
+parameters each gets; the wsd schedule; a short Muon run learns."""
+import dataclasses
+
+import pytest
+import torch
+from torch.optim._muon import _zeropower_via_newtonschulz
+
+from conftest import TRAIN_CFG, tcfg_for, tiny_model
+from tinymixtral.optim import Muon, newton_schulz, split_params
+from tinymixtral.run_state import read_metrics
+from tinymixtral.train import TrainConfig, get_lr, train
+
+
+def _run(params_groups, grads, steps=3, **kw):
+    """`steps` Muon steps, step s with the gradients grads[id(param)][s]; returns the optimizer."""
+    opt = Muon(params_groups, **kw)
+    for s in range(steps):
+        for g in opt.param_groups:
+            for p in g["params"]:
+                p.grad = grads[id(p)][s].clone()
+        opt.step()
+    return opt
+
+
+def test_newton_schulz_matches_torch_and_orthogonalises():
+    G = torch.randn(48, 80, generator=torch.Generator().manual_seed(0))
+    ours = newton_schulz(G, dtype=torch.bfloat16)
+    ref = _zeropower_via_newtonschulz(G, (3.4445, -4.775, 2.0315), 5, 1e-7).float()
+    assert torch.equal(ours, ref)  # the same bf16 products as torch's
+    s = torch.linalg.svdvals(newton_schulz(G, dtype=torch.float32))
+    assert 0.5 < s.min() and s.max() < 1.3  # every singular value pulled near 1 (roughly: 5 quintic steps)
+    tall = newton_schulz(G.T.contiguous(), dtype=torch.float32)  # m > n is transposed and back
+    torch.testing.assert_close(tall, newton_schulz(G, dtype=torch.float32).T, rtol=0, atol=1e-5)
+
+
+def test_muon_step_equals_torch_muon_on_a_matrix():
+    gen = torch.Generator().manual_seed(1)
+    w0, grads = torch.randn(32, 64, generator=gen), torch.randn(3, 32, 64, generator=gen)
+    ref = torch.nn.Parameter(w0.clone())
+    opt = torch.optim.Muon([ref], lr=0.02, weight_decay=0.1, momentum=0.95)
+    for s in range(3):
+        ref.grad = grads[s].clone()
+        opt.step()
+    ours = torch.nn.Parameter(w0.clone())
+    _run([{"params": [ours], "use_muon": True, "lr": 0.02, "weight_decay": 0.1}], {id(ours): grads},
+         ns_dtype="bfloat16")
+    assert torch.equal(ours.detach(), ref.detach())
+
+
+def test_expert_stacks_and_fused_matrices_update_matrix_by_matrix():
+    gen = torch.Generator().manual_seed(2)
+    stack, grads = torch.randn(4, 24, 16, generator=gen), torch.randn(3, 4, 24, 16, generator=gen)
+    whole = torch.nn.Parameter(stack.clone())
+    whole.muon_splits = [10, 14]  # e.g. w1 and w3 of unequal height: each its own matrix
+    _run([{"params": [whole], "use_muon": True, "lr": 0.05, "weight_decay": 0.01}], {id(whole): grads},
+         ns_dtype="float32")
+    for e in range(4):
+        for rows in (slice(0, 10), slice(10, 24)):
+            alone = torch.nn.Parameter(stack[e, rows].clone())
+            _run([{"params": [alone], "use_muon": True, "lr": 0.05, "weight_decay": 0.01}],
+                 {id(alone): grads[:, e, rows]}, ns_dtype="float32")
+            torch.testing.assert_close(whole.detach()[e, rows], alone.detach(), rtol=0, atol=1e-6)
+
+
+def test_adamw_groups_equal_torch_adamw():
+    gen = torch.Generator().manual_seed(3)
+    w0, grads = torch.randn(8, 6, generator=gen), torch.randn(5, 8, 6, generator=gen)
+    ref = torch.nn.Parameter(w0.clone())
+    opt = torch.optim.AdamW([ref], lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, foreach=False)
+    for s in range(5):
+        ref.grad = grads[s].clone()
+        opt.step()
+    ours = torch.nn.Parameter(w0.clone())
+    _run([{"params": [ours], "lr": 0.01, "weight_decay": 0.1}], {id(ours): grads}, steps=5, betas=(0.9, 0.95))
+    torch.testing.assert_close(ours.detach(), ref.detach(), rtol=0, atol=1e-6)
+
+
+def test_split_params_gives_muon_the_hidden_matrices_only():
+    for model in (tiny_model(), tiny_model(n_experts=0)):
+        hidden, rest = split_params(model)
+        names = {n for n, _ in hidden}
+        assert all(n.split(".")[-2:][-1] in ("w13", "w2") or n.split(".")[-2] in ("wqkv", "wo", "w13", "w2")
+                   for n in names)
+        assert {n.split(".")[-2] for n in names if n.endswith(".weight")} | {n.split(".")[-1] for n in names} >= \
+            {"wqkv", "wo", "w13", "w2"}
+        assert not any(k in n for n, _ in hidden for k in ("embed", "norm", "router", "lm_head"))
+        assert len(hidden) + len(rest) == len(list(model.parameters()))
+        cfg = model.cfg
+        wqkv = dict(hidden)["layers.0.attn.wqkv.weight"]
+        assert wqkv.muon_splits == [cfg.n_heads * cfg.head_dim] + [cfg.n_kv_heads * cfg.head_dim] * 2
+
+
+def test_wsd_schedule_is_flat_then_a_straight_decay():
+    cfg = TrainConfig(lr=1e-3, warmup_steps=10, schedule="wsd", decay_fraction=0.25, min_lr_ratio=0.1)
+    assert get_lr(4, 0.05, cfg) == pytest.approx(1e-3 * 0.5)  # warmup as with the cosine
+    assert get_lr(50, 0.3, cfg) == get_lr(70, 0.75, cfg) == pytest.approx(1e-3)  # stable to 75% of the run
+    assert get_lr(80, 0.875, cfg) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # halfway down the decay
+    assert get_lr(100, 1.0, cfg) == pytest.approx(1e-4)
+    none = dataclasses.replace(cfg, decay_fraction=0.0)
+    assert get_lr(100, 1.0, none) == pytest.approx(1e-3)
+
+
+def test_a_short_muon_run_learns(tmp_path, data_dir):
+    out = tmp_path / "run"
+    final = train(tcfg_for(data_dir, out, max_steps=30, eval_interval=30, optimizer="muon", muon_lr=0.02,
+                           schedule="wsd"), TRAIN_CFG)
+    losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
+    assert losses[-1] < losses[0] - 1.0, losses
+    assert final["final_val_loss"] < losses[0]
