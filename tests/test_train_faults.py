@@ -160,7 +160,7 @@ def test_stale_temp_dirs_are_cleaned_at_start_too(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)
     ckpts = tmp_path / "run" / "checkpoints"
-    for name in (f"..step-3.partial.tmp-{pid}", f".step-3.partial-{pid}", f".step-2.old-{pid}",
+    for name in (f"..step-3.partial.tmp-{pid}", f".step-3.partial-{pid}", f".step-2.old-{pid}", ".step-4.sharded.partial",
                  f".step-5.partial-{os.getpid()}", "step-1x", ".hidden"):
         (ckpts / name).mkdir(parents=True)
     (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1}\n')
