@@ -164,7 +164,7 @@ def test_failed_save_keeps_previous_content(exc, tmp_path, monkeypatch):
 
 def test_failed_first_save_creates_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "_write_shards", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
-    with pytest.raises(OSError):
+    with pytest.raises(TinyMixtralError, match="disk full"):  # one line at the CLI, nothing left behind
         tinymixtral.save_model(tiny_model(CONFIGS["moe"], vary_norms=True), tmp_path / "m")
     assert os.listdir(tmp_path) == []
 

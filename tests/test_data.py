@@ -1,5 +1,6 @@
 """`tinymixtral prepare`: every source kind, both tokenizer kinds, the file layout and bad input."""
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,7 @@ def test_max_docs_and_replacing_an_existing_output(tmp_path, docs):
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.txt").write_text("from an earlier run")
+    (out / "meta.json").write_text("{}")  # an earlier prepared output (a directory without one is refused)
     meta = D.prepare(str(src), out, "bpe:300", val_fraction=0.1, max_docs=100)
     assert meta["train_docs"] + meta["val_docs"] == 100
     check_prepared(out, docs[:100], 0.1)  # the stale file is gone: the output was replaced whole
@@ -394,3 +396,20 @@ def test_eval_windows_spread_over_the_whole_split(n_fit, requested):
     if requested > 1:
         assert starts[-1] == (n_fit - 1) * seq  # the last window that fits: the end of the split is read
     assert D.window_starts(n_tokens, n_fit, seq, None) == [i * seq for i in range(n_fit)]  # all of them
+
+
+def test_prepare_never_replaces_a_file_a_foreign_directory_or_the_current_one(tmp_path, docs, monkeypatch):
+    """prepare replaces its --out whole: a directory that is not prepared data is refused, not deleted."""
+    src = write_txt(tmp_path / "c.txt", docs[:20])
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("years of work")
+    (tmp_path / "f").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    for out, message in [(tmp_path / "mine", "holds no prepared data"), (tmp_path / "f", "is a file"),
+                         ("", "is the current directory"), (".", "is the current directory"),
+                         (tmp_path.parent, "is the current directory (or above it)")]:
+        with pytest.raises(TinyMixtralError, match=re.escape(message)):
+            D.prepare(str(src), out, "bpe:300", val_fraction=0.1)
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "years of work" and (tmp_path / "f").read_text() == "x"
+    with pytest.raises(TinyMixtralError, match="--max-docs must be >= 1, got 0"):  # 0 was silently "all"
+        D.prepare(str(src), tmp_path / "new", "bpe:300", max_docs=0)

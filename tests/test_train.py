@@ -394,6 +394,8 @@ def test_train_resume_rules(tmp_path, fake_train, capsys):
     run = tmp_path / "run"
     run.mkdir()
     T.save_run_config(run, TrainConfig(data="D", out=str(run), max_steps=10), ModelConfig.from_name("demo"))
+    (run / "checkpoints" / "step-5").mkdir(parents=True)
+    (run / "latest").symlink_to("checkpoints/step-5")  # a run that saved a checkpoint (one that never did may restart)
     r = call_cli(capsys, "train", "--data", "D", "--out", run)  # would overwrite a run
     assert "already holds a run" in assert_one_line_error(r, "train", 2)
     r = call_cli(capsys, "train", "--resume", run, "--d-model", "64")

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from .build import build_model
+from .build import build_model, pick_device
 from .cache import KVCache
 from .checkpoint import save_model
 from .errors import TinyMixtralError
@@ -117,7 +117,7 @@ def run_bench(cfg, what=WHAT, batch=8, seq=256, decode_batches=(1, 8), new_token
     bits: 8 or 4 quantizes our model (weight-only) after loading; transformers keeps the full weights.
     compile: our decode step and training loss through torch.compile (compiled in the warm-up, not timed).
     """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(device)
     if bits and "train" in what:
         raise TinyMixtralError("a quantized model is for inference: leave 'train' out of --what with --bits")
     ours, theirs = build_pair(cfg, device, hf)

@@ -17,6 +17,24 @@ from .model.transformer import Transformer
 OPTIONAL = (".router.noise.weight",)  # noisy gating's noise projection
 
 
+def pick_device(name: str | None) -> str:
+    """The device `name` (a --device value), checked: one torch knows and this machine has. None: cuda when
+    available, else cpu."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise TinyMixtralError(f"unknown device {name!r}: expected cpu, cuda or cuda:N") from None
+    have = {"cpu": 1, "cuda": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+            "mps": int(torch.backends.mps.is_available())}.get(dev.type, 0)
+    if have == 0 or (dev.index or 0) >= have:
+        raise TinyMixtralError(f"device {name!r} is not available here"
+                               + ("" if have else " (this machine has cpu" + (", cuda" if torch.cuda.is_available()
+                                                                               else "") + ")"))
+    return name
+
+
 def skeleton(cfg: ModelConfig) -> Transformer:
     """The model on the meta device (shapes, no memory), with quantized modules in place when cfg says so."""
     with torch.device("meta"):

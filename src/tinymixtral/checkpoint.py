@@ -159,11 +159,15 @@ def save_model(model: Transformer, path: str | Path, tokenizer=None, max_shard_b
     if format == "mistral":
         native.check_writable(cfg)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _check_target(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TinyMixtralError(f"cannot make the directory {path.parent}: {e.strerror or e}") from None
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         hf_sd = {k: v.detach().cpu().contiguous() for k, v in to_hf(model.state_dict(), cfg).items()}
         if format == "mistral":
             (tmp / native.PARAMS).write_text(json.dumps(native.params_from_config(cfg), indent=2) + "\n")
@@ -176,10 +180,24 @@ def save_model(model: Transformer, path: str | Path, tokenizer=None, max_shard_b
         if tokenizer is not None:
             _save_tokenizer(tokenizer, tmp)
         _replace_dir(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # a full disk, a read-only directory: nothing half-written is left
+            raise TinyMixtralError(f"cannot write {path}: {e.strerror or e}") from e
         raise
     return path
+
+
+def _check_target(path: Path):
+    """save_model replaces what is at `path`: only ever a model directory, an empty one, or nothing."""
+    if path.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+        raise TinyMixtralError(f"{str(path) or repr('')} is the current directory (or above it): give a new directory")
+    if path.exists() and not path.is_dir():
+        raise TinyMixtralError(f"{path} is a file, not a model directory")
+    is_model = (path / "config.json").is_file() or (path / native.PARAMS).is_file()
+    if path.is_dir() and any(path.iterdir()) and not is_model:
+        raise TinyMixtralError(f"{path} is a directory that holds no model (no config.json or {native.PARAMS}): "
+                               "it would be replaced; give a new or empty directory")
 
 
 def _write_shards(sd: dict[str, torch.Tensor], out: Path, max_shard_bytes: int):

@@ -15,6 +15,8 @@ from typing import Any
 
 from .errors import TinyMixtralError
 
+MAX_SIZE = 2**31 - 1  # the largest dimension, count or length a config may hold
+
 
 @dataclass
 class ModelConfig:
@@ -55,6 +57,15 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 _bad(name, value, "must be a positive integer")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len",
+                     "n_experts", "top_k", "sliding_window"):
+            if isinstance(getattr(self, name), int) and getattr(self, name) > MAX_SIZE:  # torch sizes overflow
+                _bad(name, getattr(self, name), f"must be at most {MAX_SIZE:,}")
+        for name in ("rope_theta", "norm_eps", "router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise",
+                     "init_std", "capacity_factor"):
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):  # NaN slips past every comparison below
+                _bad(name, value, "must be finite")
         if self.n_heads % self.n_kv_heads != 0:
             _bad("n_kv_heads", self.n_kv_heads, f"n_heads ({self.n_heads}) must be divisible by n_kv_heads")
         if self.head_dim % 2 != 0:
@@ -273,4 +284,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 def capacity(n_tokens: int, cfg: ModelConfig) -> int:
     """Tokens each expert may take under `capacity_factor` (Switch Transformer, eq. 3)."""
     assert cfg.capacity_factor is not None, "capacity() needs capacity_factor"
-    return math.ceil(cfg.capacity_factor * n_tokens * cfg.top_k / cfg.n_experts)
+    # Past n_experts / top_k every expert may take every token (nothing is dropped): the same, without overflow.
+    factor = min(cfg.capacity_factor, cfg.n_experts / cfg.top_k)
+    return math.ceil(factor * n_tokens * cfg.top_k / cfg.n_experts)

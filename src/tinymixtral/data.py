@@ -136,6 +136,10 @@ def prepare(source: str, out: str | Path, tokenizer: str = "bpe:4096", val_fract
     source), else a seeded val_fraction of the documents (of a single document: its tail)."""
     if not 0 < val_fraction < 1:
         raise TinyMixtralError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    if max_docs is not None and max_docs < 1:
+        raise TinyMixtralError(f"--max-docs must be >= 1, got {max_docs}")
+    out = Path(out)
+    _check_out(out)
     kind, size = ("dir", None) if Path(tokenizer).is_dir() else parse_tokenizer_spec(tokenizer)
     splits, meta = read_source(source, num_stories=num_stories, seed=seed)
     train = [t for t in splits["train"] if _has_text(t)]
@@ -162,11 +166,10 @@ def prepare(source: str, out: str | Path, tokenizer: str = "bpe:4096", val_fract
         tok = load_tokenizer(tokenizer)
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     chat = any(not isinstance(d, str) for d in train + val)
-    out = Path(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         stats = {}
         for name, texts in (("train", train), ("val", val)):
             stats[name] = write_tokens(texts, tok, tmp / f"{name}.bin", dtype, desc=f"tokenizing {name}",
@@ -181,10 +184,24 @@ def prepare(source: str, out: str | Path, tokenizer: str = "bpe:4096", val_fract
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # a full disk, a read-only directory: nothing half-written is left
+            raise TinyMixtralError(f"cannot write {out}: {e.strerror or e}") from e
         raise
     return meta
+
+
+def _check_out(out: Path):
+    """prepare replaces what is at `out`: only ever a prepared data directory, an empty one, or nothing."""
+    if out.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+        raise TinyMixtralError(f"--out {str(out) or repr('')} is the current directory (or above it): give a new one")
+    if out.exists() and not out.is_dir():
+        raise TinyMixtralError(f"--out {out} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "meta.json").is_file():
+        raise TinyMixtralError(f"--out {out} is a directory that holds no prepared data (no meta.json): it would be "
+                               "replaced; give a new or empty directory")
+
 
 
 def _has_text(doc) -> bool:

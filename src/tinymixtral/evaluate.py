@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .build import pick_device
 from .chats import eval_windows
 from .checkpoint import load_model
 from .data import IGNORE, check_tokenizer, load_mask, load_split, window_starts, windows
@@ -85,7 +86,7 @@ def eval_model(model_dir: str, data_dir: str, split: str = "val", seq_len: int |
     """{'loss', 'ppl', 'bpb', 'tokens', 'model', ...} of a model directory on a prepared data split.
 
     'model' is the directory actually read: a run's `best` or `latest` link resolved to its checkpoint."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(device)
     data, meta = load_split(data_dir, split)
     mask = load_mask(data_dir, split, meta)
     check_tokenizer(data_dir, meta, model_dir)

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 import uuid
 import warnings
@@ -29,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .analysis.stats import expert_load
-from .build import build_model
+from .build import build_model, pick_device
 from .chats import train_starts
 from .checkpoint import has_tokenizer, load_model, read_safetensors
 from .config import ModelConfig
@@ -40,7 +41,16 @@ from .evaluate import bits_per_byte, evaluate, evaluated_tokens
 from .optim import Muon, split_params
 from .params import flops_per_token, measure_matmul_flops
 from .plots import plot_run
-from .run_state import SHARDED, append_metrics, latest_checkpoint, load_trainer_state, save_checkpoint
+from .run_state import (
+    SHARDED,
+    append_metrics,
+    clean_stale,
+    latest_checkpoint,
+    load_trainer_state,
+    save_checkpoint,
+    start_run_dir,
+    truncate_metrics,
+)
 
 
 @dataclass
@@ -65,6 +75,7 @@ class TrainConfig:
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # clip the global gradient norm to this
+    skip_nonfinite: int = 0  # steps with a NaN/inf loss or gradient norm to skip, with a warning (0: stop at the first)
     eval_interval: int = 200  # estimate the val loss every this many steps (and keep the best checkpoint)
     eval_batches: int = 20  # batches of val windows, spread over the split, in each estimate
     log_interval: int = 10  # write a metrics row every this many steps
@@ -122,8 +133,11 @@ def make_optimizer(raw: torch.nn.Module, tcfg: TrainConfig, device: str) -> torc
 
 
 def save_run_config(out: Path, tcfg: TrainConfig, mcfg: ModelConfig):
-    (out / "run.json").write_text(json.dumps(
-        {"train": dataclasses.asdict(tcfg), "model": dataclasses.asdict(mcfg)}, indent=2) + "\n")
+    try:
+        (out / "run.json").write_text(json.dumps(
+            {"train": dataclasses.asdict(tcfg), "model": dataclasses.asdict(mcfg)}, indent=2) + "\n")
+    except OSError as e:
+        raise TinyMixtralError(f"cannot write {out / 'run.json'}: {e.strerror or e}") from None
 
 
 def load_run_config(run_dir: Path) -> tuple[TrainConfig, ModelConfig]:
@@ -161,6 +175,7 @@ class Run:
     elapsed: float = 0.0  # seconds of training steps (evaluations and checkpoints excluded)
     best_val: float | None = None
     best_step: int | None = None
+    nonfinite_skipped: int = 0  # steps whose update was skipped for a NaN/inf loss or gradient norm
     resumed_at: int | None = None  # the step a resumed run starts at: no second eval/checkpoint there
     train_mask: np.ndarray | None = None  # conversations: 1 where a token is trained (data.load_mask)
     val_mask: np.ndarray | None = None
@@ -182,7 +197,7 @@ class Run:
 
     def scalars(self) -> dict:
         d = {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed, "best_val": self.best_val,
-             "best_step": self.best_step}
+             "best_step": self.best_step, "nonfinite_skipped": self.nonfinite_skipped}
         return d | ({"grad_scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {})
 
 
@@ -221,7 +236,8 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> dict:
                     parts_sum[k] = parts_sum.get(k, 0.0) + v.detach() / tcfg.grad_accum
             r.scaler.unscale_(r.optimizer)  # clip the true gradients
             grad_norm = torch.nn.utils.clip_grad_norm_(r.model.parameters(), tcfg.grad_clip)
-            r.scaler.step(r.optimizer)  # skipped by the scaler if fp16 gradients overflowed
+            if not skip_nonfinite(r, parts_sum["loss"], grad_norm, bar):  # NaN never reaches the weights
+                r.scaler.step(r.optimizer)  # skipped by the scaler if fp16 gradients overflowed
             r.scaler.update()
             r.optimizer.zero_grad(set_to_none=True)
             r.step += 1
@@ -251,7 +267,7 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> dict:
 def setup(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool) -> Run:
     """Processes, device, data, model (fresh, a model directory's, or the run's latest checkpoint), optimizer, W&B."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = tcfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(tcfg.device)
     distributed = "RANK" in os.environ  # started by torchrun
     if distributed:
         if device == "cuda":
@@ -285,7 +301,7 @@ def setup(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool) -> Run:
         model = build_model(mcfg, device=device)
     freeze(model, tcfg.train_only)
     if not resume and rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        start_run_dir(out)
         save_run_config(out, tcfg, mcfg)
     train_mask, val_mask = load_mask(tcfg.data, "train", meta), load_mask(tcfg.data, "val", meta)
     raw = model
@@ -314,7 +330,7 @@ def setup(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool) -> Run:
                 dcp.load(state, checkpoint_id=ckpt / SHARDED)
             set_state_dict(raw, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         scalars, rng = load_trainer_state(ckpt, None if (ckpt / SHARDED).is_dir() else optimizer)
-        for k in ("step", "tokens", "elapsed", "best_val", "best_step"):
+        for k in ("step", "tokens", "elapsed", "best_val", "best_step", "nonfinite_skipped"):
             setattr(r, k, scalars.get(k, getattr(r, k)))
         if "grad_scaler" in scalars:
             scaler.load_state_dict(scalars["grad_scaler"])
@@ -322,6 +338,8 @@ def setup(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool) -> Run:
         torch.set_rng_state(rng["torch"])
         r.resumed_at = r.step
         if r.master:
+            clean_stale(out)  # what writes interrupted by a kill left behind
+            truncate_metrics(out, r.step)  # rows after the checkpoint are logged again from here
             print(f"resuming {out} from step {r.step}")
         if r.progress() >= 1.0:
             raise TinyMixtralError(f"{out} already reached its limit at step {r.step}; raise --max-steps, "
@@ -356,7 +374,8 @@ def eval_and_log(r: Run, full: bool = False) -> dict:
         append_metrics(r.out, row)
         if r.wandb:
             r.wandb.log(row, step=r.step)
-    if not full and (r.best_val is None or val < r.best_val):  # every process: they all checkpoint under FSDP
+    # every process: they all checkpoint under FSDP; a NaN evaluation is never the best
+    if not full and math.isfinite(val) and (r.best_val is None or val < r.best_val):
         r.best_val, r.best_step = val, r.step
     return row
 
@@ -381,12 +400,49 @@ def log_step(r: Run, lr: float, parts: dict, grad_norm, tok_per_s: float) -> dic
     return row
 
 
+def skip_nonfinite(r: Run, loss, grad_norm, bar) -> bool:
+    """Whether this step's update must be skipped: its loss (or, without fp16's GradScaler, which skips
+    overflowed steps itself, its gradient norm) is NaN or inf on some process. Past --skip-nonfinite such
+    steps the run stops with one line, before the update, so the weights and checkpoints stay finite."""
+    values = {"loss": float(loss)} | ({} if r.scaler.is_enabled() else {"gradient norm": float(grad_norm)})
+    if not _any_process(r, not all(map(math.isfinite, values.values()))):
+        return False
+    r.nonfinite_skipped += 1
+    what = " and ".join(f"{k} {v}" for k, v in values.items())
+    if r.nonfinite_skipped > r.tcfg.skip_nonfinite:
+        bar.close()
+        raise TinyMixtralError(
+            f"step {r.step + 1}: {what}: training diverged (lower --lr, or let --skip-nonfinite N skip such steps); "
+            f"stopped before the update, no checkpoint holds it")
+    if r.master:
+        tqdm.write(f"warning: step {r.step + 1}: {what}: update skipped ({r.nonfinite_skipped} of "
+                   f"--skip-nonfinite {r.tcfg.skip_nonfinite})", file=sys.stderr)
+    return True
+
+
+def _any_process(r: Run, flag: bool) -> bool:
+    """flag on any process (the same answer on all of them, so that they all take the same branch)."""
+    if not r.distributed:
+        return flag
+    t = torch.tensor(float(flag), device=r.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t)
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if hasattr(p, "to_local") else p  # an FSDP parameter is a DTensor: its shard
+
+
 def save(r: Run):
     """A checkpoint of the model and the trainer state; `best` moves to it when it is the best.
 
     Under FSDP every process also writes its shards of the model and optimizer state with
     torch.distributed.checkpoint (nothing is gathered for them); rank 0 writes the full model as a
     Hugging Face directory for users, then moves the shards into the checkpoint."""
+    if _any_process(r, not all(bool(torch.isfinite(_local(p)).all()) for p in r.raw.parameters())):
+        latest = r.out / "latest"
+        kept = f"the latest is still {latest.resolve().name}" if latest.exists() else "none was saved before"
+        raise TinyMixtralError(f"step {r.step}: the weights hold NaN or inf; no checkpoint was written ({kept})")
     sharded = r.distributed and r.tcfg.fsdp
     shards = None
     if sharded:

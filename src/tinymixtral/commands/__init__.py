@@ -4,11 +4,23 @@ Commands parse flags, call the library (the modules above this package) and prin
 imports them. `cli.py` is the table of commands.
 """
 
+import argparse
+
 import torch
 
 from ..errors import TinyMixtralError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def seed(text: str) -> int:
+    """An argparse type: a --seed torch accepts (an integer that fits 64 bits)."""
+    try:
+        value = int(text)
+        torch.Generator().manual_seed(value)
+    except (ValueError, RuntimeError, OverflowError):
+        raise argparse.ArgumentTypeError(f"expected an integer of at most 64 bits, got {text!r}") from None
+    return value
 
 
 def add_load_options(p):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from ..bench import WHAT, format_result, run_bench
-from ..config import ModelConfig
+from ..config import MAX_SIZE, ModelConfig
 from ..errors import TinyMixtralError
 
 
@@ -41,6 +41,9 @@ def run(args) -> int:
         raise TinyMixtralError("--batch, --seq, --new-tokens, --rounds and --decode-batch must be >= 1")
     src = args.model or args.config
     cfg = ModelConfig.load(src) if src else ModelConfig.from_name(args.preset or "demo")
+    if args.seq > cfg.max_seq_len or max(args.batch, args.new_tokens, args.rounds, *decode_batches) > MAX_SIZE:
+        raise TinyMixtralError(f"--seq must be at most the model's max_seq_len ({cfg.max_seq_len}), and --batch, "
+                               f"--new-tokens, --rounds and --decode-batch at most {MAX_SIZE:,}")
     r = run_bench(cfg, what, args.batch, args.seq, decode_batches, args.new_tokens, args.rounds, args.device,
                   hf=not args.no_hf, bits=args.bits, compile=not args.no_compile)
     print(json.dumps(r, indent=2) if args.json else format_result(r))

@@ -12,12 +12,13 @@ import sys
 
 import torch
 
+from ..build import pick_device
 from ..cache import KVCache
 from ..checkpoint import load_model
 from ..errors import TinyMixtralError
 from ..generation import chat_template, check_sampling, printable, stream
 from ..tokenizer import load_tokenizer
-from . import add_load_options, load_options
+from . import add_load_options, load_options, seed
 
 
 def add_arguments(p):
@@ -30,7 +31,7 @@ def add_arguments(p):
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=seed, default=None)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     add_load_options(p)
 
@@ -54,13 +55,14 @@ def run(args) -> int:
     check_sampling(args.temperature, args.top_k, args.top_p)
     if args.max_new_tokens < 1:
         raise TinyMixtralError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     model = load_model(args.model, device=device, **load_options(args))
     tok = load_tokenizer(args.model)
     cfg = model.cfg
-    context = args.context or min(cfg.max_seq_len, 4096)
-    if context < 1:
-        raise TinyMixtralError(f"--context must be >= 1, got {context}")
+    context = min(cfg.max_seq_len, 4096) if args.context is None else args.context
+    if not 1 <= context <= cfg.max_seq_len:
+        raise TinyMixtralError(f"--context must be between 1 and the model's max_seq_len ({cfg.max_seq_len}), "
+                               f"got {context}")
     cache = KVCache.for_model(model, 1, context)
     gen = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
     interactive = sys.stdin.isatty()

@@ -6,6 +6,7 @@ import json
 
 import torch
 
+from ..errors import TinyMixtralError
 from ..evaluate import eval_model
 from . import add_load_options, load_options
 
@@ -22,6 +23,9 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    for name in ("batch_size", "max_batches"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise TinyMixtralError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     r = eval_model(args.model, args.data, args.split, args.seq_len, args.batch_size, args.max_batches,
                    **load_options(args, torch.float32))
     if args.json:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from ..build import build_model
+from ..build import build_model, pick_device
 from ..checkpoint import load_model
-from . import add_load_options, load_options
+from . import add_load_options, load_options, seed
 from ..config import ModelConfig
 from ..errors import TinyMixtralError
 from ..generation import chat_template, check_sampling, printable, stream
@@ -34,7 +34,7 @@ def add_arguments(p):
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--stop", action="append", default=None, help="stop a row at this string (repeatable)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=seed, default=None)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--compile", action="store_true",
                    help="decode through torch.compile: ~2x faster per token on a CPU, after ~20 s of compiling")
@@ -57,7 +57,7 @@ def run(args) -> int:
         prompts = ["Once upon a time" if args.prompt is None else args.prompt]
     if any(not p.strip() for p in prompts):
         raise TinyMixtralError("the prompt is empty; give some text with --prompt")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     if args.model:
         model = load_model(args.model, device=device, **load_options(args))
         tok = load_tokenizer(args.tokenizer or args.model)

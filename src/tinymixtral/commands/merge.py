@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from ..merging import merge
 from ..params import count_params
+from . import seed
 
 
 def add_arguments(p):
     p.add_argument("config", help="a mergekit-moe YAML file (base_model, gate_mode, dtype, experts_per_token, experts)")
     p.add_argument("--out", required=True, help="output Mixtral model directory")
-    p.add_argument("--seed", type=int, default=0, help="seed of gate_mode: random")
+    p.add_argument("--seed", type=seed, default=0, help="seed of gate_mode: random")
 
 
 def run(args) -> int:

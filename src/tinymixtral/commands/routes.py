@@ -17,6 +17,7 @@ import torch
 
 from ..analysis import report
 from ..analysis.stats import collect_routing, summarize
+from ..build import pick_device
 from ..checkpoint import load_model
 from . import add_load_options, load_options
 from ..config import ModelConfig
@@ -79,7 +80,10 @@ def token_pieces(tok, ids: list[int], window: int = 8) -> list[str]:
 
 def write_outputs(out: Path, stats: dict, table_text: str, pieces: list[str], routing, layer: int,
                   title: str) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TinyMixtralError(f"cannot make the directory {out}: {e.strerror or e}") from None
     logits_NE, experts_NK = routing[layer]
     n = len(pieces)
     weights_NK = logits_NE[:n].softmax(dim=-1).gather(1, experts_NK[:n])
@@ -124,9 +128,9 @@ def run(args) -> int:
             raise TinyMixtralError(f"--layer {args.layer} is out of range: the model has layers 0..{cfg.n_layers - 1}")
     if args.data is not None:  # before loading the model: data of another tokenizer are refused
         check_tokenizer(args.data, load_split(args.data, args.split)[1], args.model)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     model = load_model(args.model, device=device, **load_options(args, torch.float32))
-    seq_len = args.seq_len or min(512, model.cfg.max_seq_len)
+    seq_len = min(512, model.cfg.max_seq_len) if args.seq_len is None else args.seq_len
     if not 1 <= seq_len <= model.cfg.max_seq_len:
         raise TinyMixtralError(f"--seq-len must be between 1 and the model's max_seq_len ({model.cfg.max_seq_len})")
     try:

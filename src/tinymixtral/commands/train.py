@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .. import train as T
 from ..checkpoint import model_config, weight_files
-from ..config import ModelConfig
+from ..config import MAX_SIZE, ModelConfig
 from ..errors import TinyMixtralError
 from ..train import TrainConfig
 
@@ -100,7 +100,7 @@ def run(args) -> int:
             mcfg = ModelConfig.load(args.config) if args.config else ModelConfig.from_name(args.preset or "demo")
             mcfg = mcfg.replace(**model_over) if model_over else mcfg
         tcfg = TrainConfig(data=args.data, out=args.out, **train_over)
-        if Path(args.out, "run.json").exists():
+        if Path(args.out, "latest").exists():  # a run that never saved a checkpoint may start again
             raise TinyMixtralError(f"{args.out} already holds a run; use --resume {args.out} or another --out")
     _check(tcfg)
     final = T.train(tcfg, mcfg, resume=bool(args.resume))
@@ -140,7 +140,10 @@ def _check(t: TrainConfig):
                  "ckpt_interval", "eval_batches"):
         if getattr(t, name) < 1:
             raise TinyMixtralError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(t, name)}")
-    for name in ("warmup_steps", "keep_last"):
+    for name in ("batch_size", "seq_len", "grad_accum"):  # tensor sizes: torch overflows past MAX_SIZE
+        if getattr(t, name) > MAX_SIZE:
+            raise TinyMixtralError(f"--{name.replace('_', '-')} must be at most {MAX_SIZE:,}, got {getattr(t, name)}")
+    for name in ("warmup_steps", "keep_last", "skip_nonfinite"):
         if getattr(t, name) < 0:
             raise TinyMixtralError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(t, name)}")
     ranges = {"lr": ("> 0", lambda v: v > 0), "muon_lr": ("> 0", lambda v: v > 0),
@@ -151,6 +154,8 @@ def _check(t: TrainConfig):
         v = getattr(t, name)
         if not (math.isfinite(v) and ok(v)):
             raise TinyMixtralError(f"--{name.replace('_', '-')} must be {what} and finite, got {v}")
+    if not -2**63 <= t.seed < 2**64:  # what torch.manual_seed takes
+        raise TinyMixtralError(f"--seed must be an integer of at most 64 bits, got {t.seed}")
     if t.max_tokens is not None and t.max_tokens < 1:
         raise TinyMixtralError(f"--max-tokens must be >= 1, got {t.max_tokens}")
     if t.max_time is not None and not (0 < t.max_time < math.inf):

@@ -7,6 +7,7 @@ import sys
 from ..checkpoint import has_tokenizer
 from ..params import count_params
 from ..upcycling import ROUTER_INITS, upcycle_dir
+from . import seed
 
 
 def add_arguments(p):
@@ -18,7 +19,7 @@ def add_arguments(p):
                    help="Gaussian noise on each expert copy, as a fraction of each weight matrix's std (default 0)")
     p.add_argument("--router", choices=ROUTER_INITS, default="random",
                    help="router init: random = normal(0, init_std), zero = all zeros (default random)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the router and noise draws")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the router and noise draws")
 
 
 def run(args) -> int:
