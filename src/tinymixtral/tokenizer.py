@@ -40,6 +40,11 @@ class Tokenizer:
         if self.bos_id is None or self.bos_id < 0 or self.eos_id is None or self.eos_id < 0:
             raise TinyMixtralError(f"tokenizer has no {BOS} / {EOS} tokens")
 
+    @property
+    def backend(self) -> spm.SentencePieceProcessor | HFTokenizer:
+        """The sentencepiece or tokenizers object underneath (what a GGUF export reads the vocabulary from)."""
+        return self._backend
+
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         """Token ids of one text, optionally with BOS in front and EOS at the end."""
         return self.encode_batch([text], bos, eos)[0]
