@@ -45,13 +45,13 @@ def _tokenizer(vocab_size: int):
     return train_bpe([" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))], min(vocab_size, 300))
 
 
-def _llama_decode(llm, prompt: list[int], n: int) -> list[int]:
-    """Greedy batch-1 decoding through llama.cpp's KV cache, one eval per token."""
+def _llama_decode(llama_cpp, llm, prompt: list[int], n: int) -> list[int]:
+    """Greedy batch-1 decoding through llama.cpp's KV cache, one eval per token (argmax of the last logits)."""
     llm.reset()
     llm.eval(prompt)
-    out = []
+    V, out = llm.n_vocab(), []
     for _ in range(n):
-        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        out.append(int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(V,)))))
         llm.eval([out[-1]])
     return out
 
@@ -104,7 +104,7 @@ def run_vs_llama(cfg, pairs=tuple(PAIRS), what=("prefill", "decode"), seq: int =
                 prompt = x_decode[0].tolist()
                 phases[f"decode batch 1, {name} vs {gtype.upper()}"] = (
                     {"ours": lambda: generate(ours, x_decode, new_tokens, compile=compile),
-                     "llama.cpp": lambda: _llama_decode(llm, prompt, new_tokens)}, new_tokens)
+                     "llama.cpp": lambda: _llama_decode(llama_cpp, llm, prompt, new_tokens)}, new_tokens)
             for phase, (fns, tokens) in phases.items():
                 times = _timed_rounds(fns, rounds)
                 row = {k: {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts),
