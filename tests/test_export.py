@@ -22,10 +22,10 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not ins
 TEXTS = ["Once upon a time", " Lily ran to the park.", "", "  two  spaces\tand a tab\n\nnew lines\n",
          "I've been 'told he's there, we'LL see.", "3.14 and 12345 and 1,000,000", "Café, naïve, 日本 🙂!",
          "<s> is text here </s>", "end with spaces   "]
-# Tolerances, as a fraction of the prompt's logit range (max - min over the vocabulary and positions), measured on
-# these models: f32 is a plain exactness check; f16 rounds weights and activations to 11 bits; q8_0 rounds
-# weights to 8 bits per block of 32 and activations to 8 bits.
-TOL = {"f32": 1e-3, "f16": 1e-2, "q8_0": 3e-2}
+# Tolerances, as a fraction of the prompt's logit range (max - min over the vocabulary and positions). Measured on
+# the three models: f32 5e-5 to 7e-5, f16 1.4e-4 to 2.3e-4 (llama.cpp rounds weights and activations to 11 bits),
+# q8_0 1.8e-3 to 8e-3 (weights to 8 bits per block of 32, and activations to 8 bits).
+TOL = {"f32": 1e-3, "f16": 1e-3, "q8_0": 2e-2}
 
 
 def llama(path, n_ctx=0):
@@ -146,6 +146,7 @@ def test_prompt_logits_agree(name, type, exported):
     ids = load_tokenizer(d).encode("Once upon a time, Lily and Ben ran to the park. They saw a big dog!", bos=True)
     ours, theirs = ours_logits(model, ids), llama_logits(llama(path), ids)
     rel = np.abs(ours - theirs).max() / (ours.max() - ours.min())
+    print(f"{name} {type}: max |diff| = {rel:.2e} of the logit range")
     assert rel <= TOL[type], f"{name} {type}: max |diff| = {rel:.2e} of the logit range"
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= (1.0 if type == "f32" else 0.9)
 
