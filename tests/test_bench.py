@@ -55,3 +55,22 @@ def test_quantized_ours_against_full_transformers():
     assert r["ours_bits"] == 8 and r["ours_compiled"] == ["decode"] and r["phases"]["decode batch 1"]["transformers"]["tok_s"] > 0
     with pytest.raises(TinyMixtralError, match="inference"):
         run_bench(cfg, what=("train",), rounds=1, bits=8)
+
+
+def test_vs_llama_cpp_every_precision_pair(capsys):
+    """--vs llama.cpp: prefill and batch-1 decode for fp32/F32, int8/Q8_0, int4/Q4_0 on the same weights."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[test]')")
+    from conftest import call_cli
+    from tinymixtral.bench_llama import run_vs_llama
+
+    cfg = tiny_cfg(**BENCH).replace(vocab_size=300)  # rows of 32 and 64: every Q4_0/Q8_0 block and int4 group fits
+    r = run_vs_llama(cfg, seq=16, new_tokens=4, rounds=2, threads=1, compile=False)
+    assert list(r["phases"]) == [f"{p}, {o} vs {t}" for o, t in (("fp32", "F32"), ("int8", "Q8_0"), ("int4", "Q4_0"))
+                                 for p in ("prefill 1x16", "decode batch 1")]
+    for row in r["phases"].values():
+        for who in ("ours", "llama.cpp"):
+            assert row[who]["min_s"] <= row[who]["median_s"] <= row[who]["max_s"] and row[who]["tok_s"] > 0
+        assert 0 < row["ratio"]["min"] <= row["ratio"]["median"] <= row["ratio"]["max"]
+    capsys.readouterr()  # llama.cpp's own log lines
+    bad = call_cli(capsys, "bench", "--vs", "llama.cpp", "--types", "fp16", "--no-compile")
+    assert "--types takes fp32, int8, int4" in assert_one_line_error(bad, "bench", 2)

@@ -108,6 +108,7 @@ BASES = {
     "routes": lambda w: {"--model": w.model, "--data": w.data, "--max-tokens": "32", "--seq-len": "16"},
     "upcycle": lambda w: {"--model": w.dense, "--experts": "2", "--top-k": "1", "--out": w.new("up")},
     "merge": lambda w: {"config": w.yaml, "--out": w.new("merged")},
+    "export": lambda w: {"--model": w.model, "--gguf": w.new("gguf") + ".gguf", "--type": "f16"},
 }
 
 

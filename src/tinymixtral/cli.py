@@ -27,6 +27,7 @@ COMMANDS = {
     "upcycle": ("tinymixtral.commands.upcycle", "a Mixtral whose experts start as copies of a dense model's FFN"),
     "merge": ("tinymixtral.commands.merge", "an MoE from dense models (mergekit-moe YAML)"),
     "convert": ("tinymixtral.commands.convert", "convert between HF and Mistral-native formats"),
+    "export": ("tinymixtral.commands.export", "a GGUF file that llama.cpp runs token for token"),
 }
 
 

@@ -54,6 +54,11 @@ class Tokenizer:
             pieces = [by_id.get(i) for i in range(self.vocab_size)]
         return "vocab-sha256:" + hashlib.sha256(json.dumps(pieces).encode()).hexdigest()[:16]
 
+    @property
+    def backend(self) -> spm.SentencePieceProcessor | HFTokenizer:
+        """The sentencepiece or tokenizers object underneath (what a GGUF export reads the vocabulary from)."""
+        return self._backend
+
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         """Token ids of one text, optionally with BOS in front and EOS at the end."""
         return self.encode_batch([text], bos, eos)[0]
