@@ -26,6 +26,18 @@ import tinymixtral.bench as B
 import tinymixtral.train as T
 from conftest import DENSE, tiny_model
 from tinymixtral import cli, save_model
+from tinymixtral.plots import pyplot
+
+# The watchdog's interrupt must never land inside a first import: a module left half-imported in sys.modules
+# breaks every later user in this process (matplotlib then fails with KeyError 'PolyCollection:kwdoc').
+pyplot()
+for _command, _ in cli.COMMANDS.values():
+    __import__(_command)
+for _optional in ("gguf", "pyarrow.parquet"):
+    try:
+        __import__(_optional)
+    except ImportError:
+        pass
 
 SEED = int(os.environ.get("TINYMIXTRAL_FUZZ_SEED", 16))
 PER_FLAG = int(os.environ.get("TINYMIXTRAL_FUZZ_PER_FLAG", 2))  # values drawn per flag (every flag, every command)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from . import native
-from .checkpoint import INDEX, WEIGHTS, _replace_dir, _save_tokenizer, model_format, weight_files
+from .checkpoint import INDEX, WEIGHTS, _check_target, _replace_dir, _save_tokenizer, model_format, weight_files
 from .config import ModelConfig
 from .errors import TinyMixtralError
 from .tensorfile import NAMES, SafetensorsFile
@@ -67,9 +67,13 @@ class ModelWriter:
         self._next, self._shard, self._left, self._file = 0, -1, 0, None  # _left: tensors left in this shard
 
     def __enter__(self) -> ModelWriter:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir()
+        _check_target(self.path)  # as save_model: never replace a file, a non-model directory or the cwd
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp.mkdir()
+        except OSError as e:
+            raise TinyMixtralError(f"cannot write {self.path}: {e.strerror or e}") from e
         hf = self.cfg.to_hf_dict()
         if self.dtype is not None:
             hf["dtype"] = str(self.dtype).removeprefix("torch.")
@@ -129,11 +133,15 @@ class ModelWriter:
                 if self.tokenizer is not None:
                     _save_tokenizer(self.tokenizer, self.tmp)
                 _replace_dir(self.tmp, self.path)
-        except BaseException:
+        except BaseException as e:
             self._abandon()
+            if isinstance(e, OSError):  # a full disk, a read-only directory: nothing half-written is left
+                raise TinyMixtralError(f"cannot write {self.path}: {e.strerror or e}") from e
             raise
         if exc_type is not None:
             self._abandon()
+            if issubclass(exc_type, OSError):
+                raise TinyMixtralError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
         return False
 
     def _abandon(self):
