@@ -33,7 +33,7 @@ def evaluate(model, data: np.ndarray, batch: int, seq_len: int, device, max_batc
     n_steps = math.ceil(math.ceil(len(starts) / world) / batch)
     was_training = model.training
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64)  # loss sum, counted targets
+    total, count = 0.0, 0  # loss sum, counted targets
     for i in range(n_steps):
         chunk = mine[i * batch:(i + 1) * batch]
         rows = chunk or [0]
@@ -42,13 +42,15 @@ def evaluate(model, data: np.ndarray, batch: int, seq_len: int, device, max_batc
         logits = model(x)
         if chunk:
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
-            total += torch.tensor([loss.item(), int((y != IGNORE).sum())], dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(total)
+            total, count = total + loss.item(), count + int((y != IGNORE).sum())
+    if world > 1:  # on the model's device: NCCL reduces CUDA tensors only
+        sums = torch.tensor([total, count], dtype=torch.float64, device=device)
+        dist.all_reduce(sums)
+        total, count = sums.tolist()
     model.train(was_training)
-    if total[1] == 0:
+    if count == 0:
         raise TinyMixtralError("the evaluated windows hold no trained (assistant) token")
-    return (total[0] / total[1]).item()
+    return total / count
 
 
 def _windows(data, batch: int, seq_len: int, max_batches: int | None, mask, bos_id: int):
