@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_one_line_error, call_cli, tiny_model
-from tinymixtral import load_model, save_model
+from tinymixtral import save_model
 from tinymixtral.chats import encode_conversation, eval_windows, train_starts
 from tinymixtral.data import IGNORE, get_batch, load_mask, load_split, prepare
 from tinymixtral.evaluate import evaluate, evaluated_tokens
