@@ -1,4 +1,4 @@
-"""Optimizers of a run: AdamW, or Muon for the hidden matrices with AdamW for the rest.
+"""Optimizers of a run: which parameters train (--train-only), and AdamW or Muon (hidden matrices) + AdamW.
 
 Muon (Jordan et al., 2024; `torch.optim.Muon` since torch 2.9) replaces each hidden weight matrix's
 momentum update by its nearest semi-orthogonal matrix, found by a few Newton-Schulz iterations:
@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from .errors import TinyMixtralError
 
 NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)  # torch.optim.Muon's (and Keller Jordan's) quintic
 
@@ -112,3 +114,43 @@ def split_params(model: torch.nn.Module) -> tuple[list, list]:
             p.muon_splits = [p.shape[-2] // 2] * 2
         hidden.append((name, p))
     return hidden, rest
+
+
+def make_optimizer(raw: torch.nn.Module, tcfg, device: str) -> torch.optim.Optimizer:
+    """AdamW (weight decay on matrices only, not embeddings, norms or biases), or Muon for the hidden
+    matrices with AdamW for the rest (the loop sets each group's lr: the schedule times --lr or --muon-lr)."""
+    # Frozen parameters (--train-only) are not given to the optimizer: no moments, no weight decay.
+    if tcfg.optimizer == "muon":
+        hidden, rest = ([(n, p) for n, p in part if p.requires_grad] for part in split_params(raw))
+        decay = [p for n, p in rest if p.dim() >= 2 and not n.startswith("embed.")]
+        no_decay = [p for n, p in rest if p.dim() < 2 or n.startswith("embed.")]
+        groups = [{"params": [p for _, p in hidden], "use_muon": True, "lr": tcfg.muon_lr,
+                   "weight_decay": tcfg.weight_decay},
+                  {"params": decay, "lr": tcfg.lr, "weight_decay": tcfg.weight_decay},
+                  {"params": no_decay, "lr": tcfg.lr, "weight_decay": 0.0}]
+        # Newton-Schulz in bf16 on GPUs (as torch's Muon); fp32 on a CPU, whose bf16 products are slower
+        return Muon([g for g in groups if g["params"]], betas=(tcfg.beta1, tcfg.beta2),
+                    ns_dtype="bfloat16" if torch.device(device).type == "cuda" else "float32")
+    trained = [(n, p) for n, p in raw.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trained if p.dim() >= 2 and not n.startswith("embed.")]
+    no_decay = [p for n, p in trained if p.dim() < 2 or n.startswith("embed.")]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), fused=torch.device(device).type in ("cpu", "cuda"))
+
+
+TRAIN_ONLY = {"router": (".ffn.router.",), "experts": (".ffn.experts.", ".ffn.w13.", ".ffn.w2."),
+              "attention": (".attn.",)}
+
+
+def freeze(model, train_only: str) -> None:
+    """--train-only: requires_grad stays on the router, the experts (a dense model's FFN) or the attention
+    projections alone; every other parameter is frozen. 'all' trains everything."""
+    if train_only == "all":
+        return
+    if train_only not in TRAIN_ONLY:
+        raise TinyMixtralError(f"--train-only must be router, experts, attention or all, got {train_only!r}")
+    if train_only == "router" and not model.cfg.is_moe:
+        raise TinyMixtralError("--train-only router needs an MoE, but this model is dense (no router)")
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(part in name for part in TRAIN_ONLY[train_only]))

@@ -38,7 +38,7 @@ from .convert import from_hf
 from .data import check_tokenizer, check_training_data, get_batch, load_mask, load_split
 from .errors import TinyMixtralError
 from .evaluate import bits_per_byte, evaluate, evaluated_tokens
-from .optim import Muon, split_params
+from .optim import freeze, make_optimizer
 from .params import flops_per_token, measure_matmul_flops
 from .plots import plot_run
 from .run_state import (
@@ -107,29 +107,6 @@ def get_lr(step: int, progress: float, cfg: TrainConfig) -> float:
     else:
         shape = 0.5 * (1 + math.cos(math.pi * x))
     return cfg.lr * warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape)
-
-
-def make_optimizer(raw: torch.nn.Module, tcfg: TrainConfig, device: str) -> torch.optim.Optimizer:
-    """AdamW (weight decay on matrices only, not embeddings, norms or biases), or Muon for the hidden
-    matrices with AdamW for the rest (the loop sets each group's lr: the schedule times --lr or --muon-lr)."""
-    # Frozen parameters (--train-only) are not given to the optimizer: no moments, no weight decay.
-    if tcfg.optimizer == "muon":
-        hidden, rest = ([(n, p) for n, p in part if p.requires_grad] for part in split_params(raw))
-        decay = [p for n, p in rest if p.dim() >= 2 and not n.startswith("embed.")]
-        no_decay = [p for n, p in rest if p.dim() < 2 or n.startswith("embed.")]
-        groups = [{"params": [p for _, p in hidden], "use_muon": True, "lr": tcfg.muon_lr,
-                   "weight_decay": tcfg.weight_decay},
-                  {"params": decay, "lr": tcfg.lr, "weight_decay": tcfg.weight_decay},
-                  {"params": no_decay, "lr": tcfg.lr, "weight_decay": 0.0}]
-        # Newton-Schulz in bf16 on GPUs (as torch's Muon); fp32 on a CPU, whose bf16 products are slower
-        return Muon([g for g in groups if g["params"]], betas=(tcfg.beta1, tcfg.beta2),
-                    ns_dtype="bfloat16" if torch.device(device).type == "cuda" else "float32")
-    trained = [(n, p) for n, p in raw.named_parameters() if p.requires_grad]
-    decay = [p for n, p in trained if p.dim() >= 2 and not n.startswith("embed.")]
-    no_decay = [p for n, p in trained if p.dim() < 2 or n.startswith("embed.")]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), fused=torch.device(device).type in ("cpu", "cuda"))
 
 
 def save_run_config(out: Path, tcfg: TrainConfig, mcfg: ModelConfig):
@@ -464,23 +441,6 @@ def tokenizer_dir(tcfg: TrainConfig) -> Path:
     if tcfg.init_from and has_tokenizer(tcfg.init_from):
         return Path(tcfg.init_from)
     return Path(tcfg.data) / "tokenizer"
-
-
-TRAIN_ONLY = {"router": (".ffn.router.",), "experts": (".ffn.experts.", ".ffn.w13.", ".ffn.w2."),
-              "attention": (".attn.",)}
-
-
-def freeze(model, train_only: str) -> None:
-    """--train-only: requires_grad stays on the router, the experts (a dense model's FFN) or the attention
-    projections alone; every other parameter is frozen. 'all' trains everything."""
-    if train_only == "all":
-        return
-    if train_only not in TRAIN_ONLY:
-        raise TinyMixtralError(f"--train-only must be router, experts, attention or all, got {train_only!r}")
-    if train_only == "router" and not model.cfg.is_moe:
-        raise TinyMixtralError("--train-only router needs an MoE, but this model is dense (no router)")
-    for name, p in model.named_parameters():
-        p.requires_grad_(any(part in name for part in TRAIN_ONLY[train_only]))
 
 
 def finish(r: Run):
