@@ -45,6 +45,7 @@ BANNER = "<!-- Built by docs/build_tour.py from docs/tour.src.md: edit that file
 # The tour on tiny settings (tests/test_tour.py): the same commands, each one shortened.
 TINY = [
     (r"--max-time \S+", "--max-steps 3"),
+    (r"--max-steps \d+", "--max-steps 3"),
     (r"--num-stories \d+", "--num-stories 150"),
     (r"--max-new-tokens \d+", "--max-new-tokens 6"),
     (r"--max-tokens \d+", "--max-tokens 256"),
@@ -205,9 +206,10 @@ def run_all(src: str, cwd: Path, docs: Path, make_tiny: bool = False, log=print,
     """Run every command and draw every picture, in order (later commands read what earlier ones wrote).
 
     done: outputs already recorded; those commands are not run again (nor the pictures already drawn)."""
-    outputs = dict(done or {})
+    resume = bool(done)  # pictures already drawn are kept only when going on from recorded outputs
+    outputs = done if done is not None else {}  # filled in place: a caller keeps what ran before an error
     for kind, arg in markers(src):
-        if arg in outputs or (done is not None and kind == "picture" and (docs / f"tour_{arg}.png").is_file()):
+        if (kind == "run" and arg in outputs) or (resume and kind == "picture" and (docs / f"tour_{arg}.png").is_file()):
             continue
         if kind == "run":
             command = tiny(arg) if make_tiny else arg
@@ -382,10 +384,12 @@ def main(argv=None) -> int:
         if args.check or args.quote:
             outputs = json.loads(OUTPUTS.read_text())
         else:
-            done = json.loads(OUTPUTS.read_text()) if args.missing else None
-            outputs = run_all(src, ROOT, DOCS, done=done)
-            outputs = {arg: outputs[arg] for kind, arg in markers(src) if kind == "run"}  # drop removed commands
-            OUTPUTS.write_text(json.dumps(outputs, indent=1, ensure_ascii=False) + "\n")
+            outputs = json.loads(OUTPUTS.read_text()) if args.missing else {}
+            try:
+                run_all(src, ROOT, DOCS, done=outputs)
+            finally:  # what ran is kept, even after an error: --missing goes on from there
+                kept = {arg: outputs[arg] for kind, arg in markers(src) if kind == "run" and arg in outputs}
+                OUTPUTS.write_text(json.dumps(kept, indent=1, ensure_ascii=False) + "\n")
         text = render(src, outputs)
     except TourError as e:
         print(f"build_tour: error: {e}", file=sys.stderr)
