@@ -7,9 +7,9 @@ Data: the project's synthetic stories mixed with arithmetic sentences ("12 + 7 =
 0. base: a dense `demo`-shaped model (--n-experts 0, FFN 512) trained on the mix for `--base-minutes`.
 A. upcycle the base to 4 experts top-2 (noise 0.01) -> train on the mix for M minutes -> eval;
    against: the base trained on for the same M minutes.
-B. fine-tune the base on stories alone and on arithmetic alone (M/2 minutes each) -> merge them with
-   `gate_mode: random` (2 experts, top-2) -> train the router only on the mix (M/2 minutes) -> routes on
-   each domain's val text; against: the base trained on the mix for the same 3M/2 minutes.
+B. fine-tune the base's FFN (--train-only experts) on stories alone and on arithmetic alone (M/2 minutes
+   each) -> merge them with `gate_mode: random` (2 experts, top-2) -> train the router only on the mix
+   (M/2 minutes) -> routes on each domain's val text; against: the base trained on the mix for the same 3M/2 minutes.
 Every command is printed as it runs and stored in the result JSON. Timings depend on the machine's load.
 A rerun with the same --work skips the steps whose output is already there.
 """
@@ -111,8 +111,11 @@ def main():
     res["A_moe"] = train(w / "A-moe", w / "mix", m, "--init-from", w / "up")
     res["A_dense"] = train(w / "A-dense", w / "mix", m, "--init-from", base)
     # B: merge two fine-tunes with random gates, train the router alone
-    res["B_ft_stories"] = train(w / "ft-stories", w / "stories", m / 2, "--init-from", base)
-    res["B_ft_sums"] = train(w / "ft-sums", w / "sums", m / 2, "--init-from", base)
+    # FFN only: the merge keeps the base's attention, norms and embeddings (mergekit's base_model), so an
+    # expert is only worth routing to if it was trained against them.
+    ft = ("--init-from", base, "--train-only", "experts")
+    res["B_ft_stories"] = train(w / "ft-stories", w / "stories", m / 2, *ft)
+    res["B_ft_sums"] = train(w / "ft-sums", w / "sums", m / 2, *ft)
     (w / "moe.yaml").write_text(
         f"base_model: {base}\ngate_mode: random\ndtype: float32\nexperts_per_token: 2\nexperts:\n"
         f"  - source_model: {w / 'ft-stories' / 'latest'}\n  - source_model: {w / 'ft-sums' / 'latest'}\n")
