@@ -8,6 +8,7 @@ import pytest
 
 from conftest import assert_one_line_error, call_cli, make_docs, run_cli, write_txt
 from tinymixtral import data as D
+from tinymixtral import prepare as P
 from tinymixtral.errors import TinyMixtralError
 from tinymixtral.tokenizer import load_tokenizer
 
@@ -162,14 +163,14 @@ def test_failed_prepare_keeps_the_previous_output_and_leaves_no_temp(tmp_path, d
     out = tmp_path / "out"
     D.prepare(str(src), out, "bpe:300", val_fraction=0.1)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    real = D.write_tokens
+    real = P.write_tokens
 
     def failing(texts, tok, path, dtype, desc, batch=2048, **kw):
         if path.name == "val.bin":  # train.bin is already written in the temp directory
             raise TinyMixtralError("simulated failure while tokenizing")
         return real(texts, tok, path, dtype, desc, batch, **kw)
 
-    monkeypatch.setattr(D, "write_tokens", failing)
+    monkeypatch.setattr(P, "write_tokens", failing)  # prepare.py's, which prepare calls
     with pytest.raises(TinyMixtralError, match="simulated"):
         D.prepare(str(write_txt(tmp_path / "d.txt", docs)), out, "bpe:300", val_fraction=0.1)
     assert leftovers(tmp_path) == ["c.txt", "d.txt", "out"]
@@ -194,7 +195,7 @@ def test_local_hf_dataset_dir_uses_its_validation_split(tmp_path, docs, hf_cache
     train_docs, val_docs = docs[:500], docs[500:]
     for name, part in (("train", train_docs), ("validation", val_docs)):
         (ds_dir / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
-    assert D._is_hf_dataset_dir(ds_dir)
+    assert P._is_hf_dataset_dir(ds_dir)
     meta = D.prepare(str(ds_dir), tmp_path / "out", "bpe:300", val_fraction=0.5)
     assert meta["source"] == str(ds_dir) and meta["synthetic"] is False
     train, _ = decoded_docs(tmp_path / "out", "train")
