@@ -206,6 +206,25 @@ def test_local_hf_dataset_dir_uses_its_validation_split(tmp_path, docs, hf_cache
     assert "my_dataset" in leftovers(tmp_path) and not [n for n in leftovers(tmp_path) if "tmp" in n]
 
 
+@pytest.mark.parametrize("val_name", ["validation.txt", "val.txt", "test.txt"])
+def test_txt_folder_with_split_files_keeps_its_splits(tmp_path, docs, capsys, val_name):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    write_txt(folder / "train-00000-of-00002.txt", docs[:250])  # shards of one split, as datasets names them
+    write_txt(folder / "train-00001-of-00002.txt", docs[250:500])
+    write_txt(folder / val_name, docs[500:])
+    meta = D.prepare(str(folder), tmp_path / "out", "bpe:300", val_fraction=0.5)
+    assert decoded_docs(tmp_path / "out", "train")[0] == docs[:500]
+    assert decoded_docs(tmp_path / "out", "val")[0] == docs[500:]  # its own val file, not a val_fraction share
+    assert (meta["train_docs"], meta["val_docs"]) == (500, len(docs) - 500)
+    # a text file that is neither split: one line, nothing written
+    write_txt(folder / "notes.txt", ["where does this go?"])
+    capsys.readouterr()
+    err = assert_one_line_error(call_cli(capsys, "prepare", folder, "--out", tmp_path / "o2", "--tokenizer",
+                                         "bpe:300"), "prepare", 2)
+    assert "notes.txt" in err and not (tmp_path / "o2").exists()
+
+
 def test_tinystories_source_goes_through_datasets_load_dataset(tmp_path, docs, monkeypatch):
     import datasets
 

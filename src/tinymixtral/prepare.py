@@ -24,6 +24,7 @@ from .stories import CORPUS_DESCRIPTION, generate_stories
 from .tokenizer import load_tokenizer, parse_tokenizer_spec, train_bpe
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+VAL_SPLITS = ("validation", "val", "test")  # a folder's val split: the first of these it holds
 DOC_SEPARATOR = "<|endoftext|>"  # TinyStories' separator in its .txt dumps
 
 
@@ -43,6 +44,8 @@ def read_source(source: str, num_stories: int = 50_000, seed: int = 0) -> tuple[
         raise TinyMixtralError(f"data source not found: {source} (use 'stories', 'tinystories', a file or a folder)")
     if path.is_dir() and _is_hf_dataset_dir(path):
         return load_hf_dataset(str(path)), {"source": str(path), "synthetic": False}
+    if path.is_dir() and (splits := _txt_splits(path)):
+        return splits, {"source": str(path), "synthetic": False}
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES)
     if not files:
         raise TinyMixtralError(f"no {', '.join(TEXT_SUFFIXES)} files in {path}")
@@ -51,7 +54,8 @@ def read_source(source: str, num_stories: int = 50_000, seed: int = 0) -> tuple[
 
 
 def read_file(path: Path) -> list:
-    """Documents of one local file: .txt (split at <|endoftext|> or blank-line runs), .jsonl, .parquet.
+    """Documents of one local file: .txt (split at <|endoftext|>; without one, the file is one document),
+    .jsonl, .parquet.
     A .jsonl line is a text ({"text": ...}) or a conversation ({"messages": [...]}, a list of messages)."""
     if path.suffix not in TEXT_SUFFIXES:
         raise TinyMixtralError(f"{path}: unsupported file type {path.suffix!r}; use .txt, .jsonl or .parquet")
@@ -115,10 +119,33 @@ def load_hf_dataset(name_or_path: str) -> dict:
     return {"train": ds["train"]["text"], "val": val["text"] if val is not None else None}
 
 
+def _split_name(p: Path) -> str:
+    return p.stem.split("-")[0]  # train.jsonl, train-00000-of-00002.parquet: "train"
+
+
 def _is_hf_dataset_dir(path: Path) -> bool:
     """A folder laid out as dataset splits (train.* and validation.* files) is read with `datasets`."""
-    names = {p.stem.split("-")[0] for p in path.iterdir() if p.suffix in (".jsonl", ".json", ".parquet", ".csv")}
-    return "train" in names and bool(names & {"validation", "val", "test"})
+    names = {_split_name(p) for p in path.iterdir() if p.suffix in (".jsonl", ".json", ".parquet", ".csv")}
+    return "train" in names and bool(names & set(VAL_SPLITS))
+
+
+def _txt_splits(path: Path) -> dict | None:
+    """The splits of a folder of split-named .txt files (train.txt with validation.txt, val.txt or test.txt;
+    shards such as train-00000-of-00002.txt too), read as the other formats' splits are; None for any other folder."""
+    by_split = {}
+    for f in sorted(p for p in path.iterdir() if p.suffix == ".txt" and p.is_file()):
+        by_split.setdefault(_split_name(f), []).append(f)
+    val = next((s for s in VAL_SPLITS if s in by_split), None)
+    if "train" not in by_split or val is None:
+        return None
+    split_files = {f for s in ("train", *VAL_SPLITS) for f in by_split.get(s, [])}
+    others = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES
+                    and p not in split_files)
+    if others:  # neither split would say where they belong
+        raise TinyMixtralError(f"{path} holds train/{val} .txt files and other text files ({', '.join(others[:3])}"
+                               f"{', ...' if len(others) > 3 else ''}): move those out, or rename them train-*.txt")
+    return {"train": [t for f in by_split["train"] for t in read_file(f)],
+            "val": [t for f in by_split[val] for t in read_file(f)]}
 
 
 # ---- prepare ---------------------------------------------------------------------------------------
