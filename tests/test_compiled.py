@@ -85,6 +85,55 @@ def test_compile_failure_is_one_clear_error(monkeypatch):
         generate(tiny_model(DECODE), torch.tensor([[1, 2]]), 3, compile=True)
 
 
+def test_auto_compiles_long_generations_of_unquantized_models_only(monkeypatch):
+    """compile="auto" (the commands' default): compiled from AUTO_COMPILE_TOKENS new tokens, eager below, and
+    eager for a quantized model. The compiled step is replaced by the eager one here: this checks the choice."""
+    model = tiny_model(DECODE)
+    assert not generation.auto_compile(model, generation.AUTO_COMPILE_TOKENS - 1)
+    assert generation.auto_compile(model, generation.AUTO_COMPILE_TOKENS)
+    assert not generation.auto_compile(quantize_model(tiny_model(DECODE), 8), generation.AUTO_COMPILE_TOKENS)
+    calls = []
+    monkeypatch.setattr(generation, "_compiled_step", lambda *a: calls.append(1) or generation._decode_step(*a))
+    monkeypatch.setattr(generation, "AUTO_COMPILE_TOKENS", 6)
+    prompt = torch.tensor([[1, 2, 3]])
+    eager = generate(model, prompt, 6)
+    assert torch.equal(generate(model, prompt, 5, compile="auto"), eager[:, :-1]) and calls == []
+    assert torch.equal(generate(model, prompt, 6, compile="auto"), eager) and len(calls) == 5
+    with pytest.raises(TinyMixtralError, match="compile must be"):
+        generate(model, prompt, 6, compile="yes")
+
+
+def test_auto_compile_failure_decodes_eagerly_with_one_warning(monkeypatch, capsys):
+    def broken(*args):
+        raise RuntimeError("C++ compile error: no compiler found\n...many more lines...")
+
+    monkeypatch.setattr(generation, "_compiled_step", broken)
+    monkeypatch.setattr(generation, "AUTO_COMPILE_TOKENS", 4)
+    model, prompt = tiny_model(DECODE), torch.tensor([[1, 2, 3], [4, 5, 6]])
+    eager = generate(model, prompt, 8)
+    capsys.readouterr()
+    assert torch.equal(generate(model, prompt, 8, compile="auto"), eager)
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: torch.compile failed (C++ compile error: no compiler found); decoding without compiling"]
+
+
+@pytest.mark.slow
+def test_auto_compiled_generation_and_chat_turns_equal_eager(monkeypatch):
+    """Greedy tokens of a generation that compile="auto" compiles, and of a two-turn conversation on one cache
+    (what `chat` does) compiled, equal the eager ones; all of it runs in one graph (same cache shape)."""
+    monkeypatch.setattr(generation, "AUTO_COMPILE_TOKENS", 8)
+    model, prompt = tiny_model(DECODE, seed=5), torch.randint(0, 96, (1, 5))
+    assert torch.equal(generate(model, prompt, 20, compile="auto"), generate(model, prompt, 20))
+    turns = {}
+    for mode in (False, True):
+        cache = KVCache.for_model(model, 1, 64)  # a windowed model: the window's 8 slots, as generate's cache
+        a = [int(t) for t in generation.stream(model, [[1, 7, 8, 9]], 12, cache=cache, compile=mode)]
+        b = [int(t) for t in generation.stream(model, [[a[-1], 2, 10, 11]], 12, cache=cache, compile=mode)]
+        turns[mode] = (a, b)
+    assert turns[True] == turns[False]
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+
+
 @pytest.mark.slow
 def test_compiled_training_step_equals_eager():
     """Forward + backward of a MoE model under torch.compile: grouped_mm runs eagerly inside (its meta kernel

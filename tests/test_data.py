@@ -8,6 +8,7 @@ import pytest
 
 from conftest import assert_one_line_error, call_cli, make_docs, run_cli, write_txt
 from tinymixtral import data as D
+from tinymixtral import prepare as P
 from tinymixtral.errors import TinyMixtralError
 from tinymixtral.tokenizer import load_tokenizer
 
@@ -162,14 +163,14 @@ def test_failed_prepare_keeps_the_previous_output_and_leaves_no_temp(tmp_path, d
     out = tmp_path / "out"
     D.prepare(str(src), out, "bpe:300", val_fraction=0.1)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    real = D.write_tokens
+    real = P.write_tokens
 
     def failing(texts, tok, path, dtype, desc, batch=2048, **kw):
         if path.name == "val.bin":  # train.bin is already written in the temp directory
             raise TinyMixtralError("simulated failure while tokenizing")
         return real(texts, tok, path, dtype, desc, batch, **kw)
 
-    monkeypatch.setattr(D, "write_tokens", failing)
+    monkeypatch.setattr(P, "write_tokens", failing)  # prepare.py's, which prepare calls
     with pytest.raises(TinyMixtralError, match="simulated"):
         D.prepare(str(write_txt(tmp_path / "d.txt", docs)), out, "bpe:300", val_fraction=0.1)
     assert leftovers(tmp_path) == ["c.txt", "d.txt", "out"]
@@ -194,7 +195,7 @@ def test_local_hf_dataset_dir_uses_its_validation_split(tmp_path, docs, hf_cache
     train_docs, val_docs = docs[:500], docs[500:]
     for name, part in (("train", train_docs), ("validation", val_docs)):
         (ds_dir / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
-    assert D._is_hf_dataset_dir(ds_dir)
+    assert P._is_hf_dataset_dir(ds_dir)
     meta = D.prepare(str(ds_dir), tmp_path / "out", "bpe:300", val_fraction=0.5)
     assert meta["source"] == str(ds_dir) and meta["synthetic"] is False
     train, _ = decoded_docs(tmp_path / "out", "train")
@@ -203,6 +204,25 @@ def test_local_hf_dataset_dir_uses_its_validation_split(tmp_path, docs, hf_cache
     assert train == train_docs
     assert (meta["train_docs"], meta["val_docs"]) == (500, len(val_docs))
     assert "my_dataset" in leftovers(tmp_path) and not [n for n in leftovers(tmp_path) if "tmp" in n]
+
+
+@pytest.mark.parametrize("val_name", ["validation.txt", "val.txt", "test.txt"])
+def test_txt_folder_with_split_files_keeps_its_splits(tmp_path, docs, capsys, val_name):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    write_txt(folder / "train-00000-of-00002.txt", docs[:250])  # shards of one split, as datasets names them
+    write_txt(folder / "train-00001-of-00002.txt", docs[250:500])
+    write_txt(folder / val_name, docs[500:])
+    meta = D.prepare(str(folder), tmp_path / "out", "bpe:300", val_fraction=0.5)
+    assert decoded_docs(tmp_path / "out", "train")[0] == docs[:500]
+    assert decoded_docs(tmp_path / "out", "val")[0] == docs[500:]  # its own val file, not a val_fraction share
+    assert (meta["train_docs"], meta["val_docs"]) == (500, len(docs) - 500)
+    # a text file that is neither split: one line, nothing written
+    write_txt(folder / "notes.txt", ["where does this go?"])
+    capsys.readouterr()
+    err = assert_one_line_error(call_cli(capsys, "prepare", folder, "--out", tmp_path / "o2", "--tokenizer",
+                                         "bpe:300"), "prepare", 2)
+    assert "notes.txt" in err and not (tmp_path / "o2").exists()
 
 
 def test_tinystories_source_goes_through_datasets_load_dataset(tmp_path, docs, monkeypatch):

@@ -202,6 +202,22 @@ def test_generate_from_a_trained_model(run_dir, compile_flag):
     assert text == tok.decode(ids[0, 1:].tolist() + new)
 
 
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_compile_flag_defaults_to_auto(command, capsys):
+    """--compile is auto unless told: --compile alone (the old switch) is true; --compile false / --no-compile
+    decode eagerly; anything else is argparse's one error line."""
+    from tinymixtral import cli
+
+    parser = cli.build_parser(command)
+    flags = {(): "auto", ("--compile",): True, ("--compile", "true"): True, ("--compile=auto",): "auto",
+             ("--compile", "false"): False, ("--no-compile",): False}
+    for extra, want in flags.items():
+        assert parser.parse_args([command, "--model", "m", *extra]).compile == want, extra
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args([command, "--model", "m", "--compile", "maybe"])
+    assert e.value.code == 2 and "expected auto, true or false, got 'maybe'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flags", [["--bits", "8"], ["--bits", "4", "--group-size", "32"], ["--dtype", "bf16"]])
 def test_generate_loads_quantized_or_cast(run_dir, flags):
     """generate --bits / --dtype: the greedy continuation of the model loaded that way."""

@@ -8,18 +8,26 @@ it would get alone.
 With compile=True the decode step runs through torch.compile on a static view of the cache
 (`cache.StaticStep`): same shapes every step, so one graph serves the whole generation, and the
 ~550 small PyTorch ops of an eager step become a few fused kernels. It pays on long generations:
-the first step compiles for tens of seconds on a CPU.
+the first step compiles for a minute or more on a CPU, then ~10 s in later processes, which read
+inductor's on-disk caches. compile="auto" (the commands' default) compiles from AUTO_COMPILE_TOKENS
+new tokens, and decodes eagerly, with one warning line, if compiling fails.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
 
 import torch
 
 from .cache import KVCache, StaticStep
 from .errors import TinyMixtralError
+
+# compile="auto" compiles the decode step from this many new tokens. Compiling costs ~11-16 s in a process that
+# finds it in inductor's on-disk cache (a minute or more the first time) and saves 12-36 ms per token on
+# demo / tiny-mixtral shapes (busy 2-core CPU, 1 thread): it pays from ~450-1000 tokens (README, Generation).
+AUTO_COMPILE_TOKENS = 1024
 
 
 def sample(logits_BV: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -60,12 +68,13 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0, device=None):
 def stream(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
            top_p: float | None = None, seed: int | None = None, eos_id: int | None = None,
            repetition_penalty: float | None = None, prefill_chunk: int | None = None,
-           compile: bool = False, cache: KVCache | None = None,
+           compile: bool | str = False, cache: KVCache | None = None,
            generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token id of every row, [B], one step at a time.
 
     prompts: ids [B, S] or a list of id lists (ragged). Rows that produced eos_id keep yielding it;
-    the loop ends when all have, or after max_new_tokens. compile: decode through torch.compile.
+    the loop ends when all have, or after max_new_tokens. compile: decode through torch.compile (True),
+    eagerly (False), or "auto": compiled when it pays (auto_compile), eager with a warning if compiling fails.
     cache: continue what it holds (a conversation, one row): the prompt's positions follow the cached
     ones, and the reply stops where a cache without a rolling window is full. The last token yielded
     is not in the cache (nothing was computed after it): the next prompt starts with it. generator:
@@ -89,6 +98,11 @@ def stream(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_k:
     elif cfg.sliding_window is None and S + max_new_tokens > cfg.max_seq_len:
         raise TinyMixtralError(f"prompt ({S} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                                f"{cfg.max_seq_len} positions")
+    if compile not in (True, False, "auto"):
+        raise TinyMixtralError(f"compile must be True, False or 'auto', got {compile!r}")
+    fallback = compile == "auto"
+    if fallback:
+        compile = auto_compile(model, max_new_tokens)
     model.eval()
     if cache is None:
         # compiled: the cache size is part of the graph's shape, so round it up and let most lengths share a graph
@@ -117,10 +131,31 @@ def stream(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_k:
         if seen is not None:
             seen.scatter_(1, nxt[:, None], True)
         if compile:
-            logits = decode_compiled(model, cache, nxt[:, None], next_pos)
-        else:
+            try:
+                logits = decode_compiled(model, cache, nxt[:, None], next_pos)
+            except CompileFailed as e:
+                if not fallback:
+                    raise
+                print(f"warning: {e.reason}; decoding without compiling", file=sys.stderr, flush=True)
+                compile = False  # the failed step wrote nothing the eager one does not write again
+        if not compile:
             logits = model(nxt[:, None], cache=cache, positions_BS=next_pos)
         next_pos = next_pos + 1
+
+
+def auto_compile(model, max_new_tokens: int) -> bool:
+    """Whether compile="auto" compiles: a long enough generation (AUTO_COMPILE_TOKENS) of an unquantized model
+    on a CPU or a CUDA GPU. Quantized models stay eager: at the 7B shape their compiled steps were slower (README)."""
+    return (max_new_tokens >= AUTO_COMPILE_TOKENS and model.embed.weight.device.type in ("cpu", "cuda")
+            and model.cfg.quantization is None)
+
+
+class CompileFailed(TinyMixtralError):
+    """torch.compile could not compile the decode step (no C++ compiler, an unsupported op...)."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"{reason}; generate without compiling (--compile false)")
+        self.reason = reason
 
 
 def _decode_step(model, k, v, pos, slot_1, ids_B1, pos_B1):
@@ -143,7 +178,7 @@ def decode_compiled(model, cache: KVCache, ids_B1: torch.Tensor, pos_B1: torch.T
         logits = _compiled_step(model, *static, ids_B1, pos_B1)
     except Exception as e:  # no C++ compiler, an unsupported op...: one line, not inductor's pages
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TinyMixtralError(f"torch.compile failed ({first[:200]}); generate without compiling") from e
+        raise CompileFailed(f"torch.compile failed ({first[:200]})") from e
     cache.t += 1
     return logits
 

@@ -18,7 +18,7 @@ from ..checkpoint import load_model
 from ..errors import TinyMixtralError
 from ..generation import chat_template, check_sampling, printable, stream
 from ..tokenizer import load_tokenizer
-from . import add_load_options, load_options, seed
+from . import add_compile_option, add_load_options, load_options, seed
 
 
 def add_arguments(p):
@@ -33,6 +33,7 @@ def add_arguments(p):
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=seed, default=None)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    add_compile_option(p)
     add_load_options(p)
 
 
@@ -98,7 +99,7 @@ def _reply(model, tok, cache, ids, args, gen) -> list[int]:
     reply, shown = [], ""
     with Stop() as stop:
         for step in stream(model, [ids], args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                           eos_id=tok.eos_id, cache=cache, generator=gen):
+                           eos_id=tok.eos_id, cache=cache, generator=gen, compile=args.compile):
             t = int(step[0])
             reply.append(t)
             if t == tok.eos_id:

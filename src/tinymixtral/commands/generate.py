@@ -10,7 +10,7 @@ import torch
 
 from ..build import build_model, pick_device
 from ..checkpoint import load_model
-from . import add_load_options, load_options, seed
+from . import add_compile_option, add_load_options, load_options, seed
 from ..config import ModelConfig
 from ..errors import TinyMixtralError
 from ..generation import chat_template, check_sampling, printable, stream
@@ -36,8 +36,7 @@ def add_arguments(p):
     p.add_argument("--stop", action="append", default=None, help="stop a row at this string (repeatable)")
     p.add_argument("--seed", type=seed, default=None)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-    p.add_argument("--compile", action="store_true",
-                   help="decode through torch.compile: ~2x faster per token on a CPU, after ~20 s of compiling")
+    add_compile_option(p)
     add_load_options(p)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..data import prepare
+from ..prepare import prepare
 
 
 def add_arguments(p):

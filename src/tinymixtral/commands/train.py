@@ -17,7 +17,7 @@ from .. import train as T
 from ..checkpoint import model_config, weight_files
 from ..config import MAX_SIZE, ModelConfig
 from ..errors import TinyMixtralError
-from ..train import TrainConfig
+from ..train_config import TrainConfig, load_run_config
 
 _SKIP = {"data", "out"}  # positional to the run, not training knobs
 # What --init-from lets change in the model's config: options of training-time routing, not of the weights.
@@ -84,7 +84,7 @@ def run(args) -> int:
     if "max_time" in train_over:
         train_over["max_time"] = parse_duration(train_over["max_time"])
     if args.resume:
-        tcfg, mcfg = T.load_run_config(Path(args.resume))
+        tcfg, mcfg = load_run_config(Path(args.resume))
         if model_over:
             raise TinyMixtralError("model fields cannot change when resuming a run")
         for name in ("init_from", "train_only"):  # the optimizer state holds exactly the trained parameters

@@ -1,0 +1,85 @@
+"""The training run's configuration: TrainConfig (one field per `tinymixtral train` flag), the learning-rate
+schedule (a pure function of the step and the run's progress), and run.json, the configs a run is resumed from."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ModelConfig
+from .errors import TinyMixtralError
+
+
+@dataclass
+class TrainConfig:
+    # The comment after each field is its --flag's help text (tinymixtral train --help).
+    data: str = ""  # a prepared data directory (tinymixtral prepare)
+    out: str = "runs/demo"  # the run directory
+    batch_size: int = 16  # sequences per micro-batch (per process)
+    seq_len: int = 256  # tokens per training sequence
+    grad_accum: int = 1  # micro-batches per optimizer step
+    optimizer: str = "adamw"  # adamw | muon (Muon for the hidden matrices, AdamW for embeddings, head, norms, router)
+    lr: float = 3e-3  # peak learning rate (after warmup); with --optimizer muon, AdamW's
+    muon_lr: float = 0.02  # Muon's peak learning rate (with --optimizer muon)
+    schedule: str = "cosine"  # cosine | wsd (warmup, stable, then a linear decay over --decay-fraction of the run)
+    decay_fraction: float = 0.2  # wsd: the last part of the run (steps, tokens or time) over which lr decays
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
+    warmup_steps: int = 50  # linear warmup steps
+    max_steps: int = 1000  # stop after this many optimizer steps
+    max_tokens: int | None = None  # stop after this many training tokens (all processes)
+    max_time: float | None = None  # stop after this many seconds of training (600, 10m, 1h)
+    weight_decay: float = 0.1  # AdamW weight decay of matrices (not of embeddings, norms or biases)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # clip the global gradient norm to this
+    skip_nonfinite: int = 0  # steps with a NaN/inf loss or gradient norm to skip, with a warning (0: stop at the first)
+    eval_interval: int = 200  # estimate the val loss every this many steps (and keep the best checkpoint)
+    eval_batches: int = 20  # batches of val windows, spread over the split, in each estimate
+    log_interval: int = 10  # write a metrics row every this many steps
+    ckpt_interval: int = 500  # save a checkpoint every this many steps
+    keep_last: int = 2  # checkpoints kept besides the best
+    seed: int = 1337  # seed of the initialisation and of the batches
+    device: str | None = None  # default: cuda when available
+    autocast: str = "none"  # none | bf16 | fp16 (fp16 with a GradScaler; bf16 was slower than fp32 on a 2-core CPU)
+    compile: bool = False  # run the model through torch.compile
+    wandb: bool = False  # log to Weights & Biases (pip install wandb)
+    wandb_project: str = "tinymixtral"  # the W&B project
+    fsdp: bool = False  # under torchrun: shard with FSDP2 instead of DDP
+    fsdp_bf16: bool = False  # with --fsdp: bf16 parameters in forward and backward, fp32 gradient reduction (for GPUs)
+    progress: bool = True  # show a progress bar
+    init_from: str | None = None  # start from this model directory's weights and config (fine-tuning)
+    train_only: str = "all"  # router | experts | attention | all: train these parameters, freeze the rest
+
+
+def get_lr(step: int, progress: float, cfg: TrainConfig) -> float:
+    """Linear warmup over warmup_steps, times the schedule from 1 to min_lr_ratio over progress 0..1:
+    a cosine, or (wsd) 1 until the last decay_fraction of the run, then a straight line down.
+
+    progress is whichever limit binds (steps, tokens or seconds), so under --max-time the decay starts
+    when the time left says so."""
+    warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+    x = min(max(progress, 0.0), 1.0)
+    if cfg.schedule == "wsd":
+        shape = min(1.0, (1.0 - x) / cfg.decay_fraction) if cfg.decay_fraction > 0 else 1.0
+    else:
+        shape = 0.5 * (1 + math.cos(math.pi * x))
+    return cfg.lr * warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape)
+
+
+def save_run_config(out: Path, tcfg: TrainConfig, mcfg: ModelConfig):
+    try:
+        (out / "run.json").write_text(json.dumps(
+            {"train": dataclasses.asdict(tcfg), "model": dataclasses.asdict(mcfg)}, indent=2) + "\n")
+    except OSError as e:
+        raise TinyMixtralError(f"cannot write {out / 'run.json'}: {e.strerror or e}") from None
+
+
+def load_run_config(run_dir: Path) -> tuple[TrainConfig, ModelConfig]:
+    path = run_dir / "run.json"
+    if not path.is_file():
+        raise TinyMixtralError(f"{run_dir} is not a training run (no run.json)")
+    d = json.loads(path.read_text())
+    return TrainConfig(**d["train"]), ModelConfig(**d["model"])
