@@ -12,9 +12,9 @@ directory instead of --data: the data fix the tokenizer, so the vocabulary). Tod
     {"name": "today", "preset": "demo", "batch_size": 8, "seq_len": 256, "lr": 4e-3, "warmup_steps": 50}
 
 Each recipe trains for --minutes of `tinymixtral train --max-time` (training steps only; evaluations and
-checkpoints are not counted) once per seed, one run at a time. Then `tinymixtral eval` reads the whole val
-split of the final model, in windows of --eval-seq-len tokens for every recipe (so a longer training window
-is not also a longer evaluation context). Each result is appended to --out as one JSON line when it is known:
+checkpoints are not counted) once per seed, one run at a time. The whole val split of the final model is read
+in windows of --eval-seq-len tokens for every recipe, so a longer training window is not also a longer
+evaluation context: that is the run's own final pass when its --seq-len is the same, else `tinymixtral eval`. Each result is appended to --out as one JSON line when it is known:
 a killed search keeps what it finished, and running it again skips the (recipe, seed) pairs --out holds.
 The search ends with a markdown table, mean and spread per recipe; --report prints that table for a file.
 """
@@ -133,15 +133,16 @@ def run_recipe(recipe: dict, seed: int, minutes: float, data: str, work: Path, e
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     last = [m for m in metrics if "loss" in m][-1]
     final = [m for m in metrics if "final_val_bpb" in m][-1]
-    mcfg = ModelConfig(**json.loads((run / "run.json").read_text())["model"])
+    config = json.loads((run / "run.json").read_text())
+    mcfg = ModelConfig(**config["model"])
     counts = count_params(mcfg)
     row |= {"steps": last["step"], "tokens": last["tokens"], "train_s": last["elapsed"],
             "tokens_per_s": last["tokens"] / last["elapsed"], "total_params": counts["total"],
             "active_params": counts["active"], "vocab_size": mcfg.vocab_size,
             "train_val_bpb": final["final_val_bpb"], "train_val_loss": final["final_val_loss"]}
-    if eval_seq_len is None:  # the run's own final pass, in windows of its training length
+    if eval_seq_len in (None, config["train"]["seq_len"]):  # the run's own final pass read exactly these windows
         row |= {"val_loss": final["final_val_loss"], "val_bpb": final["final_val_bpb"],
-                "eval_seq_len": json.loads((run / "run.json").read_text())["train"]["seq_len"]}
+                "val_tokens": final["val_tokens"], "eval_seq_len": config["train"]["seq_len"]}
     else:
         out = work / f"{run.name}.eval.json"
         err = _call(tm("eval", "--model", run / "latest", "--data", data, "--seq-len", eval_seq_len, "--json"),
@@ -235,17 +236,28 @@ def table(rows: list[dict], baseline: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def run_key(name: str, seed: int, minutes: float, data: str, recipe: dict) -> tuple:
+    """What makes two runs the same run: a recipe's name and its exact values, the seed, the time, the data."""
+    values = {k: v for k, v in recipe.items() if k != "name"}
+    return name, seed, minutes, str(data), json.dumps(values, sort_keys=True)
+
+
+def row_key(row: dict) -> tuple:
+    return run_key(row["name"], row["seed"], row["minutes"], row["data"], row["recipe"])
+
+
 def done_keys(rows: list[dict]) -> set:
-    return {(r["name"], r["seed"], r["minutes"], r["data"]) for r in rows if "error" not in r}
+    return {row_key(r) for r in rows if "error" not in r}
 
 
 # ---- the search ----------------------------------------------------------------------------------------------
 def search(recipes: list[dict], seeds: list[int], minutes: float, data: str, out: str | Path,
            eval_seq_len: int | None = 256, keep: str | None = None) -> list[dict]:
-    """Every (recipe, seed) not yet in `out`, seed by seed (so recipes share the machine's drift), one at a time."""
+    """Every (recipe, seed) not yet in `out`, seed by seed (so recipes share the machine's drift), one at a time.
+    Returns the rows of `out` that belong to this search (the last row of each run)."""
+    keys = {run_key(r["name"], s, minutes, r.get("data", data), r): (r, s) for s in seeds for r in recipes}
     done = done_keys(read_results(out))
-    todo = [(r, s) for s in seeds for r in recipes
-            if (r["name"], s, minutes, str(r.get("data", data))) not in done]
+    todo = [rs for k, rs in keys.items() if k not in done]
     if len(todo) < len(recipes) * len(seeds):
         print(f"{out} already holds {len(recipes) * len(seeds) - len(todo)} of these runs: skipped", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="recipe_search.") as tmp:
@@ -259,7 +271,8 @@ def search(recipes: list[dict], seeds: list[int], minutes: float, data: str, out
             what = row.get("error") or f"val bpb {row['val_bpb']:.4f}, {row['steps']} steps, " \
                                        f"{row['tokens_per_s']:,.0f} tok/s"
             tqdm.write(f"{recipe['name']} seed {seed}: {what}")
-    return read_results(out)
+    mine = {row_key(r): r for r in read_results(out) if row_key(r) in keys}  # a rerun's row replaces a failed one
+    return list(mine.values())
 
 
 def main(argv=None) -> int:
@@ -294,8 +307,7 @@ def main(argv=None) -> int:
     except TinyMixtralError as e:
         print(f"recipe_search: error: {e}", file=sys.stderr)
         return 2
-    names = {r["name"] for r in recipes}
-    print(table([r for r in rows if r["name"] in names and r["minutes"] == args.minutes], args.baseline))
+    print(table(rows, args.baseline))
     return 0
 
 
