@@ -14,8 +14,9 @@ directory instead of --data: the data fix the tokenizer, so the vocabulary). Tod
 Each recipe trains for --minutes of `tinymixtral train --max-time` (training steps only; evaluations and
 checkpoints are not counted) once per seed, one run at a time. The whole val split of the final model is read
 in windows of --eval-seq-len tokens for every recipe, so a longer training window is not also a longer
-evaluation context: that is the run's own final pass when its --seq-len is the same, else `tinymixtral eval`. Each result is appended to --out as one JSON line when it is known:
-a killed search keeps what it finished, and running it again skips the (recipe, seed) pairs --out holds.
+evaluation context: that is the run's own final pass when its --seq-len is the same, else `tinymixtral eval`.
+Each result is appended to --out as one JSON line when it is known: a killed search keeps what it finished,
+and running it again skips the (recipe, seed) pairs --out holds.
 The search ends with a markdown table, mean and spread per recipe; --report prints that table for a file.
 """
 
