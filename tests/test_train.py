@@ -136,12 +136,13 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "latest" / "model.safetensors")
 
 
-@pytest.mark.parametrize("recipe", [{}, {"optimizer": "muon", "schedule": "wsd", "decay_fraction": 0.5}],
-                         ids=["adamw-cosine", "muon-wsd"])
+@pytest.mark.parametrize("recipe", [{}, {"optimizer": "muon", "schedule": "wsd", "decay_fraction": 0.5},
+                                    {"max_steps": None, "max_tokens": 12 * 2 * 4 * 32, "schedule": "wsd"}],
+                         ids=["adamw-cosine", "muon-wsd", "token-limit-no-step-limit"])
 def test_resume_is_exact(tmp_path, data_dir, monkeypatch, recipe):
     n, accum = 6, 2
     mcfg = TRAIN_CFG.replace(router_jitter_noise=0.1, router_z_loss_coef=1e-3)
-    kw = dict(max_steps=2 * n, grad_accum=accum, eval_interval=4, ckpt_interval=100, batch_size=4, **recipe)
+    kw = dict(max_steps=2 * n, grad_accum=accum, eval_interval=4, ckpt_interval=100, batch_size=4) | recipe
     train(tcfg_for(data_dir, tmp_path / "A", **kw), mcfg)
 
     real, calls = T.get_batch, []
@@ -249,6 +250,25 @@ def test_wandb_offline(tmp_path, data_dir, monkeypatch):
     assert list(runs[0].glob("*.wandb"))
 
 
+# ---- limits: a time or token limit is not cut short by a default step count ------------------------
+def test_max_steps_defaults_only_when_no_other_limit_is_given():
+    assert TrainConfig().max_steps == T.DEFAULT_MAX_STEPS == 1000
+    assert TrainConfig(max_time=60).max_steps is None and TrainConfig(max_tokens=10).max_steps is None
+    assert TrainConfig(max_steps=5, max_time=60).max_steps == 5
+    assert T.load_run_config  # run.json stores the resolved value, so a resume keeps it (test_resume_is_exact)
+
+
+def test_a_token_limited_run_goes_past_the_default_step_count(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setattr(T, "DEFAULT_MAX_STEPS", 2)
+    small = dict(batch_size=2, seq_len=16, eval_interval=100, ckpt_interval=100)
+    final = train(tcfg_for(data_dir, tmp_path / "a", max_steps=None, max_tokens=5 * 2 * 16, **small), TRAIN_CFG)
+    assert final["step"] == 5  # the token limit binds, not DEFAULT_MAX_STEPS
+    final = train(tcfg_for(data_dir, tmp_path / "b", max_steps=None, **small), TRAIN_CFG)
+    assert final["step"] == 2  # no limit given: the default step count
+    final = train(tcfg_for(data_dir, tmp_path / "c", max_steps=3, max_tokens=5 * 2 * 16, **small), TRAIN_CFG)
+    assert final["step"] == 3  # an explicit --max-steps still binds
+
+
 # ---- data checks before the first step --------------------------------------------------------------
 def test_train_refuses_data_with_a_larger_vocab_than_the_model(tmp_path):
     D.prepare(str(write_txt(tmp_path / "c.txt", make_docs(600)[:200])), tmp_path / "data", "bpe:300", val_fraction=0.1)
@@ -350,9 +370,55 @@ def test_every_flag_reaches_its_config_field(tmp_path, fake_train, capsys):
     assert all(getattr(demo, k) != v for k, v in MODEL_VALUES.items())
     assert all(getattr(TrainConfig(), k) != v for k, v in TRAIN_VALUES.items())
     # untouched fields keep the preset's values
-    assert cli.main(["train", "--data", "D", "--out", str(tmp_path / "r2"), "--d-model", "64"]) == 0
-    assert fake_train["mcfg"] == demo.replace(d_model=64) and fake_train["tcfg"] == TrainConfig(
+    assert cli.main(["train", "--data", "D", "--out", str(tmp_path / "r2"), "--d-model", "64",
+                     "--vocab-size", "512"]) == 0
+    assert fake_train["mcfg"] == demo.replace(d_model=64, vocab_size=512) and fake_train["tcfg"] == TrainConfig(
         data="D", out=str(tmp_path / "r2"))
+
+
+def test_the_model_vocabulary_comes_from_the_data(tmp_path, data_dir, fake_train, saved):
+    vocab = json.loads((data_dir / "meta.json").read_text())["vocab_size"]
+    assert vocab != ModelConfig.from_name("demo").vocab_size
+    assert cli.main(["train", "--data", str(data_dir), "--out", str(tmp_path / "a")]) == 0
+    assert fake_train["mcfg"] == ModelConfig.from_name("demo").replace(vocab_size=vocab)
+    assert cli.main(["train", "--data", str(data_dir), "--out", str(tmp_path / "b"), "--vocab-size", "512"]) == 0
+    assert fake_train["mcfg"].vocab_size == 512  # an explicit --vocab-size wins
+    assert cli.main(["train", "--data", str(data_dir), "--out", str(tmp_path / "c"), "--config",
+                     str(saved[0] / "config.json")]) == 0
+    assert fake_train["mcfg"].vocab_size == ModelConfig.load(saved[0] / "config.json").vocab_size  # so does a config
+
+
+def test_recipes_set_training_values_under_the_flags(tmp_path, fake_train, capsys):
+    demo = T.RECIPES["demo"]
+    assert cli.main(["train", "--data", "D", "--out", str(tmp_path / "a"), "--recipe", "demo", "--vocab-size", "512",
+                     "--lr", "1e-3"]) == 0
+    tcfg = fake_train["tcfg"]
+    assert tcfg.lr == 1e-3  # a flag given beats the recipe
+    assert all(getattr(tcfg, k) == v for k, v in demo.items() if k not in ("preset", "lr"))
+    assert tcfg.batch_size != TrainConfig().batch_size  # the recipe's values arrived
+    assert fake_train["mcfg"] == ModelConfig.from_name(demo["preset"]).replace(vocab_size=512)
+    assert cli.main(["train", "--data", "D", "--out", str(tmp_path / "b"), "--vocab-size", "512"]) == 0
+    assert fake_train["tcfg"] == TrainConfig(data="D", out=str(tmp_path / "b"))  # "default": TrainConfig's own
+    r = call_cli(capsys, "train", "--data", "D", "--out", tmp_path / "c", "--recipe", "fast")
+    assert "unknown --recipe 'fast'" in assert_one_line_error(r, "train", 2)
+
+
+def test_run_py_demo_trains_todays_demo_recipe(tmp_path, fake_train):
+    """run.py demo passes DEMO_TRAIN to `train`: the demo recipe for 8 minutes, no step limit."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("run_py", Path(__file__).parents[1] / "run.py")
+    run_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_py)
+    assert cli.main(["train", "--data", "D", "--out", str(tmp_path / "a"), "--vocab-size", "512",
+                     *run_py.DEMO_TRAIN]) == 0
+    t = fake_train["tcfg"]
+    assert (t.batch_size, t.seq_len, t.lr, t.warmup_steps, t.optimizer, t.schedule) == (8, 256, 4e-3, 50, "adamw",
+                                                                                       "cosine")
+    assert (t.max_time, t.max_steps, t.eval_interval, t.eval_batches, t.ckpt_interval) == (480.0, None, 250, 10, 1000)
+    assert fake_train["mcfg"] == ModelConfig.from_name("demo").replace(vocab_size=512)
+
+
+# ---- data checks before the first step --------------------------------------------------------------
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -400,6 +466,8 @@ def test_train_resume_rules(tmp_path, fake_train, capsys):
     assert "already holds a run" in assert_one_line_error(r, "train", 2)
     r = call_cli(capsys, "train", "--resume", run, "--d-model", "64")
     assert "model fields cannot change" in assert_one_line_error(r, "train", 2)
+    r = call_cli(capsys, "train", "--resume", run, "--recipe", "demo")
+    assert "--recipe cannot change" in assert_one_line_error(r, "train", 2)
     assert cli.main(["train", "--resume", str(run), "--max-steps", "20"]) == 0
     assert fake_train["resume"] is True and fake_train["tcfg"].max_steps == 20 and fake_train["tcfg"].data == "D"
     assert fake_train["mcfg"] == ModelConfig.from_name("demo")

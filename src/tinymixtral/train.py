@@ -51,7 +51,14 @@ from .run_state import (
     truncate_metrics,
 )
 # TrainConfig, get_lr and the run.json I/O live in train_config.py; they stay importable from here
-from .train_config import TrainConfig, get_lr, load_run_config, save_run_config  # noqa: F401
+from .train_config import (  # noqa: F401
+    DEFAULT_MAX_STEPS,
+    RECIPES,
+    TrainConfig,
+    get_lr,
+    load_run_config,
+    save_run_config,
+)
 
 
 @dataclass
@@ -98,7 +105,7 @@ class Run:
     def progress(self) -> float:
         """How far the run is, 0..1, by whichever limit binds: steps, tokens or time."""
         t = self.tcfg
-        return max(self.step / t.max_steps, self.tokens / t.max_tokens if t.max_tokens else 0.0,
+        return max(self.step / t.max_steps if t.max_steps else 0.0, self.tokens / t.max_tokens if t.max_tokens else 0.0,
                    self.elapsed / t.max_time if t.max_time else 0.0)
 
     def scalars(self) -> dict:

@@ -13,6 +13,9 @@ from .config import ModelConfig
 from .errors import TinyMixtralError
 
 
+DEFAULT_MAX_STEPS = 1000  # the step limit of a run given no limit at all
+
+
 @dataclass
 class TrainConfig:
     # The comment after each field is its --flag's help text (tinymixtral train --help).
@@ -28,7 +31,7 @@ class TrainConfig:
     decay_fraction: float = 0.2  # wsd: the last part of the run (steps, tokens or time) over which lr decays
     min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
     warmup_steps: int = 50  # linear warmup steps
-    max_steps: int = 1000  # stop after this many optimizer steps
+    max_steps: int | None = None  # stop after this many optimizer steps (default: 1000 if no --max-tokens/--max-time)
     max_tokens: int | None = None  # stop after this many training tokens (all processes)
     max_time: float | None = None  # stop after this many seconds of training (600, 10m, 1h)
     weight_decay: float = 0.1  # AdamW weight decay of matrices (not of embeddings, norms or biases)
@@ -52,6 +55,21 @@ class TrainConfig:
     progress: bool = True  # show a progress bar
     init_from: str | None = None  # start from this model directory's weights and config (fine-tuning)
     train_only: str = "all"  # router | experts | attention | all: train these parameters, freeze the rest
+
+    def __post_init__(self):
+        # A run needs a limit; a time or token limit is not cut short by a step count nobody asked for.
+        if self.max_steps is None and self.max_tokens is None and self.max_time is None:
+            self.max_steps = DEFAULT_MAX_STEPS
+
+
+# Named recipes for `train --recipe NAME` (default: "default"): a model preset and TrainConfig values, under the flags
+# given. "default" is TrainConfig's own defaults; "demo" is the main job's (run.py demo). benchmarks/recipe_search.py
+# measures candidates; the tuned values go here.
+RECIPES = {
+    "default": dict(preset="demo"),
+    "demo": dict(preset="demo", batch_size=8, seq_len=256, lr=4e-3, warmup_steps=50, eval_interval=250,
+                 eval_batches=10, ckpt_interval=1000),
+}
 
 
 def get_lr(step: int, progress: float, cfg: TrainConfig) -> float:

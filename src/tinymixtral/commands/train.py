@@ -16,8 +16,9 @@ from pathlib import Path
 from .. import train as T
 from ..checkpoint import model_config, weight_files
 from ..config import MAX_SIZE, ModelConfig
+from ..data import load_split
 from ..errors import TinyMixtralError
-from ..train_config import TrainConfig, load_run_config
+from ..train_config import RECIPES, TrainConfig, load_run_config
 
 _SKIP = {"data", "out"}  # positional to the run, not training knobs
 # What --init-from lets change in the model's config: options of training-time routing, not of the weights.
@@ -25,7 +26,9 @@ ROUTING_OPTIONS = ("router_aux_loss_coef", "router_z_loss_coef", "router_jitter_
 
 
 def add_arguments(p):
-    p.add_argument("--preset", default=None, help="model preset (default: demo)")
+    p.add_argument("--recipe", default=None, help=f"a named recipe ({', '.join(RECIPES)}): a preset and training "
+                   "values, under the flags given (default: default)")
+    p.add_argument("--preset", default=None, help="model preset (default: the recipe's, demo)")
     p.add_argument("--config", default=None, help="a model config.json instead of a preset")
     p.add_argument("--data", help="a prepared data directory")
     p.add_argument("--out", help="the run directory")
@@ -83,7 +86,10 @@ def run(args) -> int:
     model_over = {k: v for k, v in given.items() if k in model_fields}
     if "max_time" in train_over:
         train_over["max_time"] = parse_duration(train_over["max_time"])
+    vocab_from_data = False
     if args.resume:
+        if args.recipe:
+            raise TinyMixtralError("--recipe cannot change when resuming a run (run.json holds its values)")
         tcfg, mcfg = load_run_config(Path(args.resume))
         if model_over:
             raise TinyMixtralError("model fields cannot change when resuming a run")
@@ -94,15 +100,24 @@ def run(args) -> int:
     else:
         if not args.data or not args.out:
             raise TinyMixtralError("train needs --data DIR and --out RUN_DIR (or --resume RUN_DIR)")
+        if (args.recipe or "default") not in RECIPES:
+            raise TinyMixtralError(f"unknown --recipe {args.recipe!r}; known: {', '.join(RECIPES)}")
+        recipe = dict(RECIPES[args.recipe or "default"])
+        preset = recipe.pop("preset")
+        preset = args.preset or preset
         if args.init_from:
             mcfg = init_config(args.init_from, model_over, args.preset or args.config)
         else:
-            mcfg = ModelConfig.load(args.config) if args.config else ModelConfig.from_name(args.preset or "demo")
+            mcfg = ModelConfig.load(args.config) if args.config else ModelConfig.from_name(preset)
             mcfg = mcfg.replace(**model_over) if model_over else mcfg
-        tcfg = TrainConfig(data=args.data, out=args.out, **train_over)
+            # A preset's vocabulary is the data's tokenizer's (a config file or --vocab-size says otherwise).
+            vocab_from_data = not args.config and "vocab_size" not in model_over
+        tcfg = TrainConfig(data=args.data, out=args.out, **(recipe | train_over))
         if Path(args.out, "latest").exists():  # a run that never saved a checkpoint may start again
             raise TinyMixtralError(f"{args.out} already holds a run; use --resume {args.out} or another --out")
     _check(tcfg)
+    if vocab_from_data:
+        mcfg = mcfg.replace(vocab_size=load_split(tcfg.data, "train")[1]["vocab_size"])
     final = T.train(tcfg, mcfg, resume=bool(args.resume))
     if int(os.environ.get("RANK", 0)) == 0:
         nan = float("nan")
@@ -138,7 +153,7 @@ def _check(t: TrainConfig):
     """Every numeric training flag in its range and finite (NaN would slip past a plain `x <= 0` check)."""
     for name in ("batch_size", "seq_len", "grad_accum", "max_steps", "eval_interval", "log_interval",
                  "ckpt_interval", "eval_batches"):
-        if getattr(t, name) < 1:
+        if getattr(t, name) is not None and getattr(t, name) < 1:  # max_steps None: no step limit
             raise TinyMixtralError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(t, name)}")
     for name in ("batch_size", "seq_len", "grad_accum"):  # tensor sizes: torch overflows past MAX_SIZE
         if getattr(t, name) > MAX_SIZE:
