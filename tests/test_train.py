@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tinymixtral.train as T
+import tinymixtral.train_config as train_config
 from conftest import (
     TRAIN_CFG,
     assert_one_line_error,
@@ -259,7 +260,7 @@ def test_max_steps_defaults_only_when_no_other_limit_is_given():
 
 
 def test_a_token_limited_run_goes_past_the_default_step_count(tmp_path, data_dir, monkeypatch):
-    monkeypatch.setattr(T, "DEFAULT_MAX_STEPS", 2)
+    monkeypatch.setattr(train_config, "DEFAULT_MAX_STEPS", 2)
     small = dict(batch_size=2, seq_len=16, eval_interval=100, ckpt_interval=100)
     final = train(tcfg_for(data_dir, tmp_path / "a", max_steps=None, max_tokens=5 * 2 * 16, **small), TRAIN_CFG)
     assert final["step"] == 5  # the token limit binds, not DEFAULT_MAX_STEPS
