@@ -36,12 +36,49 @@ def kernel_matmul(x_MK, weight, scales, group_size: int | None) -> torch.Tensor:
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x_MK, weight, group_size, scales)
 
 
+@torch.library.custom_op("tinymixtral::woq_mm", mutates_args=(),
+                         schema="(Tensor x, Tensor weight, Tensor scales, int group_size, Tensor? experts) -> Tensor")
+def woq_mm(x_MK, weight, scales, group_size, experts_M):
+    """`kernel_matmul` as one opaque op (group_size 0: int8), so that compiled code calls the kernel as it is
+    (inductor would otherwise rewrite the product). With experts_M [M], weight and scales are stacks [E, ...]
+    and row m is multiplied by expert experts_M[m]: views of the stacks, nothing gathered or copied."""
+    x_MK, g = x_MK.contiguous(), group_size or None
+    if experts_M is None:
+        return kernel_matmul(x_MK, weight, scales, g)
+    return torch.cat([kernel_matmul(x_MK[m:m + 1], weight[e], scales[e], g) for m, e in enumerate(experts_M.tolist())])
+
+
+@woq_mm.register_fake
+def _(x_MK, weight, scales, group_size, experts_M):
+    return x_MK.new_empty(x_MK.shape[0], weight.shape[-2])
+
+
+def kernel_operands(weight, scales, zeros, dtype: torch.dtype, in_layout: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's operands for a weight [..., N, K] (all experts of a stack): (int8 weight, scales [..., N])
+    or (int4 weight in the kernel's layout: itself if `in_layout`, else a converted copy, scales_and_zeros)."""
+    if zeros is None:
+        return weight.contiguous(), scales[..., 0].to(dtype).contiguous()
+    q = weight if in_layout else torch.stack([
+        torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(w).to(torch.int32), 1)
+        for w in weight.reshape(-1, *weight.shape[-2:])]).reshape(weight.shape)
+    return q, scales_and_zeros(scales, zeros, dtype)
+
+
 def scales_and_zeros(scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The int4 kernel's [G, N, 2] from our scales and zeros [N, G]."""
-    return torch.stack([scales.T, zeros.T], dim=-1).to(dtype).contiguous()
+    """The int4 kernel's [..., G, N, 2] from our scales and zeros [..., N, G]."""
+    return torch.stack([scales.mT, zeros.mT], dim=-1).to(dtype).contiguous()
 
 
-# ---- the int4 kernel's weight layout ---------------------------------------------------------------
+# ---- int4 layouts: ours (storage) and the kernel's -------------------------------------------------
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """uint8 values 0..15 [..., K] -> [..., K/2]: column 2j in the low nibble, 2j+1 in the high one."""
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
+
+
 def to_kernel_layout(q: torch.Tensor, block: int) -> torch.Tensor:
     """int4 values 0..15 (uint8 [N, K], N % block == 0) -> the kernel's packed bytes [N, K/2]."""
     N, K = q.shape

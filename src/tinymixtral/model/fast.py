@@ -114,6 +114,13 @@ def experts_few(experts, x_ND, weights_NK, experts_NK):
     visits every expert, chosen or not. Here the choices come to the host (one sync, as any sampler
     makes anyway) and each chosen expert multiplies just its own tokens, through experts.expert_mm.
     """
+    if x_ND.shape[0] == 1:  # batch-1 decode: the same sums in fewer small ops (no zeros, no scatter)
+        y_ND, w_K = None, weights_NK[0].to(x_ND.dtype)
+        for k, e in enumerate(experts_NK[0].tolist()):
+            gate, up = experts.expert_mm(x_ND, "w13", e).chunk(2, dim=-1)
+            y = experts.expert_mm(F.silu(gate) * up, "w2", e) * w_K[k]
+            y_ND = y if y_ND is None else y_ND + y
+        return y_ND
     groups: dict[int, list[tuple[int, float]]] = {}  # expert -> [(token, weight)]
     for n, (chosen, weights) in enumerate(zip(experts_NK.tolist(), weights_NK.tolist())):
         for e, w in zip(chosen, weights):

@@ -15,12 +15,11 @@ Full precision: the router (a quantized router changes which experts are chosen)
 head tied to the embedding.
 
 Runtime: on CPU, torch's weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`; see
-cpu_kernels.py); elsewhere (CUDA, ...) or for shapes they refuse (int4: N % 16 != 0, group not 32/64/128/256),
-dequantize then matmul. At its first use by the CPU kernel an int4 weight is re-packed into the kernel's
-layout and held only so (`state_dict()` gives it back in the storage layout above). Both run in `compute_dtype`, bf16 by default: in torch 2.13 the CPU kernels are vectorised for
-bf16 activations only (their fp32/fp16 loops were 10-30x slower than a plain fp32 matmul when measured).
-In a compiled decode step (a few rows) the product is written as dequantize-then-reduce, which inductor
-fuses into one pass that reads the int8 / int4 weights themselves, on all cores.
+cpu_kernels.py), compiled too (as one opaque op); elsewhere (CUDA, ...) or for shapes they refuse (int4:
+N % 16 != 0, group not 32/64/128/256), dequantize then matmul (compiled, for a few rows: a fused reduction).
+At its first kernel use an int4 weight is re-packed into the kernel's layout and held only so (`state_dict()`
+gives back the storage layout). `compute_dtype` is bf16 by default: in torch 2.13 the CPU kernels are
+vectorised for bf16 activations only (fp32/fp16 loops were 10-30x slower than a plain fp32 matmul).
 """
 
 from __future__ import annotations
@@ -30,14 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TinyMixtralError
-from .cpu_kernels import (
-    int4_block,
-    kernel_applies,
-    kernel_matmul,
-    scales_and_zeros,
-    to_kernel_layout,
-    unpack_kernel_layout,
-)
+from .cpu_kernels import (int4_block, kernel_applies, kernel_matmul, kernel_operands, pack_nibbles,  # noqa: F401
+                          to_kernel_layout, unpack_kernel_layout, unpack_nibbles, woq_mm)  # (nibbles: re-exported)
 from .fast import FEW_ROWS, mv
 from .moe import Experts
 
@@ -59,15 +52,6 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     scales = (hi - lo).clamp(min=1e-12) / 15  # constant groups: q = 0 and w = lo exactly
     q = ((g - lo[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.uint8)
     return pack_nibbles(q.reshape(*lead, N, K)), scales, lo + 8 * scales
-
-
-def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
-    """uint8 values 0..15 [..., K] -> [..., K/2]: column 2j in the low nibble, 2j+1 in the high one."""
-    return q[..., 0::2] | (q[..., 1::2] << 4)
-
-
-def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
 
 
 def dequantize(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,
@@ -101,7 +85,8 @@ class _Quantized(nn.Module):
     def __init__(self, bits: int, group_size: int | None):
         nn.Module.__init__(self)  # not Experts.__init__ (QuantExperts): the weights are the buffers below
         self.bits, self.group_size = bits, group_size
-        self._packed: dict = {}  # (weight name, expert) -> (key, kernel operands); not saved
+        self._packed: dict[str, tuple] = {}  # weight name -> the kernel's operands (all experts); not saved
+        self._packed_key: dict[str, tuple] = {}  # ... and the weight version they were built from
         self._layout: dict[str, int] = {}  # int4 weight name -> row block, when held in the CPU kernel's layout
         self.register_state_dict_post_hook(_storage_layout)
 
@@ -131,29 +116,39 @@ class _Quantized(nn.Module):
 
         Compiled, e may also be a tensor of one expert per row of x (gathered, as Experts.forward_gathered).
         """
-        w, s, z = self._parts(name, e)
-        N, dtype, block = w.shape[-2], self.compute_dtype or x.dtype, self._layout.get(name)
+        N, dtype = getattr(self, name).shape[-2], self.compute_dtype or x.dtype
         x_MK = x.reshape(-1, x.shape[-1]).to(dtype)
-        if torch.compiler.is_compiling() and x_MK.shape[0] <= FEW_ROWS:
-            y = mv(x_MK, dequantize(w, s, z, block).to(dtype))  # fused: the quantized weights are read once
-        elif self.use_kernel and dtype in (torch.float32, torch.bfloat16, torch.float16) and \
-                kernel_applies(self.bits, N, self.group_size, x.device):
-            if self.bits == 4 and block is None and self._relayout(name):
-                return self._matmul(x, name, e)
-            base = getattr(self, name)  # views of a stack share its version counter
-            key = (dtype, base.device, base.data_ptr(), *(p._version for p in (base, s, z) if p is not None))
-            if self._packed.get((name, e), (None,))[0] != key:
-                if self.bits == 8:
-                    ops = (w.contiguous(), s.reshape(-1).to(dtype))
-                else:  # the weight itself when it is in the kernel's layout, else a converted copy
-                    q = w if block else torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                        unpack_nibbles(w).to(torch.int32).contiguous(), 1)
-                    ops = (q, scales_and_zeros(s, z, dtype))
-                self._packed[(name, e)] = (key, ops)
-            y = kernel_matmul(x_MK.contiguous(), *self._packed[(name, e)][1], self.group_size)
+        ops = self._kernel_ops(name, dtype, x.device)
+        if ops is not None:
+            gathered = torch.is_tensor(e)
+            w, s = ops if e is None or gathered else (ops[0][e], ops[1][e])  # an expert: views of the stacks
+            if gathered or torch.compiler.is_compiling():  # one opaque op: inductor calls the kernel as it is
+                y = woq_mm(x_MK, w, s, self.group_size or 0, e if gathered else None)
+            else:
+                y = kernel_matmul(x_MK.contiguous(), w, s, self.group_size)
         else:
-            y = F.linear(x_MK, dequantize(w, s, z, block).to(dtype))
+            w = dequantize(*self._parts(name, e), self._layout.get(name)).to(dtype)
+            few = torch.compiler.is_compiling() and x_MK.shape[0] <= FEW_ROWS
+            y = mv(x_MK, w) if few else F.linear(x_MK, w)  # mv: fused, the quantized weights are read once
         return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+    def _kernel_ops(self, name: str, dtype: torch.dtype, device: torch.device):
+        """The CPU kernel's operands for all of weight `name` (all experts), once per weight version, or None: no
+        kernel. Compiled code takes what an eager call built (generation prefills eagerly), else dequantizes."""
+        if torch.compiler.is_compiling():
+            ops = self._packed.get(name)
+            return ops if self.use_kernel and ops is not None and ops[1].dtype == dtype else None
+        if not (self.use_kernel and dtype in (torch.float32, torch.bfloat16, torch.float16)
+                and kernel_applies(self.bits, getattr(self, name).shape[-2], self.group_size, device)):
+            return None
+        if self.bits == 4 and name not in self._layout:
+            self._relayout(name)  # the kernel's layout, held in place of ours (where it is known)
+        w, s, z = self._parts(name)
+        key = (dtype, w.data_ptr(), *(p._version for p in (w, s, z) if p is not None))
+        if self._packed_key.get(name) != key:
+            self._packed[name] = kernel_operands(w, s, z, dtype, name in self._layout)
+            self._packed_key[name] = key
+        return self._packed[name]
 
     def _relayout(self, name: str) -> int | None:
         """Re-pack the int4 weight `name` (all experts) into the CPU kernel's layout, as a new buffer (a
@@ -204,8 +199,7 @@ class QuantLinear(_Quantized):
 class QuantExperts(_Quantized, Experts):
     """Experts with int8 / int4 w13 [E, 2F, D] and w2 [E, D, F]: Experts.forward, with the products overridden."""
 
-    def __init__(self, n_experts: int, d_model: int, d_ff: int, bits: int, group_size: int | None = None,
-                 device=None):
+    def __init__(self, n_experts: int, d_model: int, d_ff: int, bits: int, group_size: int | None = None, device=None):
         super().__init__(bits, group_size)
         self.n_experts = n_experts
         self._add("w13", (n_experts, 2 * d_ff, d_model), device)
@@ -238,6 +232,14 @@ def swap_modules(model: nn.Module, q: dict) -> nn.Module:
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, new)
     return model
+
+
+def compile_pays(model: nn.Module) -> bool:
+    """Whether a compiled decode step should beat the eager one: not where an int4 weight misses the CPU kernel
+    (inductor's own int4 dequantize measured ~10x slower than the eager kernel, tiny-mixtral, 2 threads)."""
+    return not any(isinstance(m, _Quantized) and m.bits == 4 and not (m.use_kernel and all(
+        kernel_applies(4, b.shape[-2], m.group_size, b.device) for b in m.buffers() if b.dtype == torch.uint8))
+        for m in model.modules())
 
 
 def set_compute_dtype(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
