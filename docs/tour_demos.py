@@ -15,11 +15,9 @@ They use the library's own functions (tinymixtral.*); nothing here is a second i
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 import torch
-import torch.nn.functional as F
 
 
 def attention(args):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TRAIN_CFG, assert_one_line_error, call_cli, tiny_model
+from conftest import TRAIN_CFG, call_cli, tiny_model
 
 spec = importlib.util.spec_from_file_location("demo_names", Path(__file__).parents[1] / "benchmarks" / "demo_names.py")
 dn = importlib.util.module_from_spec(spec)
