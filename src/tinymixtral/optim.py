@@ -122,6 +122,9 @@ def make_optimizer(raw: torch.nn.Module, tcfg, device: str) -> torch.optim.Optim
     # Frozen parameters (--train-only) are not given to the optimizer: no moments, no weight decay.
     if tcfg.optimizer == "muon":
         hidden, rest = ([(n, p) for n, p in part if p.requires_grad] for part in split_params(raw))
+        if not tcfg.muon_experts:  # Newton-Schulz costs per stored expert matrix, not per active one
+            rest += [(n, p) for n, p in hidden if ".experts." in n]
+            hidden = [(n, p) for n, p in hidden if ".experts." not in n]
         decay = [p for n, p in rest if p.dim() >= 2 and not n.startswith("embed.")]
         no_decay = [p for n, p in rest if p.dim() < 2 or n.startswith("embed.")]
         groups = [{"params": [p for _, p in hidden], "use_muon": True, "lr": tcfg.muon_lr,
