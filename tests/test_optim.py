@@ -108,3 +108,18 @@ def test_a_short_muon_run_learns(tmp_path, data_dir):
     losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
     assert losses[-1] < losses[0] - 1.0, losses
     assert final["final_val_loss"] < losses[0]
+
+
+def test_muon_experts_false_gives_the_experts_to_adamw():
+    from tinymixtral.optim import make_optimizer
+    model = tiny_model()
+    by_group = {}
+    for flag in (True, False):
+        opt = make_optimizer(model, dataclasses.replace(TrainConfig(), optimizer="muon", muon_experts=flag), "cpu")
+        by_group[flag] = {id(p): g["use_muon"] for g in opt.param_groups for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    experts = {i for i, n in names.items() if ".experts." in n}
+    assert experts and all(by_group[True][i] for i in experts) and not any(by_group[False][i] for i in experts)
+    # everything else keeps its optimizer, and every parameter is in exactly one group
+    assert all(by_group[True][i] == by_group[False][i] for i in names if i not in experts)
+    assert set(by_group[False]) == set(names)
