@@ -61,7 +61,7 @@ def demo():
        "--temperature", "0.7", "--top-k", "40", "--seed", "0")
 
 
-# The demo trains the `demo` recipe (model preset and training values: RECIPES in src/tinymixtral/train.py)
+# The demo trains the `demo` recipe (model preset and training values: RECIPES in src/tinymixtral/train_config.py)
 # for ~8 minutes on 2 CPU cores (see README, "The demo").
 DEMO_TRAIN = ["--recipe", "demo", "--max-time", "8m"]
 

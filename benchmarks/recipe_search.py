@@ -7,9 +7,11 @@ A recipe is a dict (a JSON list of them, or a .py file defining RECIPES): "name"
 "recipe" (a named recipe of `train --recipe`), "preset" or "config", any ModelConfig field (d_model, n_layers,
 n_experts, top_k, d_ff, n_heads, n_kv_heads, router_aux_loss_coef, ...), any TrainConfig field (optimizer, lr,
 muon_lr, schedule, decay_fraction, batch_size, seq_len, warmup_steps, ...), and "data" (a prepared data
-directory instead of --data: the data fix the tokenizer, so the vocabulary). Today's recipe, the baseline:
+directory instead of --data: the data fix the tokenizer, so the vocabulary). A recipe without "recipe" starts from
+`train`'s default (Muon + WSD since the search). The earlier recipe, the baseline of the README's table:
 
-    {"name": "today", "preset": "demo", "batch_size": 8, "seq_len": 256, "lr": 4e-3, "warmup_steps": 50}
+    {"name": "before", "preset": "demo", "optimizer": "adamw", "schedule": "cosine", "batch_size": 8, "seq_len": 256,
+     "lr": 4e-3, "warmup_steps": 50}
 
 Each recipe trains for --minutes of `tinymixtral train --max-time` (training steps only; evaluations and
 checkpoints are not counted) once per seed, one run at a time. The whole val split of the final model is read

@@ -26,7 +26,9 @@ from pathlib import Path
 from tinymixtral.data import DOC_SEPARATOR
 from tinymixtral.stories import generate_stories
 
-TRAIN = ["--batch-size", "8", "--seq-len", "256", "--lr", "2e-3", "--warmup-steps", "20", "--max-steps", "1000000",
+# AdamW + cosine (the recipe before Muon + WSD became the default), as the recorded result was made.
+TRAIN = ["--optimizer", "adamw", "--schedule", "cosine", "--batch-size", "8", "--seq-len", "256", "--lr", "2e-3",
+         "--warmup-steps", "20", "--max-steps", "1000000",
          "--eval-interval", "1000000", "--ckpt-interval", "1000000", "--progress", "false"]
 commands: list[str] = []
 

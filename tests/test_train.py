@@ -328,7 +328,8 @@ TRAIN_VALUES = dict(batch_size=3, seq_len=17, grad_accum=2, lr=0.005, min_lr_rat
                     max_steps=11, max_tokens=1000, max_time="10m", weight_decay=0.2, beta1=0.8, beta2=0.9,
                     grad_clip=0.5, eval_interval=5, eval_batches=3, log_interval=2, ckpt_interval=9, keep_last=4,
                     seed=99, device="cpu", autocast="bf16", compile=True, wandb=True, wandb_project="proj",
-                    fsdp=True, fsdp_bf16=True, optimizer="muon", muon_lr=0.03, schedule="wsd", decay_fraction=0.3,
+                    fsdp=True, fsdp_bf16=True, optimizer="muon", muon_lr=0.03, muon_experts=False, schedule="wsd",
+                    decay_fraction=0.3,
                     progress=False)
 MODEL_VALUES = dict(vocab_size=320, d_model=48, n_layers=3, n_heads=6, n_kv_heads=3, head_dim=16, d_ff=96,
                     n_experts=5, top_k=3, sliding_window=24, max_seq_len=96, rope_theta=5e4, norm_eps=1e-6,
@@ -374,7 +375,7 @@ def test_every_flag_reaches_its_config_field(tmp_path, fake_train, capsys):
     assert cli.main(["train", "--data", "D", "--out", str(tmp_path / "r2"), "--d-model", "64",
                      "--vocab-size", "512"]) == 0
     assert fake_train["mcfg"] == demo.replace(d_model=64, vocab_size=512) and fake_train["tcfg"] == TrainConfig(
-        data="D", out=str(tmp_path / "r2"))
+        data="D", out=str(tmp_path / "r2"), **train_config.TUNED)
 
 
 def test_the_model_vocabulary_comes_from_the_data(tmp_path, data_dir, fake_train, saved):
@@ -396,15 +397,17 @@ def test_recipes_set_training_values_under_the_flags(tmp_path, fake_train, capsy
     tcfg = fake_train["tcfg"]
     assert tcfg.lr == 1e-3  # a flag given beats the recipe
     assert all(getattr(tcfg, k) == v for k, v in demo.items() if k not in ("preset", "lr"))
-    assert tcfg.batch_size != TrainConfig().batch_size  # the recipe's values arrived
+    assert tcfg.eval_interval != TrainConfig().eval_interval  # the recipe's values arrived
     assert fake_train["mcfg"] == ModelConfig.from_name(demo["preset"]).replace(vocab_size=512)
     assert cli.main(["train", "--data", "D", "--out", str(tmp_path / "b"), "--vocab-size", "512"]) == 0
-    assert fake_train["tcfg"] == TrainConfig(data="D", out=str(tmp_path / "b"))  # "default": TrainConfig's own
+    # "default": the tuned recipe (Muon + WSD) over TrainConfig's own defaults
+    assert fake_train["tcfg"] == TrainConfig(data="D", out=str(tmp_path / "b"), **train_config.TUNED)
+    assert fake_train["tcfg"].optimizer == "muon" and fake_train["tcfg"].schedule == "wsd"
     r = call_cli(capsys, "train", "--data", "D", "--out", tmp_path / "c", "--recipe", "fast")
     assert "unknown --recipe 'fast'" in assert_one_line_error(r, "train", 2)
 
 
-def test_run_py_demo_trains_todays_demo_recipe(tmp_path, fake_train):
+def test_run_py_demo_trains_the_tuned_demo_recipe(tmp_path, fake_train):
     """run.py demo passes DEMO_TRAIN to `train`: the demo recipe for 8 minutes, no step limit."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("run_py", Path(__file__).parents[1] / "run.py")
@@ -413,8 +416,8 @@ def test_run_py_demo_trains_todays_demo_recipe(tmp_path, fake_train):
     assert cli.main(["train", "--data", "D", "--out", str(tmp_path / "a"), "--vocab-size", "512",
                      *run_py.DEMO_TRAIN]) == 0
     t = fake_train["tcfg"]
-    assert (t.batch_size, t.seq_len, t.lr, t.warmup_steps, t.optimizer, t.schedule) == (8, 256, 4e-3, 50, "adamw",
-                                                                                       "cosine")
+    assert (t.batch_size, t.seq_len, t.lr, t.warmup_steps, t.optimizer, t.schedule) == (16, 256, 4e-3, 20, "muon",
+                                                                                       "wsd")
     assert (t.max_time, t.max_steps, t.eval_interval, t.eval_batches, t.ckpt_interval) == (480.0, None, 250, 10, 1000)
     assert fake_train["mcfg"] == ModelConfig.from_name("demo").replace(vocab_size=512)
 
