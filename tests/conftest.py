@@ -400,3 +400,18 @@ def tiny_dense_dir(path, seed=0, tok=None, **over):
 
     model = tiny_model(DENSE, seed, **{"vocab_size": 300, **over})
     return save_model(model, path, tokenizer=tok), model
+
+
+# Mistral's own SentencePiece files as mistral-common ships them (no download): v1 is Mixtral-8x7B-Instruct's
+# ([INST] as text), v2 and v3 have [INST] / [/INST] control tokens (v3: Mistral-7B-Instruct-v0.3, Mixtral-8x22B),
+# v7 also [SYSTEM_PROMPT].
+MISTRAL_TOKENIZERS = {"v1": "tokenizer.model.v1", "v2": "mistral_instruct_tokenizer_240216.model.v2",
+                      "v3": "mistral_instruct_tokenizer_240323.model.v3",
+                      "v7": "mistral_instruct_tokenizer_241114.model.v7"}
+
+
+def mistral_tokenizer_file(version: str) -> Path:
+    """The path of mistral-common's SentencePiece file of that version ("v1", "v2", "v3", "v7")."""
+    import importlib.resources
+
+    return Path(str(importlib.resources.files("mistral_common") / "data" / MISTRAL_TOKENIZERS[version]))

@@ -3,15 +3,16 @@ cache is reused exactly across turns), /reset starts over, a full context is a m
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import GEN, tiny_model
+from conftest import GEN, mistral_tokenizer_file, tiny_model
 from tinymixtral import generate, save_model
-from tinymixtral.generation import chat_template
+from tinymixtral.generation import chat_template, turn_ids
 from tinymixtral.tokenizer import load_tokenizer, train_bpe
 
 
@@ -78,3 +79,49 @@ def test_windowed_model_rolls_over_a_long_conversation(chat_dirs):
     r = chat(chat_dirs / "windowed", ["the cat sat on the mat"] * 6, "--context", "16")
     assert r.returncode == 0 and "full" not in r.stderr, r.stderr
     assert len(r.stdout.splitlines()) == 6
+
+
+@pytest.fixture(scope="module")
+def native_v3(tmp_path_factory):
+    """A Mistral-native directory (params.json + consolidated.safetensors) with Mistral-7B-Instruct-v0.3's
+    tokenizer.model.v3 (32768 tokens, [INST] = 3 and [/INST] = 4 control tokens)."""
+    root = tmp_path_factory.mktemp("native")
+    shutil.copy(mistral_tokenizer_file("v3"), root / "tokenizer.model.v3")
+    tok = load_tokenizer(root)
+    model = tiny_model(GEN, vocab_size=tok.vocab_size, sliding_window=None, vary_norms=True)
+    # as in chat_dirs: replies of printable text only, one line each (control tokens decode to "")
+    unprintable = [t for t in range(tok.vocab_size) if t != tok.eos_id and not tok.decode([t]).isprintable()]
+    with torch.no_grad():
+        model.lm_head.weight[unprintable] = 0.0
+    d = root / "m"
+    save_model(model, d, format="mistral")
+    shutil.copy(root / "tokenizer.model.v3", d)
+    return d, model, tok
+
+
+def test_chat_on_a_native_v3_directory(native_v3):
+    """Turns carry [INST] / [/INST] as control ids and, in v3, the system prompt in front of each message (the
+    last one of the conversation when it is sent); replies equal greedy generation over those ids."""
+    d, model, tok = native_v3
+    r = chat(d, ["the cat sat", "and the dog?"], "--system", "be brief")
+    assert r.returncode == 0, r.stderr
+    replies = r.stdout.splitlines()
+    assert len(replies) == 2, r.stdout
+    turn1 = turn_ids(tok, "the cat sat", "be brief", bos=True)
+    assert turn1[:2] == [1, 3] and turn1[-1] == 4 and 3 not in tok.encode(chat_template("the cat sat", "be brief"))
+    reply1 = greedy(model, tok, turn1)
+    assert replies[0] == tok.decode([t for t in reply1 if t != tok.eos_id])
+    closed = reply1 if reply1[-1] == tok.eos_id else reply1 + [tok.eos_id]
+    turn2 = turn1 + closed + turn_ids(tok, "and the dog?", "be brief")
+    assert replies[1] == tok.decode([t for t in greedy(model, tok, turn2) if t != tok.eos_id])
+
+
+def test_generate_chat_on_a_native_v3_directory(native_v3):
+    d, model, tok = native_v3
+    r = subprocess.run([sys.executable, "-m", "tinymixtral", "generate", "--model", str(d), "--chat", "--prompt",
+                        "the cat sat", "--system", "be brief", "--temperature", "0", "--max-new-tokens", "6"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    ids = turn_ids(tok, "the cat sat", "be brief", bos=True)
+    new = greedy(model, tok, ids, 6)
+    assert r.stdout == "[INST]be brief\n\nthe cat sat[/INST]" + tok.decode(ids + new)[len(tok.decode(ids)):] + "\n"

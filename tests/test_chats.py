@@ -2,18 +2,19 @@
 tokens, windows cut at conversations, masked training and eval, and a fine-tuned model answering in
 `generate --chat`."""
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_one_line_error, call_cli, tiny_model
+from conftest import assert_one_line_error, call_cli, mistral_tokenizer_file, tiny_model
 from tinymixtral import save_model
 from tinymixtral.chats import encode_conversation, eval_windows, train_starts
 from tinymixtral.data import IGNORE, get_batch, load_mask, load_split, prepare
 from tinymixtral.evaluate import evaluate, evaluated_tokens
-from tinymixtral.generation import chat_template
+from tinymixtral.generation import chat_template, turn_ids
 from tinymixtral.tokenizer import load_tokenizer
 
 QA = [("What is the capital of Zorbia?", "Plimstad is the capital of Zorbia."),
@@ -69,6 +70,38 @@ def test_mask_lines_up_with_the_template_tokens(kind, chat_data):
     trained = [t for t, m in zip(ids, mask) if m]
     assert tok.decode(trained).split() == (a1 + " " + a2).split()
     assert "[INST]" in tok.decode([t for t, m in zip(ids, mask) if not m])
+
+
+@pytest.mark.parametrize("version", ["v1", "v2", "v3", "v7"])
+@pytest.mark.parametrize("ends_with", ["assistant", "user"])
+def test_conversation_ids_equal_mistral_commons(version, ends_with, tmp_path):
+    """Our ids for system + user + assistant + user (+ assistant) equal mistral-common's own encoding, for each of
+    Mistral's SentencePiece tokenizers loaded as a native directory ships them (tokenizer.model.vN): v1 text markers,
+    the system prompt in the first turn; v2 / v3 control tokens, the system prompt in the last turn; v7 a
+    [SYSTEM_PROMPT] block. Replies are encoded without trailing spaces from v2 on."""
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.protocol.instruct.validator import ValidationMode
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    shutil.copy(mistral_tokenizer_file(version), tmp_path / f"tokenizer.model.{version}")
+    tok = load_tokenizer(tmp_path)
+    assert tok.instruct_format == {"v2": "v3"}.get(version, version)
+    (q1, a1), (q2, a2) = QA[0], QA[1]
+    msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q1},
+            {"role": "assistant", "content": a1 + "  "}, {"role": "user", "content": q2 + " [INST] <s>"}]
+    if ends_with == "assistant":
+        msgs.append({"role": "assistant", "content": a2})
+
+    def ref(messages, mode=ValidationMode.test):
+        mt = MistralTokenizer.from_file(str(mistral_tokenizer_file(version)), mode=mode)
+        return mt.encode_chat_completion(ChatCompletionRequest(messages=messages)).tokens
+
+    mode = ValidationMode.finetuning if ends_with == "assistant" else ValidationMode.test
+    assert encode_conversation(tok, msgs)[0] == ref(msgs, mode)
+    expect = ref(msgs[:2])  # one turn, as `chat` and `generate --chat` send it
+    assert turn_ids(tok, q1, SYSTEM, bos=True) == expect
+    if version != "v1":
+        assert expect[1] == tok.control["[SYSTEM_PROMPT]" if version == "v7" else "[INST]"]
 
 
 def test_prepare_stores_the_mask_next_to_the_tokens(chat_data):

@@ -8,10 +8,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error, call_cli, edit_config, make_docs, tiny_model
+from conftest import assert_one_line_error, call_cli, edit_config, make_docs, mistral_tokenizer_file, tiny_model
 
 from tinymixtral import save_model
-from tinymixtral.generation import generate
+from tinymixtral.generation import chat_template, generate, turn_ids
 from tinymixtral.quantize import quantize_model
 from tinymixtral.tokenizer import load_tokenizer
 
@@ -217,6 +217,25 @@ def test_window_caps_the_context_with_one_line(capsys, mistral_moe, tmp_path):
     assert "capped" not in out and read(tmp_path / "b.gguf")[0]["llama.context_length"] == 4096
     ids = load_tokenizer(d).encode("Once upon a time", bos=True)
     assert llama_logits(llama(tmp_path / "b.gguf"), ids).shape == (len(ids), 32000)  # q4_0 loads and runs
+
+
+def test_native_v3_tokenizer_has_control_tokens(capsys, tmp_path):
+    """A Mistral-native directory with tokenizer.model.v3: its control pieces ([INST], [/INST], ...) are CONTROL
+    tokens in the file, so llama.cpp reads a v3 chat turn's markers as their ids and the ids equal ours."""
+    d = tmp_path / "m"
+    save_model(tiny_model(vocab_size=32768, n_layers=1), d, format="mistral")
+    shutil.copy(mistral_tokenizer_file("v3"), d / "tokenizer.model.v3")
+    export(capsys, d, tmp_path / "v3.gguf")
+    types = read(tmp_path / "v3.gguf")[0]["tokenizer.ggml.token_type"]
+    T = gguf.TokenType
+    assert len(types) == 32768 and list(types[:6]) == [T.UNKNOWN, T.CONTROL, T.CONTROL, T.CONTROL, T.CONTROL, T.CONTROL]
+    tok = load_tokenizer(d)
+    llm = llama_cpp.Llama(str(tmp_path / "v3.gguf"), vocab_only=True, verbose=False)
+    for system in (None, "be brief"):
+        ours = turn_ids(tok, "the cat sat", system, bos=True)
+        assert ours[:2] == [1, 3] and ours[-1] == 4
+        assert llm.tokenize(chat_template("the cat sat", system, "v3").encode(), add_bos=True, special=True) == ours
+    assert 3 not in llm.tokenize(b"[INST] hi", add_bos=False, special=False)  # without parse_special: text
 
 
 def test_bad_input_one_line_no_file(capsys, mistral_moe, tmp_path):

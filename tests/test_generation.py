@@ -112,6 +112,9 @@ def test_bad_input():
 def test_chat_template():
     assert gen_mod.chat_template("Hi", None) == "[INST] Hi [/INST]"
     assert gen_mod.chat_template("Hi", "Be brief.") == "[INST] Be brief.\n\nHi [/INST]"
+    assert gen_mod.chat_template("Hi", "Be brief.", "v3") == "[INST]Be brief.\n\nHi[/INST]"
+    assert gen_mod.chat_template("Hi", "Be brief.", "v7") == "[SYSTEM_PROMPT]Be brief.[/SYSTEM_PROMPT][INST]Hi[/INST]"
+    assert gen_mod.chat_template("Hi", None, "v7") == "[INST]Hi[/INST]"
 
 
 # ---- the command line ----------------------------------------------------------------------------

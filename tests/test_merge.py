@@ -318,3 +318,18 @@ def test_merge_and_upcycle_refuse_a_source_without_a_weight(tiny_sources, tmp_pa
     assert "missing 1 weight(s): model.layers.1.mlp.down_proj.weight" in line
     assert not (tmp_path / "m").exists() and not (tmp_path / "u").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left
+
+
+def test_native_v3_tokenizer_is_used_and_carried(tmp_path, capsys):
+    """Mistral-native sources with tokenizer.model.v3: cheap_embed gates read the prompts with it, the output carries
+    it, and an expert with another tokenizer (v1) gets the warning."""
+    from conftest import mistral_tokenizer_file
+
+    for i, (name, version) in enumerate((("base", "v3"), ("a", "v3"), ("b", "v1"))):
+        d, model = tiny_dense_dir(tmp_path / "src" / name, i, vocab_size=32768)
+        save_model(model, d, format="mistral")
+        shutil.copy(mistral_tokenizer_file(version), d / f"tokenizer.model.{version}")
+    merge(config(tmp_path / "src", gate_mode="cheap_embed"), tmp_path / "m")
+    assert "experts[1].source_model" in capsys.readouterr().err.split("different tokenizer")[0].splitlines()[-1]
+    assert (tmp_path / "m" / "tokenizer.model.v3").read_bytes() == mistral_tokenizer_file("v3").read_bytes()
+    assert load_tokenizer(tmp_path / "m").instruct_format == "v3"

@@ -2,11 +2,14 @@
 import json
 import os
 import random
+import shutil
 
 import pytest
+from conftest import mistral_tokenizer_file
 
 from tinymixtral.errors import TinyMixtralError
-from tinymixtral.tokenizer import MIN_BPE_VOCAB, load_tokenizer, parse_tokenizer_spec, train_bpe
+from tinymixtral.tokenizer import (BOS, EOS, MIN_BPE_VOCAB, UNK, load_tokenizer, parse_tokenizer_spec,
+                                  tokenizer_file, train_bpe)
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -34,6 +37,14 @@ def bpe():
     return train_bpe(corpus(), 400)
 
 
+@pytest.fixture(scope="module")
+def v3(tmp_path_factory):
+    """Mistral-7B-Instruct-v0.3's tokenizer as a native directory ships it: tokenizer.model.v3."""
+    d = tmp_path_factory.mktemp("v3")
+    shutil.copy(mistral_tokenizer_file("v3"), d / "tokenizer.model.v3")
+    return load_tokenizer(d)
+
+
 def test_mistral_known_ids(mistral):
     assert (mistral.kind, mistral.vocab_size, mistral.bos_id, mistral.eos_id, mistral.pad_id) == (
         "mistral", 32000, 1, 2, None)
@@ -42,7 +53,7 @@ def test_mistral_known_ids(mistral):
     assert mistral.encode("<s>")[0] != mistral.bos_id  # spelled-out special tokens are plain text
 
 
-@pytest.mark.parametrize("name", ["mistral", "bpe"])
+@pytest.mark.parametrize("name", ["mistral", "bpe", "v3"])
 def test_round_trip_and_batch(name, request):
     tok = request.getfixturevalue(name)
     for text in TEXTS:
@@ -71,20 +82,27 @@ def test_bpe_vocab_and_specials(bpe):
     assert small.decode(small.encode("zebra ☃\n")) == "zebra ☃\n"  # unseen text still round-trips (bytes)
 
 
-@pytest.mark.parametrize("name", ["mistral", "bpe"])
+@pytest.mark.parametrize("name", ["mistral", "bpe", "v3"])
 def test_save_then_load(name, request, tmp_path):
     tok = request.getfixturevalue(name)
     tok.save(tmp_path)
     expected = {"mistral": {"tokenizer.model", "tokenizer.json", "tokenizer_config.json"},
-                "bpe": {"tokenizer.json", "tokenizer_config.json"}}[name]
+                "bpe": {"tokenizer.json", "tokenizer_config.json"}}[tok.kind]
     assert set(os.listdir(tmp_path)) == expected  # no temporary files left behind
     back = load_tokenizer(tmp_path)
     assert (back.kind, back.vocab_size, back.bos_id, back.eos_id) == (tok.kind, tok.vocab_size, 1, 2)
     assert back.encode_batch(TEXTS, bos=True) == tok.encode_batch(TEXTS, bos=True)
+    assert (back.control, back.instruct_format) == (tok.control, tok.instruct_format)
+    if tok.kind == "mistral":  # the tokenizers copy alone: the same ids, the same control tokens
+        (tmp_path / "tokenizer.model").unlink()
+        copy = load_tokenizer(tmp_path)
+        assert copy.kind == "bpe" and copy.encode_batch(TEXTS, bos=True) == tok.encode_batch(TEXTS, bos=True)
+        assert (copy.control, copy.instruct_format, copy.identity()) == (tok.control, tok.instruct_format,
+                                                                          tok.identity())
 
 
 @pytest.mark.parametrize("with_model_config", [False, True])
-@pytest.mark.parametrize("name", ["mistral", "bpe"])
+@pytest.mark.parametrize("name", ["mistral", "bpe", "v3"])
 def test_transformers_gives_the_same_ids(name, with_model_config, request, tmp_path):
     transformers = pytest.importorskip("transformers")
     tok = request.getfixturevalue(name)
@@ -121,7 +139,7 @@ def test_parse_tokenizer_spec():
 def test_load_errors(tmp_path):
     with pytest.raises(TinyMixtralError, match="neither"):
         load_tokenizer(tmp_path / "missing")
-    with pytest.raises(TinyMixtralError, match="no tokenizer.model or tokenizer.json"):
+    with pytest.raises(TinyMixtralError, match="no tokenizer.model, tokenizer.model.vN or tokenizer.json"):
         load_tokenizer(tmp_path)
     with pytest.raises(TinyMixtralError, match="trained first"):
         load_tokenizer("bpe:4096")
@@ -130,3 +148,35 @@ def test_load_errors(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(TinyMixtralError, match="cannot load"):
         load_tokenizer(tmp_path)
+
+
+def test_control_tokens_and_instruct_formats(mistral, bpe, v3):
+    assert (mistral.instruct_format, bpe.instruct_format, v3.instruct_format) == ("v1", "v1", "v3")
+    assert mistral.control == bpe.control == {UNK: 0, BOS: 1, EOS: 2}
+    assert (v3.vocab_size, v3.control["[INST]"], v3.control["[/INST]"], v3.control["[TOOL_CALLS]"]) == (32768, 3, 4, 5)
+    assert 3 not in v3.encode("[INST] hi [/INST]")  # spelled out, a control token is text (as in mistral-common)
+    assert v3.decode([1, 3, *v3.encode("hi"), 4]) == "hi"
+
+
+def test_native_tokenizer_files(tmp_path):
+    v1, v3, v7 = (mistral_tokenizer_file(v).read_bytes() for v in ("v1", "v3", "v7"))
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "tokenizer.model.v1").write_bytes(v1)
+    assert load_tokenizer(d).instruct_format == "v1"
+    (d / "tokenizer.model.v3").write_bytes(v3)
+    (d / "tokenizer.model.v7m1").write_bytes(v7)
+    (d / "tokenizer.json").write_text("{not json")  # a SentencePiece model is read first
+    assert (tokenizer_file(d).name, load_tokenizer(d).instruct_format) == ("tokenizer.model.v7m1", "v7")  # highest
+    (d / "tokenizer.model.v7m1").unlink()
+    (d / "tokenizer.model").write_bytes(v3)  # as Mistral's Hub repositories ship them: the same file twice
+    assert (tokenizer_file(d).name, load_tokenizer(d).control["[INST]"]) == ("tokenizer.model.v3", 3)
+    (d / "tokenizer.model").write_bytes(v1)
+    with pytest.raises(TinyMixtralError, match="two different SentencePiece tokenizers, tokenizer.model and "
+                                               "tokenizer.model.v3"):
+        load_tokenizer(d)
+    t = tmp_path / "tekken"
+    t.mkdir()
+    (t / "tekken.json").write_text("{}")
+    with pytest.raises(TinyMixtralError, match="tekken.json .* not supported yet"):
+        load_tokenizer(t)

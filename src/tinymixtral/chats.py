@@ -2,8 +2,8 @@
 
 A conversation is a .jsonl line `{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}]}`:
 an optional system message first, then user and assistant turns alternating, the last one a reply. It is
-rendered by generation.chat_segments (Mistral's [INST] template, the one `generate --chat` and `chat` use)
-and tokenized turn by turn as `chat` feeds a model: <s>[INST] ... [/INST] reply</s>[INST] ... [/INST] reply</s>.
+tokenized turn by turn by generation.turn_ids and reply_ids (Mistral's [INST] template in the tokenizer's
+instruct format, the one `generate --chat` and `chat` use): <s>[INST] ... [/INST] reply</s>[INST] ... [/INST] reply</s>.
 The mask is 1 on the tokens training learns to predict: each reply's tokens and its </s>; 0 on <s>, the
 prompts and the system text. Plain-text documents in the same data are trained on every token (mask 1).
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import TinyMixtralError
-from .generation import chat_segments
+from .generation import chat_segments, chat_turns, reply_ids, turn_ids
 
 ROLES = ("system", "user", "assistant")
 
@@ -42,17 +42,10 @@ def parse_conversation(row, where: str) -> list[dict]:
 def encode_conversation(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
     """Token ids of a conversation and its loss mask (1 = a reply token or a reply's </s>)."""
     ids, mask = [], []
-    for text, role in chat_segments(messages):
-        if role == "user":
-            part = tok.encode(text, bos=not ids)
-            ids += part
-            mask += [0] * len(part)
-        else:
-            # SentencePiece puts a "▁" (a space) in front of every text it encodes, as Mistral's own
-            # tokenization of replies has it; a byte-level BPE does not, so the space is written.
-            part = tok.encode(text if tok.kind == "mistral" else " " + text, eos=True)
-            ids += part
-            mask += [1] * len(part)
+    for role, content, system in chat_turns(messages, tok.instruct_format):
+        part = turn_ids(tok, content, system, bos=not ids) if role == "user" else reply_ids(tok, content)
+        ids += part
+        mask += [int(role != "user")] * len(part)
     return ids, mask
 
 

@@ -24,6 +24,7 @@ from .model.quant import quantize
 from .model.transformer import Transformer
 from .quantize import make_settings, quantized_keys
 from .tensorfile import SafetensorsFile
+from .tokenizer import VERSIONED
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -223,12 +224,20 @@ def _write_shards(sd: dict[str, torch.Tensor], out: Path, max_shard_bytes: int):
     (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tekken.json")
+
+
+def tokenizer_files(path: str | Path) -> list[str]:
+    """The tokenizer files a directory holds: TOKENIZER_FILES and Mistral's native tokenizer.model.vN."""
+    src = Path(path)
+    native_names = sorted(f.name for f in src.glob("tokenizer.model.v*") if VERSIONED.fullmatch(f.name))
+    return [f for f in (*TOKENIZER_FILES, *native_names) if (src / f).is_file()]
 
 
 def has_tokenizer(path: str | Path) -> bool:
     """Whether a directory holds tokenizer files that save_model(tokenizer=path) can copy."""
-    return any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
+    return bool(tokenizer_files(path))
 
 
 def _save_tokenizer(tokenizer, out: Path):
@@ -236,9 +245,9 @@ def _save_tokenizer(tokenizer, out: Path):
         tokenizer.save(out)
         return
     src = Path(tokenizer)
-    found = [f for f in TOKENIZER_FILES if (src / f).is_file()]
+    found = tokenizer_files(src)
     if not found:
-        raise TinyMixtralError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {src}")
+        raise TinyMixtralError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}, tokenizer.model.vN) in {src}")
     for f in found:
         shutil.copy2(src / f, out / f)
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import load_model, model_format
+from .checkpoint import has_tokenizer, load_model, model_format
 from .config import ModelConfig
 from .errors import TinyMixtralError
 from .native import read_params, rope_to_native
@@ -68,10 +68,10 @@ def _check_full_precision(cfg: ModelConfig, where) -> None:
 
 
 def _tokenizer_of(src: Path) -> Tokenizer:
-    if not any((src / f).is_file() for f in ("tokenizer.model", "tokenizer.json")):
-        raise TinyMixtralError(f"no tokenizer (tokenizer.model or tokenizer.json) in {src}: a GGUF file carries its "
-                               "tokenizer, so export a model directory saved with one")
-    return load_tokenizer(src)
+    if not has_tokenizer(src):
+        raise TinyMixtralError(f"no tokenizer (tokenizer.model, tokenizer.model.vN or tokenizer.json) in {src}: a GGUF "
+                               "file carries its tokenizer, so export a model directory saved with one")
+    return load_tokenizer(src)  # a SentencePiece model's control pieces ([INST], ... in .v3) become CONTROL tokens
 
 
 def context_length(cfg: ModelConfig, full_context: bool = False) -> int:

@@ -278,7 +278,7 @@ def merge(config: dict | str | Path, out: str | Path, seed: int = 0, max_shard_b
         src, name = _source(key, base_files, sources)
         if src is not None and (name not in src or tuple(src[name].shape(name)) != plan[key][1]):
             raise TinyMixtralError(f"merge: {name} is missing or misshapen in {_dir_of(key, c)}")
-    tok = load_tokenizer(base_dir) if has_tok else None
+    tok = load_tokenizer(base_dir) if c["gate_mode"] != "random" else None
     gates_LED = gate_vectors(base_dir, base_files, tok, c["experts"], c["gate_mode"], cfg.n_layers, cfg.d_model, seed)
     for layer, i, j, cos in degenerate_pairs(gates_LED):
         print(f"merge: warning: layer {layer}: router vectors of experts {i} and {j} are nearly parallel "
@@ -326,10 +326,12 @@ def _out_dtype(name: str | None, base_dir: Path, base_files: dict) -> torch.dtyp
 
 
 def _warn_tokenizer(base_dir: Path, src_dir: Path, where: str):
-    for name in ("tokenizer.json", "tokenizer.model"):
-        a, b = base_dir / name, src_dir / name
-        if a.is_file() and b.is_file():
-            if a.read_bytes() != b.read_bytes():
-                print(f"merge: warning: {where} has a different {name} from the base; experts should share the "
-                      "base's tokenizer", file=sys.stderr)
-            return
+    """Warn when an expert's tokenizer (whichever file load_tokenizer reads: tokenizer.model, tokenizer.model.v3,
+    tokenizer.json) has another vocabulary than the base's; a side without a readable one is not compared."""
+    try:
+        ours, theirs = load_tokenizer(base_dir).identity(), load_tokenizer(src_dir).identity()
+    except TinyMixtralError:
+        return
+    if ours != theirs:
+        print(f"merge: warning: {where} has a different tokenizer from the base; experts should share the "
+              "base's tokenizer", file=sys.stderr)

@@ -1,7 +1,11 @@
 """Tokenizers behind one interface: Mixtral's own SentencePiece model ("mistral") and byte-level BPEs ("bpe:N").
 
 Both kinds use Mistral's special ids: <unk>=0, <s>=1 (BOS), </s>=2 (EOS), and have no pad token. Text that
-happens to spell "<s>" is encoded as plain text; BOS/EOS only come from the bos/eos flags.
+happens to spell "<s>" is encoded as plain text; BOS/EOS only come from the bos/eos flags, and Mistral's newer
+control tokens ([INST], [/INST], ... in tokenizer.model.v3) only from the chat template (`control`).
+
+A model directory holds tokenizer.model or tokenizer.json (what transformers writes), or, in Mistral's native
+layout, tokenizer.model.v1 / .v3 / .v7 (the same SentencePiece format) or tekken.json (not read here).
 """
 from __future__ import annotations
 
@@ -21,25 +25,42 @@ from .errors import TinyMixtralError
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 MIN_BPE_VOCAB = 256 + 3  # every byte + the three special tokens
+VERSIONED = re.compile(r"tokenizer\.model\.v(\d+)(?:m(\d+))?")  # Mistral's native names: .v3, .v7m1, ...
 
 
 class Tokenizer:
     """A SentencePiece model (kind "mistral") or a `tokenizers` byte-level BPE (kind "bpe")."""
 
     def __init__(self, backend: spm.SentencePieceProcessor | HFTokenizer):
-        """Wrap a loaded sentencepiece or tokenizers backend."""
+        """Wrap a loaded sentencepiece or tokenizers backend.
+
+        `control` maps the special tokens' text to their ids: <unk>, <s>, </s>, and in Mistral's newer
+        vocabularies [INST], [/INST], [TOOL_CALLS], ... (SentencePiece control pieces; tokenizer.json's special
+        added tokens). encode() never produces them from text; the chat template puts them in by id."""
         self._backend = backend
         if isinstance(backend, spm.SentencePieceProcessor):
             self.kind, self.vocab_size = "mistral", backend.vocab_size()
             self.bos_id, self.eos_id = backend.bos_id(), backend.eos_id()
             self.pad_id = backend.pad_id() if backend.pad_id() >= 0 else None
+            self.control = {backend.id_to_piece(i): i for i in range(self.vocab_size)
+                            if backend.is_control(i) or backend.is_unknown(i)}
         else:
             self.kind, self.vocab_size = "bpe", backend.get_vocab_size()
             self.bos_id, self.eos_id = backend.token_to_id(BOS), backend.token_to_id(EOS)
             self.pad_id = backend.token_to_id("<pad>")
             backend.encode_special_tokens = True  # "<s>" inside text is text, as in sentencepiece
+            self.control = {t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special}
         if self.bos_id is None or self.bos_id < 0 or self.eos_id is None or self.eos_id < 0:
             raise TinyMixtralError(f"tokenizer has no {BOS} / {EOS} tokens")
+
+    @property
+    def instruct_format(self) -> str:
+        """Which of Mistral's instruct formats the vocabulary is made for (generation.chat_template renders them):
+        "v7" with [SYSTEM_PROMPT] control tokens, "v3" with [INST] / [/INST] control tokens (also the v2 files),
+        else "v1" (Mixtral-8x7B's tokenizer and ours: the markers are plain text)."""
+        if {"[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]"} <= self.control.keys():
+            return "v7"
+        return "v3" if {"[INST]", "[/INST]"} <= self.control.keys() else "v1"
 
     def identity(self) -> str:
         """What makes two tokenizers interchangeable: a hash of the vocabulary (every token's text, by id).
@@ -128,7 +149,8 @@ def _spm_as_tokenizers(sp: spm.SentencePieceProcessor) -> HFTokenizer:
     vocab = {p: i for i, p in enumerate(pieces)}
     tok = HFTokenizer(models.BPE(vocab, [(a, b) for *_, a, b in merges], unk_token=UNK,
                                  fuse_unk=True, byte_fallback=True))
-    tok.add_special_tokens([UNK, BOS, EOS])
+    # control pieces ([INST], ... of a v3 model) are special tokens there, as transformers marks them converting one
+    tok.add_special_tokens([UNK] + [p for i, p in enumerate(pieces) if sp.is_control(i)])
     # One "▁" in front of the text (add_dummy_prefix) even if it starts with a space, which the Metaspace
     # pre-tokenizer would not do; no split at spaces: the vocabulary keeps words apart.
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
@@ -178,14 +200,38 @@ def load_tokenizer(spec_or_dir: str | Path) -> Tokenizer:
             raise TinyMixtralError(f"tokenizer {s!r} cannot be loaded: it must be trained first (train_bpe), "
                                    "then loaded from the directory it was saved to")
         raise TinyMixtralError(f"tokenizer {s!r} is neither 'mistral' nor an existing directory")
-    model, tok_json = d / "tokenizer.model", d / "tokenizer.json"
-    if not (model.is_file() or tok_json.is_file()):
-        raise TinyMixtralError(f"no tokenizer.model or tokenizer.json in {d}")
+    file = tokenizer_file(d)
     try:
-        if model.is_file():
-            backend = spm.SentencePieceProcessor(model_proto=model.read_bytes())
+        if file.name == "tokenizer.json":
+            backend = HFTokenizer.from_file(str(file))
         else:
-            backend = HFTokenizer.from_file(str(tok_json))
+            backend = spm.SentencePieceProcessor(model_proto=file.read_bytes())
     except Exception as e:  # sentencepiece and tokenizers raise assorted types for a corrupt file
         raise TinyMixtralError(f"cannot load the tokenizer in {d}: {e}") from e
     return Tokenizer(backend)
+
+
+def tokenizer_file(d: str | Path) -> Path:
+    """The one file load_tokenizer reads in directory d.
+
+    A SentencePiece model first: tokenizer.model.vN (the highest N if there are several), else tokenizer.model;
+    else tokenizer.json. Mistral's Hub repositories ship tokenizer.model and tokenizer.model.v3 side by side,
+    byte for byte the same; two that differ are refused, as is a tekken.json alone (not supported yet).
+    """
+    d = Path(d)
+    versioned = sorted((f for f in d.glob("tokenizer.model.v*") if VERSIONED.fullmatch(f.name) and f.is_file()),
+                       key=lambda f: tuple(int(x or 0) for x in VERSIONED.fullmatch(f.name).groups()))
+    plain, tok_json = d / "tokenizer.model", d / "tokenizer.json"
+    if versioned:
+        if plain.is_file() and plain.read_bytes() != versioned[-1].read_bytes():
+            raise TinyMixtralError(f"{d} holds two different SentencePiece tokenizers, tokenizer.model and "
+                                   f"{versioned[-1].name}; keep the one the model was trained with")
+        return versioned[-1]
+    if plain.is_file():
+        return plain
+    if tok_json.is_file():
+        return tok_json
+    if (d / "tekken.json").is_file():
+        raise TinyMixtralError(f"{d} has a tekken.json tokenizer (Mistral's tiktoken-based one), which is not "
+                               "supported yet; only SentencePiece (tokenizer.model*) and tokenizer.json are")
+    raise TinyMixtralError(f"no tokenizer.model, tokenizer.model.vN or tokenizer.json in {d}")

@@ -1,4 +1,5 @@
-"""`tinymixtral chat`: an interactive multi-turn chat in Mistral's [INST] format, one KV cache for the whole
+"""`tinymixtral chat`: an interactive multi-turn chat in Mistral's [INST] format (generation.turn_ids: text
+markers for Mixtral-8x7B's tokenizer, control tokens for a tokenizer.model.v3 or .v7), one KV cache for the whole
 conversation (each turn prefills only its own new tokens), replies streamed as they come.
 
 Type a message and Enter. `/reset` starts a new conversation, `/exit` (or end of input) leaves. Ctrl-C
@@ -16,14 +17,15 @@ from ..build import pick_device
 from ..cache import KVCache
 from ..checkpoint import load_model
 from ..errors import TinyMixtralError
-from ..generation import chat_template, check_sampling, printable, stream
+from ..generation import check_sampling, printable, stream, system_in_turn, turn_ids
 from ..tokenizer import load_tokenizer
 from . import add_compile_option, add_load_options, load_options, seed
 
 
 def add_arguments(p):
     p.add_argument("--model", required=True, help="a model directory with its tokenizer")
-    p.add_argument("--system", default=None, help="a system prompt, put in front of the first message")
+    p.add_argument("--system", default=None, help="a system prompt, put in front of the first message (of every "
+                   "message with a tokenizer.model.v3, as Mistral's v3 format has it in front of the last one)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply, in tokens")
     p.add_argument("--context", type=int, default=None,
                    help="tokens the conversation may hold (models without a sliding window; default: "
@@ -84,7 +86,9 @@ def run(args) -> int:
             pending, first = [], True
             print("[new conversation]", file=sys.stderr)
             continue
-        turn = tok.encode(chat_template(message, args.system if first else None), bos=first)
+        # a new message is the last one of the conversation so far
+        system = args.system if system_in_turn(tok.instruct_format, 0 if first else 1, last=True) else None
+        turn = turn_ids(tok, message, system, bos=first)
         try:
             reply = _reply(model, tok, cache, pending + turn, args, gen)
         except TinyMixtralError as e:  # the context is full: say so, keep the chat

@@ -13,7 +13,7 @@ from ..checkpoint import load_model
 from . import add_compile_option, add_load_options, load_options, seed
 from ..config import ModelConfig
 from ..errors import TinyMixtralError
-from ..generation import chat_template, check_sampling, printable, stream
+from ..generation import chat_template, check_sampling, printable, stream, turn_ids
 from ..tokenizer import load_tokenizer
 
 
@@ -68,8 +68,10 @@ def run(args) -> int:
         print(f"[random weights of preset {args.preset}: expect gibberish until it is trained]", file=sys.stderr)
     if tok.vocab_size > model.cfg.vocab_size:
         raise TinyMixtralError(f"tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}")
-    texts = [chat_template(p, args.system) if args.chat else p for p in prompts for _ in range(args.num_samples)]
-    rows = [tok.encode(t, bos=True) for t in texts]
+    texts = [chat_template(p, args.system, tok.instruct_format) if args.chat else p
+             for p in prompts for _ in range(args.num_samples)]
+    rows = [turn_ids(tok, p, args.system, bos=True) if args.chat else tok.encode(p, bos=True)
+            for p in prompts for _ in range(args.num_samples)]
     echoed = [tok.decode(r) for r in rows]  # new text is what the decoded sequence adds after this
     new = [[] for _ in rows]
     live = [True] * len(rows)
