@@ -19,9 +19,11 @@ torch's converter once per process.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -44,6 +46,10 @@ def avx2_kernels() -> bool:
     try:
         from torch.utils import cpp_extension
 
+        if shutil.which("ninja") is None:  # the `ninja` package's binary, where its venv is not on PATH
+            with contextlib.suppress(ImportError):
+                import ninja
+                os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         src = Path(__file__).parent / "csrc" / "woq_avx2.cpp"
         cflags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]  # omp: torch's own runtime (libgomp, loaded)
         tag = hashlib.sha1((src.read_text() + torch.__version__ + " ".join(cflags)).encode()).hexdigest()[:12]
