@@ -21,7 +21,7 @@
 
 namespace {
 
-constexpr int R = 4;  // output rows per block (register blocking)
+constexpr int R = 8;  // output rows per parallel task unit; tiles below take NR <= R of them at a time
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -54,11 +54,13 @@ void int8_tile(const float* x, int64_t ldx, const int8_t* w, int64_t K, const fl
     }
 }
 
+// Register tiles: MB x NR accumulators (8 independent FMA chains for one row of x: FMA latency).
 template <int MB>
 void int8_rows(const float* x, int64_t ldx, const int8_t* w, int64_t K, const float* s, int64_t n0, int64_t n1,
                float* y, int64_t ldy) {
+  constexpr int NR = MB == 1 ? 8 : MB == 2 ? 4 : 2;
   int64_t n = n0;
-  for (; n + R <= n1; n += R) int8_tile<MB, R>(x, ldx, w + n * K, K, s + n, y + n, ldy);
+  for (; n + NR <= n1; n += NR) int8_tile<MB, NR>(x, ldx, w + n * K, K, s + n, y + n, ldy);
   for (; n < n1; ++n) int8_tile<MB, 1>(x, ldx, w + n * K, K, s + n, y + n, ldy);
 }
 
@@ -70,9 +72,11 @@ void int4_tile(const float* xs, int64_t ldx, const uint8_t* w, int64_t K, const 
   const int64_t half = K / 2, gb = gs / 2;  // bytes per row, per group
   const __m256i low = _mm256_set1_epi32(15);
   const __m256 eight = _mm256_set1_ps(8.f);
-  __m256 acc[MB][NR];
+  constexpr int A = MB == 1 ? 2 : 1;  // one row of x: low and high nibbles in separate accumulators (latency)
+  __m256 acc[MB][NR][A];
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
+    for (int r = 0; r < NR; ++r)
+      for (int a = 0; a < A; ++a) acc[m][r][a] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     __m256 sv[NR], zv[NR];
     for (int r = 0; r < NR; ++r) {
@@ -88,20 +92,24 @@ void int4_tile(const float* xs, int64_t ldx, const uint8_t* w, int64_t K, const 
       }
       for (int m = 0; m < MB; ++m) {
         __m256 xe = _mm256_loadu_ps(xs + m * ldx + j), xo = _mm256_loadu_ps(xs + m * ldx + half + j);
-        for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_fmadd_ps(hi[r], xo, _mm256_fmadd_ps(lo[r], xe, acc[m][r]));
+        for (int r = 0; r < NR; ++r) {
+          acc[m][r][0] = _mm256_fmadd_ps(lo[r], xe, acc[m][r][0]);
+          acc[m][r][A - 1] = _mm256_fmadd_ps(hi[r], xo, acc[m][r][A - 1]);
+        }
       }
     }
   }
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < NR; ++r) y[m * ldy + r] = hsum(acc[m][r]);
+    for (int r = 0; r < NR; ++r) y[m * ldy + r] = hsum(A == 2 ? _mm256_add_ps(acc[m][r][0], acc[m][r][A - 1]) : acc[m][r][0]);
 }
 
 template <int MB>
 void int4_rows(const float* xs, int64_t ldx, const uint8_t* w, int64_t K, const float* s, const float* z, int64_t G,
                int64_t gs, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  constexpr int NR = MB <= 2 ? 4 : 2;
   int64_t n = n0;
   const int64_t half = K / 2;
-  for (; n + R <= n1; n += R) int4_tile<MB, R>(xs, ldx, w + n * half, K, s + n * G, z + n * G, G, gs, y + n, ldy);
+  for (; n + NR <= n1; n += NR) int4_tile<MB, NR>(xs, ldx, w + n * half, K, s + n * G, z + n * G, G, gs, y + n, ldy);
   for (; n < n1; ++n) int4_tile<MB, 1>(xs, ldx, w + n * half, K, s + n * G, z + n * G, G, gs, y + n, ldy);
 }
 
@@ -124,11 +132,11 @@ std::vector<float> to_float(const at::Tensor& x, bool split, int64_t ld) {
   return out;
 }
 
-// Row m of x times the weight of expert experts[m] (or the one weight): rows [n0, n1) of every x row in
-// blocks of MB rows (an expert per row: one row at a time).
-template <typename Rows1, typename Rows2>
+// Row m of x times the weight of expert experts[m] (or the one weight): output rows [n0, n1) for up to 4
+// rows of x at a time (each weight read once for them), or with experts one row at a time.
+template <typename Rows>
 at::Tensor run(const at::Tensor& x, int64_t N, int64_t row_bytes, const std::optional<at::Tensor>& experts,
-               Rows1 rows1, Rows2 rows2) {
+               Rows rows) {
   const int64_t M = x.size(0);
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   float* yp = y.mutable_data_ptr<float>();
@@ -141,17 +149,12 @@ at::Tensor run(const at::Tensor& x, int64_t N, int64_t row_bytes, const std::opt
     at::parallel_for(0, M * blocks, grain, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t m = b / blocks, n0 = (b % blocks) * R;
-        rows1(m, e[m], n0, std::min(N, n0 + R), yp + m * N);
+        rows(1, m, e[m], n0, std::min(N, n0 + R), yp + m * N);
       }
     });
   } else {
     at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-      for (int64_t m = 0; m < M; m += 2) {
-        if (m + 1 < M)
-          rows2(m, b0 * R, std::min(N, b1 * R), yp + m * N);
-        else
-          rows1(m, 0, b0 * R, std::min(N, b1 * R), yp + m * N);
-      }
+      for (int64_t m = 0; m < M; m += 4) rows(std::min<int64_t>(4, M - m), m, 0, b0 * R, std::min(N, b1 * R), yp + m * N);
     });
   }
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
@@ -174,12 +177,16 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   const float* xp = xf.data();
   const int8_t* wp = w.const_data_ptr<int8_t>();
   const float* sp = scales.const_data_ptr<float>();
-  return run(
-      x, N, K, experts,
-      [&](int64_t m, int64_t e, int64_t n0, int64_t n1, float* y) {
-        int8_rows<1>(xp + m * K, K, wp + e * N * K, K, sp + e * N, n0, n1, y, N);
-      },
-      [&](int64_t m, int64_t n0, int64_t n1, float* y) { int8_rows<2>(xp + m * K, K, wp, K, sp, n0, n1, y, N); });
+  return run(x, N, K, experts, [&](int64_t mb, int64_t m, int64_t e, int64_t n0, int64_t n1, float* y) {
+    const float *xm = xp + m * K, *se = sp + e * N;
+    const int8_t* we = wp + e * N * K;
+    switch (mb) {
+      case 1: return int8_rows<1>(xm, K, we, K, se, n0, n1, y, N);
+      case 2: return int8_rows<2>(xm, K, we, K, se, n0, n1, y, N);
+      case 3: return int8_rows<3>(xm, K, we, K, se, n0, n1, y, N);
+      default: return int8_rows<4>(xm, K, we, K, se, n0, n1, y, N);
+    }
+  });
 }
 
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
@@ -197,14 +204,16 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   const uint8_t* wp = w.const_data_ptr<uint8_t>();
   const float *sp = scales.const_data_ptr<float>(), *zp = zeros.const_data_ptr<float>();
   const int64_t half = K / 2;
-  return run(
-      x, N, half, experts,
-      [&](int64_t m, int64_t e, int64_t n0, int64_t n1, float* y) {
-        int4_rows<1>(xp + m * K, K, wp + e * N * half, K, sp + e * N * G, zp + e * N * G, G, group_size, n0, n1, y, N);
-      },
-      [&](int64_t m, int64_t n0, int64_t n1, float* y) {
-        int4_rows<2>(xp + m * K, K, wp, K, sp, zp, G, group_size, n0, n1, y, N);
-      });
+  return run(x, N, half, experts, [&](int64_t mb, int64_t m, int64_t e, int64_t n0, int64_t n1, float* y) {
+    const float *xm = xp + m * K, *se = sp + e * N * G, *ze = zp + e * N * G;
+    const uint8_t* we = wp + e * N * half;
+    switch (mb) {
+      case 1: return int4_rows<1>(xm, K, we, K, se, ze, G, group_size, n0, n1, y, N);
+      case 2: return int4_rows<2>(xm, K, we, K, se, ze, G, group_size, n0, n1, y, N);
+      case 3: return int4_rows<3>(xm, K, we, K, se, ze, G, group_size, n0, n1, y, N);
+      default: return int4_rows<4>(xm, K, we, K, se, ze, G, group_size, n0, n1, y, N);
+    }
+  });
 }
 
 }  // namespace
