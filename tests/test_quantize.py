@@ -182,7 +182,7 @@ def test_int4_weights_are_held_once_and_saved_in_the_storage_layout(torch_kernel
     ref = F.linear(x, dequantize(*stored.values()))
     torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
     assert m._layout == {"weight": int4_block()} and m.weight is not before  # re-packed as a new buffer
-    (kernel_weight, _), = m._packed.values()
+    (kernel_weight, _, _), = m._packed.values()
     assert kernel_weight is m.weight  # the kernel reads the module's own buffer: no second copy
     assert not torch.equal(m.weight, stored["weight"])  # really another layout...
     sd = m.state_dict()  # ...but saved in the storage layout, bit for bit
