@@ -97,6 +97,7 @@ def kernel_matmul(x_MK, weight, scales, zeros, group_size: int | None, experts_M
         if x_MK.shape[0] > AVX2_ROWS and experts_M is None:  # prefill: compute-bound, one fp32 gemm
             w = weight.float() * scales[:, None] if zeros is None else _dequantize4(weight, scales, zeros)
             return torch.nn.functional.linear(x_MK.float(), w).to(x_MK.dtype)
+        experts_M = None if experts_M is None else experts_M.contiguous()  # the kernels read it as a plain array
         if zeros is None:
             return torch.ops.tinymixtral_avx2.int8_mm(x_MK, weight, scales, experts_M)
         return torch.ops.tinymixtral_avx2.int4_mm(x_MK, weight, scales, zeros, group_size, experts_M)
