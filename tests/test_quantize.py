@@ -9,6 +9,7 @@ from conftest import assert_one_line_error, call_cli, run_cli, seeded_ids, tiny_
 from tinymixtral import cli, generate
 from tinymixtral.checkpoint import load_model, save_model
 from tinymixtral.errors import TinyMixtralError
+from tinymixtral.model import cpu_kernels
 from tinymixtral.model.cpu_kernels import int4_block, to_kernel_layout, unpack_kernel_layout
 from tinymixtral.model.moe import Experts
 from tinymixtral.model.quant import (
@@ -29,6 +30,12 @@ from tinymixtral.quantize import quantize_model
 # int4 kernel shapes (N % 16 == 0, K % 32 == 0) everywhere but the untied head (vocab 100): that one falls back.
 CFG = tiny_cfg(vocab_size=100)
 FP32_EPS = torch.finfo(torch.float32).eps
+
+
+@pytest.fixture
+def torch_kernels(monkeypatch):
+    """torch's CPU kernels, as where tinymixtral's AVX2 ones are off (TINYMIXTRAL_KERNELS=torch) or do not build."""
+    monkeypatch.setattr(cpu_kernels, "avx2_kernels", lambda: False)
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +91,13 @@ def _quant_linear(w, bits, group_size):
     return m
 
 
+@pytest.mark.parametrize("kernels", ["avx2", "torch"])
 @pytest.mark.parametrize("bits,group_size", [(8, None), (4, 32), (4, 64)])
-def test_quant_linear_kernel_equals_dequantized_linear(bits, group_size):
+def test_quant_linear_kernel_equals_dequantized_linear(bits, group_size, kernels, monkeypatch):
+    if kernels == "torch":
+        monkeypatch.setattr(cpu_kernels, "avx2_kernels", lambda: False)
+    elif not cpu_kernels.avx2_kernels():
+        pytest.skip("no AVX2 kernels here")
     torch.manual_seed(0)
     w, x = torch.randn(48, 128), torch.randn(2, 3, 128)
     m = _quant_linear(w, bits, group_size)
@@ -108,9 +120,9 @@ def test_quant_linear_kernel_equals_dequantized_linear(bits, group_size):
     torch.testing.assert_close(m(x), y, rtol=0, atol=two_ulps)
 
 
-def test_int4_odd_shape_falls_back():
+def test_int4_odd_shape_falls_back(torch_kernels):
     torch.manual_seed(0)
-    w, x = torch.randn(100, 64), torch.randn(4, 64)  # N=100 is not a multiple of 16: no CPU kernel
+    w, x = torch.randn(100, 64), torch.randn(4, 64)  # N=100 is not a multiple of 16: not torch's int4 kernel
     assert not kernel_applies(4, 100, 32, x.device)
     m = _quant_linear(w, 4, 32)
     m.compute_dtype = None
@@ -160,7 +172,7 @@ def test_kernel_layout_is_torchs_int4_packing(N, K):
     assert torch.equal(unpack_kernel_layout(stack, block), torch.stack([q, q.flip(0)]))
 
 
-def test_int4_weights_are_held_once_and_saved_in_the_storage_layout():
+def test_int4_weights_are_held_once_and_saved_in_the_storage_layout(torch_kernels):
     torch.manual_seed(0)
     w, x = torch.randn(64, 128), torch.randn(3, 128)
     stored = quantize(w, 4, 32)
@@ -170,7 +182,7 @@ def test_int4_weights_are_held_once_and_saved_in_the_storage_layout():
     ref = F.linear(x, dequantize(*stored.values()))
     torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
     assert m._layout == {"weight": int4_block()} and m.weight is not before  # re-packed as a new buffer
-    (kernel_weight, _), = m._packed.values()
+    (kernel_weight, _, _), = m._packed.values()
     assert kernel_weight is m.weight  # the kernel reads the module's own buffer: no second copy
     assert not torch.equal(m.weight, stored["weight"])  # really another layout...
     sd = m.state_dict()  # ...but saved in the storage layout, bit for bit
@@ -185,7 +197,7 @@ def test_int4_weights_are_held_once_and_saved_in_the_storage_layout():
     torch.testing.assert_close(m(x), -ref, rtol=1e-4, atol=1e-4)
 
 
-def test_int4_model_saved_after_running_reloads_identically(tmp_path):
+def test_int4_model_saved_after_running_reloads_identically(tmp_path, torch_kernels):
     model = quantize_model(tiny_model(d_model=64, n_heads=4, n_kv_heads=2, d_ff=128), 4, 32)
     x = seeded_ids(1, 12, model.cfg.vocab_size)
     with torch.no_grad():
@@ -336,7 +348,7 @@ def test_cli_bad_input_exits_2_without_output(tmp_path, capsys, flags, message):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fp", "quantized"]  # no output, no temp dir
 
 
-def test_compile_pays_only_where_the_kernels_run():
+def test_compile_pays_only_where_the_kernels_run(torch_kernels):
     """int4 compiled without the CPU kernel (inductor's own dequantize) was ~10x slower than eager: not worth it."""
     base = tiny_model(d_model=64, n_heads=4, n_kv_heads=2, d_ff=128)
     assert compile_pays(base) and compile_pays(quantize_model(base, 8)) and compile_pays(quantize_model(base, 4, 32))

@@ -1,67 +1,147 @@
-"""torch's CPU weight-only kernels for int8 / int4 weights: when they apply, their operands, the call, and
-the int4 kernel's own weight layout (so the model can hold its int4 weights in that layout, once).
+"""The CPU weight-only kernels for int8 / int4 weights: when they apply, their operands, the call, and
+the layout of torch's int4 kernel (so the model can hold its int4 weights in that layout, once).
+
+Two sets of kernels. Where the CPU has AVX2 + FMA, tinymixtral's own (`csrc/woq_avx2.cpp`, built on first
+use with torch's cpp_extension and cached in torch's extensions directory): for up to `AVX2_ROWS` rows
+(decode) they read each weight once, dequantize it in registers, take fp32 (or bf16/fp16) activations and
+read int4 in our storage layout; more rows (prefill) dequantize and run one fp32 matmul. Elsewhere, or with
+TINYMIXTRAL_KERNELS=torch, or if the build fails (one warning line): torch's `_weight_int8pack_mm` and
+`_weight_int4pack_mm_for_cpu`, vectorised for bf16 activations.
 
 `_weight_int4pack_mm_for_cpu` reads an int4 weight [N, K] re-packed by `_convert_weight_to_int4pack_for_cpu`:
 rows in blocks of B (32 on this AVX2 machine; the block depends on the CPU build), and in each block, for
 each input column k, B/2 bytes whose low nibbles are rows 0..B/2-1 and high nibbles rows B/2..B-1. That
 is a fixed permutation of the nibbles of our storage layout (row-major, even column in the low nibble),
 so `to_kernel_layout` / `from_kernel_layout` convert with tensor ops, and the model keeps only the
-kernel's copy instead of both (an int4 model used to take twice its size once it ran). B is found by
-`int4_block()`, which checks our permutation against torch's converter once per process.
+kernel's copy instead of both. B is found by `int4_block()`, which checks our permutation against
+torch's converter once per process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
 
 import torch
 
-GROUP_SIZES = (32, 64, 128, 256)  # what the int4 CPU kernel accepts
+GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 CPU kernel accepts
+# Up to this many rows the AVX2 kernels; more (prefill): dequantize, then one fp32 matmul. At 64 rows of a
+# 4096 x 4096 weight the kernels still took 0.42x (int4) to 0.44x (int8) of the dequantize path's time.
+AVX2_ROWS = 64
+
+
+_AVX2: list[bool] = []  # the answer, once known
+
+
+def avx2_kernels() -> bool:
+    """Whether tinymixtral's AVX2 kernels are loaded (built here on first use, then cached on disk). Compiled
+    code takes the answer of the eager calls before it (generation prefills eagerly)."""
+    if torch.compiler.is_compiling():
+        return bool(_AVX2 and _AVX2[0])
+    if not _AVX2:
+        _AVX2.append(load_avx2())
+    return _AVX2[0]
+
+
+def load_avx2() -> bool:
+    """Build (on first use) and load the AVX2 kernels; False, with one line on stderr if the build fails."""
+    if os.environ.get("TINYMIXTRAL_KERNELS", "").lower() == "torch":
+        return False
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return False
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if flags and not all(f" {f}" in flags for f in ("avx2", "fma", "f16c")):
+        return False
+    try:
+        from torch.utils import cpp_extension
+
+        if shutil.which("ninja") is None:  # the `ninja` package's binary, where its venv is not on PATH
+            with contextlib.suppress(ImportError):
+                import ninja
+                os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        src = Path(__file__).parent / "csrc" / "woq_avx2.cpp"
+        cflags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]  # omp: torch's own runtime (libgomp, loaded)
+        tag = hashlib.sha1((src.read_text() + torch.__version__ + " ".join(cflags)).encode()).hexdigest()[:12]
+        name = f"tinymixtral_avx2_{tag}"
+        if not (Path(cpp_extension._get_build_directory(name, False)) / f"{name}.so").exists():
+            print("tinymixtral: building the AVX2 int8/int4 kernels (once; about a minute)", file=sys.stderr)
+        cpp_extension.load(name=name, sources=[str(src)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
+                           is_python_module=False, verbose=False)
+        return True
+    except Exception as e:  # no compiler, no ninja, a failed build: torch's kernels
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"tinymixtral: AVX2 kernels unavailable ({first[:200]}); using torch's", file=sys.stderr)
+        return False
 
 
 def kernel_applies(bits: int, n_out: int, group_size: int | None, device: torch.device) -> bool:
-    """Whether torch's CPU weight-only kernel takes this weight (otherwise: dequantize, then matmul)."""
+    """Whether a CPU weight-only kernel takes this weight (otherwise: dequantize, then matmul)."""
     if device.type != "cpu":
         return False
+    if avx2_kernels():
+        return bits == 8 or group_size % 16 == 0
     if bits == 8:
         return hasattr(torch.ops.aten, "_weight_int8pack_mm")
     return n_out % 16 == 0 and group_size in GROUP_SIZES and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
 
-def kernel_matmul(x_MK, weight, scales, group_size: int | None) -> torch.Tensor:
-    """x [M, K] (contiguous, in the scales' dtype) @ W^T -> [M, N]; weight int8 [N, K] with scales [N], or
-    int4 in the kernel's layout with scales_and_zeros [G, N, 2]."""
+def kernel_matmul(x_MK, weight, scales, zeros, group_size: int | None, experts_M=None) -> torch.Tensor:
+    """x [M, K] (contiguous, in the compute dtype) @ W^T -> [M, N], with the operands of `kernel_operands`.
+    With experts_M [M], weight, scales and zeros are stacks [E, ...] and row m uses expert experts_M[m]."""
+    if zeros is not None or (group_size is None and scales.dtype == torch.float32 and avx2_kernels()):
+        if x_MK.shape[0] > AVX2_ROWS and experts_M is None:  # prefill: compute-bound, one fp32 gemm
+            w = weight.float() * scales[:, None] if zeros is None else _dequantize4(weight, scales, zeros)
+            return torch.nn.functional.linear(x_MK.float(), w).to(x_MK.dtype)
+        experts_M = None if experts_M is None else experts_M.contiguous()  # the kernels read it as a plain array
+        if zeros is None:
+            return torch.ops.tinymixtral_avx2.int8_mm(x_MK, weight, scales, experts_M)
+        return torch.ops.tinymixtral_avx2.int4_mm(x_MK, weight, scales, zeros, group_size, experts_M)
+    if experts_M is not None:
+        return torch.cat([kernel_matmul(x_MK[m:m + 1], weight[e], scales[e], None, group_size)
+                          for m, e in enumerate(experts_M.tolist())])
     if group_size is None:
         return torch.ops.aten._weight_int8pack_mm(x_MK, weight, scales)
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x_MK, weight, group_size, scales)
 
 
-@torch.library.custom_op("tinymixtral::woq_mm", mutates_args=(),
-                         schema="(Tensor x, Tensor weight, Tensor scales, int group_size, Tensor? experts) -> Tensor")
-def woq_mm(x_MK, weight, scales, group_size, experts_M):
+def _dequantize4(packed, scales, zeros):
+    q = unpack_nibbles(packed).reshape(*scales.shape, -1).float()
+    return ((q - 8) * scales[..., None] + zeros[..., None]).flatten(-2)
+
+
+@torch.library.custom_op("tinymixtral::woq_mm", mutates_args=(), schema=(
+    "(Tensor x, Tensor weight, Tensor scales, Tensor? zeros, int group_size, Tensor? experts) -> Tensor"))
+def woq_mm(x_MK, weight, scales, zeros, group_size, experts_M):
     """`kernel_matmul` as one opaque op (group_size 0: int8), so that compiled code calls the kernel as it is
     (inductor would otherwise rewrite the product). With experts_M [M], weight and scales are stacks [E, ...]
     and row m is multiplied by expert experts_M[m]: views of the stacks, nothing gathered or copied."""
-    x_MK, g = x_MK.contiguous(), group_size or None
-    if experts_M is None:
-        return kernel_matmul(x_MK, weight, scales, g)
-    return torch.cat([kernel_matmul(x_MK[m:m + 1], weight[e], scales[e], g) for m, e in enumerate(experts_M.tolist())])
+    return kernel_matmul(x_MK.contiguous(), weight, scales, zeros, group_size or None, experts_M)
 
 
 @woq_mm.register_fake
-def _(x_MK, weight, scales, group_size, experts_M):
+def _(x_MK, weight, scales, zeros, group_size, experts_M):
     return x_MK.new_empty(x_MK.shape[0], weight.shape[-2])
 
 
-def kernel_operands(weight, scales, zeros, dtype: torch.dtype, in_layout: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel's operands for a weight [..., N, K] (all experts of a stack): (int8 weight, scales [..., N])
-    or (int4 weight in the kernel's layout: itself if `in_layout`, else a converted copy, scales_and_zeros)."""
+def kernel_operands(weight, scales, zeros, dtype: torch.dtype, in_layout: bool) -> tuple:
+    """The kernel's operands for a weight [..., N, K] (all experts of a stack), (weight, scales, zeros or None).
+    AVX2 kernels: the module's own tensors (int8 scales as [..., N]), fp32. torch's: the int8 weight with
+    scales in `dtype`, or the int4 weight in its layout (itself if `in_layout`, else a converted copy) with
+    its scales_and_zeros."""
+    if avx2_kernels():
+        f32 = [t if t is None else t.float().contiguous() for t in (scales, zeros)]
+        return (weight.contiguous(), f32[0][..., 0].contiguous(), None) if zeros is None else (weight, *f32)
     if zeros is None:
-        return weight.contiguous(), scales[..., 0].to(dtype).contiguous()
+        return weight.contiguous(), scales[..., 0].to(dtype).contiguous(), None
     q = weight if in_layout else torch.stack([
         torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(w).to(torch.int32), 1)
         for w in weight.reshape(-1, *weight.shape[-2:])]).reshape(weight.shape)
-    return q, scales_and_zeros(scales, zeros, dtype)
+    return q, scales_and_zeros(scales, zeros, dtype), None
 
 
 def scales_and_zeros(scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -92,6 +172,14 @@ def unpack_kernel_layout(packed: torch.Tensor, block: int) -> torch.Tensor:
     p = packed.reshape(*lead, N // block, 2 * half, block // 2)  # [.., blocks, K, block/2]
     q = torch.stack([p & 15, p >> 4], dim=-3)  # [.., blocks, 2, K, block/2]
     return q.transpose(-1, -2).reshape(*lead, N, 2 * half)
+
+
+def storage_copy(packed: torch.Tensor, block: int) -> torch.Tensor:
+    """A copy of int4 weights [..., N, K/2] in the kernel's layout, in the storage layout (one matrix at a time)."""
+    out = torch.empty_like(packed)
+    for src, dst in zip(packed.reshape(-1, *packed.shape[-2:]), out.view(-1, *packed.shape[-2:])):
+        dst.copy_(pack_nibbles(unpack_kernel_layout(src, block)))
+    return out
 
 
 @functools.cache

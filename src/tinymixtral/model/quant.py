@@ -7,19 +7,17 @@ Schemes (w is one weight matrix [N out, K in]; each expert of a stack is quantiz
   layout). s = (max - min) / 15, q = round((w - min) / s) in [0, 15], zero = min + 8 s, w ~ (q - 8) s + zero.
   Error per element <= s / 2 of its group.
 Stored (safetensors): `weight` int8 [N, K] or uint8 [N, K/2] (two 4-bit values per byte, the even column in
-the low nibble), `scales` fp32 [N, 1] or [N, K/g], `zeros` fp32 [N, K/g] (int4 only). Packing for torch's
-kernels is device-specific, so it happens at the first forward on a device and is cached.
+the low nibble), `scales` fp32 [N, 1] or [N, K/g], `zeros` fp32 [N, K/g] (int4 only). Kernel operands are
+made at the first forward on a device and cached.
 
 Quantized: attention (wqkv, wo), experts (w13, w2), a dense FFN, and an untied LM head (as gpt-fast does).
 Full precision: the router (a quantized router changes which experts are chosen), embeddings, norms, and a
 head tied to the embedding.
 
-Runtime: on CPU, torch's weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`; see
-cpu_kernels.py), compiled too (as one opaque op); elsewhere (CUDA, ...) or for shapes they refuse (int4:
-N % 16 != 0, group not 32/64/128/256), dequantize then matmul (compiled, for a few rows: a fused reduction).
-At its first kernel use an int4 weight is re-packed into the kernel's layout and held only so (`state_dict()`
-gives back the storage layout). `compute_dtype` is bf16 by default: in torch 2.13 the CPU kernels are
-vectorised for bf16 activations only (fp32/fp16 loops were 10-30x slower than a plain fp32 matmul).
+Runtime (cpu_kernels.py): on CPU, our AVX2 kernels (fp32 activations, int4 in the storage layout), else
+torch's (bf16 activations, their fast ones; int4 re-packed into their layout at first use, held only so;
+`state_dict()` gives the storage layout), compiled too as one opaque op. Elsewhere, or for shapes a kernel
+refuses, dequantize then matmul (compiled, for a few rows: a fused reduction).
 """
 
 from __future__ import annotations
@@ -29,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TinyMixtralError
+from . import cpu_kernels
 from .cpu_kernels import (int4_block, kernel_applies, kernel_matmul, kernel_operands, pack_nibbles,  # noqa: F401
                           to_kernel_layout, unpack_kernel_layout, unpack_nibbles, woq_mm)  # (nibbles: re-exported)
 from .fast import FEW_ROWS, mv
@@ -79,7 +78,7 @@ def quantize(w: torch.Tensor, bits: int, group_size: int | None = None) -> dict[
 class _Quantized(nn.Module):
     """Shared by QuantLinear and QuantExperts: quantized weights as buffers, and their matmul."""
 
-    compute_dtype: torch.dtype | None = torch.bfloat16  # None: the activations' own dtype
+    compute_dtype: torch.dtype | None | str = "auto"  # None: the activations' own; auto: see _dtype
     use_kernel = True  # False: always dequantize then matmul (the fallback, for tests and comparisons)
 
     def __init__(self, bits: int, group_size: int | None):
@@ -112,47 +111,50 @@ class _Quantized(nn.Module):
         return parts if e is None else [p if p is None else p[e] for p in parts]
 
     def _matmul(self, x, name: str, e: int | torch.Tensor | None = None):
-        """x [..., K] @ W^T for the weight `name` (expert e of a stack) -> [..., N], in x's dtype.
-
-        Compiled, e may also be a tensor of one expert per row of x (gathered, as Experts.forward_gathered).
-        """
-        N, dtype = getattr(self, name).shape[-2], self.compute_dtype or x.dtype
+        """x [..., K] @ W^T for the weight `name` (expert e of a stack) -> [..., N], in x's dtype. Compiled, e may
+        also be a tensor of one expert per row of x (gathered, as Experts.forward_gathered)."""
+        N, dtype = getattr(self, name).shape[-2], self._dtype(x)
         x_MK = x.reshape(-1, x.shape[-1]).to(dtype)
         ops = self._kernel_ops(name, dtype, x.device)
         if ops is not None:
             gathered = torch.is_tensor(e)
-            w, s = ops if e is None or gathered else (ops[0][e], ops[1][e])  # an expert: views of the stacks
+            ops = ops if e is None or gathered else [p if p is None else p[e] for p in ops]  # views of the stacks
             if gathered or torch.compiler.is_compiling():  # one opaque op: inductor calls the kernel as it is
-                y = woq_mm(x_MK, w, s, self.group_size or 0, e if gathered else None)
+                y = woq_mm(x_MK, *ops, self.group_size or 0, e if gathered else None)
             else:
-                y = kernel_matmul(x_MK.contiguous(), w, s, self.group_size)
+                y = kernel_matmul(x_MK.contiguous(), *ops, self.group_size)
         else:
             w = dequantize(*self._parts(name, e), self._layout.get(name)).to(dtype)
             few = torch.compiler.is_compiling() and x_MK.shape[0] <= FEW_ROWS
             y = mv(x_MK, w) if few else F.linear(x_MK, w)  # mv: fused, the quantized weights are read once
         return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
+    def _dtype(self, x) -> torch.dtype:
+        """compute_dtype; "auto": x's own for the AVX2 kernels, else bf16 (torch's: fp32 is 10-30x slower)."""
+        if self.compute_dtype != "auto":
+            return self.compute_dtype or x.dtype
+        return x.dtype if x.device.type == "cpu" and cpu_kernels.avx2_kernels() else torch.bfloat16
+
     def _kernel_ops(self, name: str, dtype: torch.dtype, device: torch.device):
-        """The CPU kernel's operands for all of weight `name` (all experts), once per weight version, or None: no
-        kernel. Compiled code takes what an eager call built (generation prefills eagerly), else dequantizes."""
+        """The CPU kernel's operands for weight `name` (all experts), once per weight version, or None: no kernel.
+        Compiled code takes what an eager call built (generation prefills eagerly), else dequantizes."""
         if torch.compiler.is_compiling():
             ops = self._packed.get(name)
-            return ops if self.use_kernel and ops is not None and ops[1].dtype == dtype else None
+            return ops if self.use_kernel and ops is not None and self._packed_key[name][0] == dtype else None
         if not (self.use_kernel and dtype in (torch.float32, torch.bfloat16, torch.float16)
                 and kernel_applies(self.bits, getattr(self, name).shape[-2], self.group_size, device)):
             return None
-        if self.bits == 4 and name not in self._layout:
-            self._relayout(name)  # the kernel's layout, held in place of ours (where it is known)
+        if self.bits == 4 and name not in self._layout and not cpu_kernels.avx2_kernels():
+            self._relayout(name)  # torch's layout, held in place of ours (where it is known)
         w, s, z = self._parts(name)
-        key = (dtype, w.data_ptr(), *(p._version for p in (w, s, z) if p is not None))
+        key = (dtype, cpu_kernels.avx2_kernels(), w.data_ptr(), *(p._version for p in (w, s, z) if p is not None))
         if self._packed_key.get(name) != key:
             self._packed[name] = kernel_operands(w, s, z, dtype, name in self._layout)
             self._packed_key[name] = key
         return self._packed[name]
 
     def _relayout(self, name: str) -> int | None:
-        """Re-pack the int4 weight `name` (all experts) into the CPU kernel's layout, as a new buffer (a
-        state dict the weights came from keeps its tensors); None where that layout is not known."""
+        """Re-pack int4 weight `name` (all experts) into torch's layout as a new buffer; None if it is not known."""
         block, buf = int4_block(), getattr(self, name)
         if block is None or buf.shape[-2] % block:
             return None
@@ -177,11 +179,7 @@ class _Quantized(nn.Module):
 def _storage_layout(module: _Quantized, state_dict: dict, prefix: str, local_metadata) -> None:
     """state_dict() post-hook: int4 weights held in the kernel's layout are given in the storage layout."""
     for name, block in module._layout.items():
-        t = state_dict[prefix + name]
-        out = torch.empty_like(t)
-        for src, dst in zip(t.reshape(-1, *t.shape[-2:]), out.view(-1, *t.shape[-2:])):
-            dst.copy_(pack_nibbles(unpack_kernel_layout(src, block)))
-        state_dict[prefix + name] = out
+        state_dict[prefix + name] = cpu_kernels.storage_copy(state_dict[prefix + name], block)
 
 
 class QuantLinear(_Quantized):

@@ -1,0 +1,105 @@
+"""GB/s of weight bytes for batch-1..M weight-only products on the CPU: tinymixtral's AVX2 kernel against torch's
+(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`, bf16 activations, their fast path) and a plain copy,
+all in one process. Bytes = the quantized weight plus its scales (and zeros). Each weight is rotated among
+copies totalling >= 128 MB, so every call reads from memory, not from the last-level cache.
+
+    python benchmarks/woq_kernels.py [--m 1,4] [--reps 20] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from tinymixtral.model import cpu_kernels
+from tinymixtral.model.quant import quantize_int4, quantize_int8, unpack_nibbles
+
+SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096), (4096, 1024)]  # (in K, out N): Mistral-7B's products
+
+
+def copy_gbs(n_bytes: int = 2**30) -> float:
+    """Bytes read per second by a large copy (as benchmarks/scale.py counts it)."""
+    a = torch.empty(n_bytes // 4)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        b.copy_(a)
+    return 3 * n_bytes / (time.perf_counter() - t0) / 1e9
+
+
+def timed(fn, args_list, reps: int) -> float:
+    """Seconds per call, median of `reps` passes over all the copies."""
+    for a in args_list:
+        fn(*a)
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for a in args_list:
+            fn(*a)
+        ts.append((time.perf_counter() - t0) / len(args_list))
+    return sorted(ts)[len(ts) // 2]
+
+
+def bench(K: int, N: int, bits: int, M: int, reps: int) -> dict:
+    w = torch.randn(N, K)
+    if bits == 8:
+        q, s = quantize_int8(w)
+        ours = (q, s[:, 0].contiguous())
+        theirs = (q, s[:, 0].bfloat16())
+        nbytes = q.numel() + 4 * N
+    else:
+        q, s, z = quantize_int4(w, 32)
+        ours = (q, s, z)
+        theirs = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(q).to(torch.int32), 1),
+                  cpu_kernels.scales_and_zeros(s, z, torch.bfloat16))
+        nbytes = q.numel() + 8 * s.numel()
+    copies = max(1, -(-(128 << 20) // nbytes))
+    x = torch.randn(M, K)
+    xb = x.bfloat16()
+    if bits == 8:
+        t_ours = timed(lambda a, b: torch.ops.tinymixtral_avx2.int8_mm(x, a, b, None),
+                       [tuple(t.clone() for t in ours) for _ in range(copies)], reps)
+        t_torch = timed(lambda a, b: torch.ops.aten._weight_int8pack_mm(xb, a, b),
+                        [tuple(t.clone() for t in theirs) for _ in range(copies)], reps)
+    else:
+        t_ours = timed(lambda a, b, c: torch.ops.tinymixtral_avx2.int4_mm(x, a, b, c, 32, None),
+                       [tuple(t.clone() for t in ours) for _ in range(copies)], reps)
+        t_torch = timed(lambda a, b: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, a, 32, b),
+                        [tuple(t.clone() for t in theirs) for _ in range(copies)], reps)
+    return {"K": K, "N": N, "bits": bits, "M": M, "bytes": nbytes,
+            "ours_GB_s": nbytes / t_ours / 1e9, "torch_GB_s": nbytes / t_torch / 1e9}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--m", default="1,4")
+    ap.add_argument("--bits", default="8,4")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if not cpu_kernels.avx2_kernels():
+        raise SystemExit("the AVX2 kernels are not available here")
+    rows = []
+    copy = copy_gbs()
+    print(f"threads {torch.get_num_threads()}  copy {copy:.1f} GB/s")
+    for bits in map(int, args.bits.split(",")):
+        for M in map(int, args.m.split(",")):
+            for K, N in SHAPES:
+                r = bench(K, N, bits, M, args.reps)
+                r["copy_GB_s"] = copy
+                rows.append(r)
+                print(f"int{bits} M={M} {K:>5}->{N:<5}  ours {r['ours_GB_s']:5.1f} GB/s ({r['ours_GB_s'] / copy:4.0%} of copy)"
+                      f"  torch {r['torch_GB_s']:5.1f} GB/s  ({r['ours_GB_s'] / r['torch_GB_s']:.1f}x)", flush=True)
+    copy2 = copy_gbs()
+    print(f"copy at the end {copy2:.1f} GB/s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"threads": torch.get_num_threads(), "copy_GB_s": [copy, copy2], "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

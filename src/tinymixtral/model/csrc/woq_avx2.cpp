@@ -1,0 +1,229 @@
+// Weight-only int8 / int4 products for a few rows (decode) on AVX2 + FMA: y [M, N] = x [M, K] @ W^T,
+// W dequantized in registers and the products summed in fp32 (the activations are not quantized).
+//
+// int8: weight int8 [N, K], scales fp32 [N] (w = q * s; s is applied once per output).
+// int4: weight uint8 [N, K/2] in tinymixtral's storage layout (column 2j in the low nibble of byte j,
+//       2j+1 in the high one), scales and zeros fp32 [N, G] (w = (q - 8) s + z = q s + (z - 8 s)).
+//       x is split once per call into its even and odd columns, so one byte-to-int32 widening of 8
+//       bytes gives 16 weights: low nibbles (& 15) against x_even, high nibbles (>> 4) against x_odd.
+// With `experts` [M] the weights are stacks [E, ...] and row m of x is multiplied by expert experts[m].
+// Threads: torch's own pool (at::parallel_for), over blocks of output rows.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+namespace {
+
+constexpr int R = 8;  // output rows per parallel task unit; tiles below take NR <= R of them at a time
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// ---- int8 ------------------------------------------------------------------------------------------
+// `rows` (<= R) weight rows w (stride K) times MB rows of x (stride ldx) -> y[m * ldy + r], scaled by s[r].
+template <int MB, int NR>
+void int8_tile(const float* x, int64_t ldx, const int8_t* w, int64_t K, const float* s, float* y, int64_t ldy) {
+  __m256 acc[MB][NR];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 wv[NR];
+    for (int r = 0; r < NR; ++r)
+      wv[r] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + r * K + k))));
+    for (int m = 0; m < MB; ++m) {
+      __m256 xv = _mm256_loadu_ps(x + m * ldx + k);
+      for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_fmadd_ps(wv[r], xv, acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < NR; ++r) {
+      float t = hsum(acc[m][r]);
+      for (int64_t kk = k; kk < K; ++kk) t += float(w[r * K + kk]) * x[m * ldx + kk];
+      y[m * ldy + r] = t * s[r];
+    }
+}
+
+// Register tiles: MB x NR accumulators (8 independent FMA chains for one row of x: FMA latency).
+template <int MB>
+void int8_rows(const float* x, int64_t ldx, const int8_t* w, int64_t K, const float* s, int64_t n0, int64_t n1,
+               float* y, int64_t ldy) {
+  constexpr int NR = MB == 1 ? 8 : MB == 2 ? 4 : 2;
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) int8_tile<MB, NR>(x, ldx, w + n * K, K, s + n, y + n, ldy);
+  for (; n < n1; ++n) int8_tile<MB, 1>(x, ldx, w + n * K, K, s + n, y + n, ldy);
+}
+
+// ---- int4 ------------------------------------------------------------------------------------------
+// x is split: xs[m * ldx + j] = x[m, 2j], xs[m * ldx + K/2 + j] = x[m, 2j + 1].
+template <int MB, int NR>
+void int4_tile(const float* xs, int64_t ldx, const uint8_t* w, int64_t K, const float* s, const float* z,
+               int64_t G, int64_t gs, float* y, int64_t ldy) {
+  const int64_t half = K / 2, gb = gs / 2;  // bytes per row, per group
+  const __m256i low = _mm256_set1_epi32(15);
+  const __m256 eight = _mm256_set1_ps(8.f);
+  constexpr int A = MB == 1 ? 2 : 1;  // one row of x: low and high nibbles in separate accumulators (latency)
+  __m256 acc[MB][NR][A];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < NR; ++r)
+      for (int a = 0; a < A; ++a) acc[m][r][a] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 sv[NR], zv[NR];
+    for (int r = 0; r < NR; ++r) {
+      sv[r] = _mm256_broadcast_ss(s + r * G + g);
+      zv[r] = _mm256_fnmadd_ps(eight, sv[r], _mm256_broadcast_ss(z + r * G + g));  // z - 8 s
+    }
+    for (int64_t j = g * gb; j < (g + 1) * gb; j += 8) {
+      __m256 lo[NR], hi[NR];
+      for (int r = 0; r < NR; ++r) {
+        __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w + r * half + j)));
+        lo[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(d, low)), sv[r], zv[r]);
+        hi[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(d, 4)), sv[r], zv[r]);
+      }
+      for (int m = 0; m < MB; ++m) {
+        __m256 xe = _mm256_loadu_ps(xs + m * ldx + j), xo = _mm256_loadu_ps(xs + m * ldx + half + j);
+        for (int r = 0; r < NR; ++r) {
+          acc[m][r][0] = _mm256_fmadd_ps(lo[r], xe, acc[m][r][0]);
+          acc[m][r][A - 1] = _mm256_fmadd_ps(hi[r], xo, acc[m][r][A - 1]);
+        }
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < NR; ++r) y[m * ldy + r] = hsum(A == 2 ? _mm256_add_ps(acc[m][r][0], acc[m][r][A - 1]) : acc[m][r][0]);
+}
+
+template <int MB>
+void int4_rows(const float* xs, int64_t ldx, const uint8_t* w, int64_t K, const float* s, const float* z, int64_t G,
+               int64_t gs, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  constexpr int NR = MB <= 2 ? 4 : 2;
+  int64_t n = n0;
+  const int64_t half = K / 2;
+  for (; n + NR <= n1; n += NR) int4_tile<MB, NR>(xs, ldx, w + n * half, K, s + n * G, z + n * G, G, gs, y + n, ldy);
+  for (; n < n1; ++n) int4_tile<MB, 1>(xs, ldx, w + n * half, K, s + n * G, z + n * G, G, gs, y + n, ldy);
+}
+
+// ---- the ops ---------------------------------------------------------------------------------------
+// x [M, K] (fp32, bf16 or fp16, unit column stride) -> fp32 [M, ld], split into even | odd columns for int4.
+std::vector<float> to_float(const at::Tensor& x, bool split, int64_t ld) {
+  const int64_t M = x.size(0), K = x.size(1), sx = x.stride(0);
+  std::vector<float> out(M * ld);
+  auto put = [&](auto* p) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k)
+        out[m * ld + (split ? (k & 1) * (K / 2) + k / 2 : k)] = static_cast<float>(p[m * sx + k]);
+  };
+  switch (x.scalar_type()) {
+    case at::kFloat: put(x.const_data_ptr<float>()); break;
+    case at::kBFloat16: put(x.const_data_ptr<c10::BFloat16>()); break;
+    case at::kHalf: put(x.const_data_ptr<c10::Half>()); break;
+    default: TORCH_CHECK(false, "woq kernels: x must be fp32, bf16 or fp16, got ", x.scalar_type());
+  }
+  return out;
+}
+
+// Row m of x times the weight of expert experts[m] (or the one weight): output rows [n0, n1) for up to 4
+// rows of x at a time (each weight read once for them), or with experts one row at a time.
+template <typename Rows>
+at::Tensor run(const at::Tensor& x, int64_t N, int64_t row_bytes, const std::optional<at::Tensor>& experts,
+               Rows rows) {
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  float* yp = y.mutable_data_ptr<float>();
+  const int64_t blocks = (N + R - 1) / R;
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (R * row_bytes));  // >= 64 KB of weights a task
+  if (experts) {
+    TORCH_CHECK(experts->dim() == 1 && experts->size(0) == M && experts->scalar_type() == at::kLong,
+                "woq kernels: experts must be int64 [M]");
+    const int64_t* e = experts->const_data_ptr<int64_t>();
+    at::parallel_for(0, M * blocks, grain, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t m = b / blocks, n0 = (b % blocks) * R;
+        rows(1, m, e[m], n0, std::min(N, n0 + R), yp + m * N);
+      }
+    });
+  } else {
+    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+      for (int64_t m = 0; m < M; m += 4) rows(std::min<int64_t>(4, M - m), m, 0, b0 * R, std::min(N, b1 * R), yp + m * N);
+    });
+  }
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+void check(const at::Tensor& x, const at::Tensor& w, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) == K, "woq kernels: x must be [M, K] with unit stride");
+  TORCH_CHECK(w.is_contiguous() && x.device().is_cpu(), "woq kernels: contiguous CPU weights");
+}
+
+at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                   const std::optional<at::Tensor>& experts) {
+  const int64_t N = w.size(-2), K = w.size(-1);
+  check(x, w, K);
+  TORCH_CHECK(w.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat && scales.is_contiguous() &&
+                  scales.numel() == w.numel() / K,
+              "woq kernels: int8 weight [.., N, K] and fp32 scales [.., N]");
+  TORCH_CHECK(experts.has_value() == (w.dim() == 3), "woq kernels: a stack of weights needs experts");
+  const std::vector<float> xf = to_float(x, false, K);
+  const float* xp = xf.data();
+  const int8_t* wp = w.const_data_ptr<int8_t>();
+  const float* sp = scales.const_data_ptr<float>();
+  return run(x, N, K, experts, [&](int64_t mb, int64_t m, int64_t e, int64_t n0, int64_t n1, float* y) {
+    const float *xm = xp + m * K, *se = sp + e * N;
+    const int8_t* we = wp + e * N * K;
+    switch (mb) {
+      case 1: return int8_rows<1>(xm, K, we, K, se, n0, n1, y, N);
+      case 2: return int8_rows<2>(xm, K, we, K, se, n0, n1, y, N);
+      case 3: return int8_rows<3>(xm, K, we, K, se, n0, n1, y, N);
+      default: return int8_rows<4>(xm, K, we, K, se, n0, n1, y, N);
+    }
+  });
+}
+
+at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
+                   int64_t group_size, const std::optional<at::Tensor>& experts) {
+  const int64_t N = w.size(-2), K = 2 * w.size(-1), G = scales.size(-1);
+  check(x, w, K);
+  TORCH_CHECK(w.scalar_type() == at::kByte && group_size % 16 == 0 && G * group_size == K,
+              "woq kernels: int4 weight [.., N, K/2], groups a multiple of 16 that divide K");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && zeros.scalar_type() == at::kFloat && scales.is_contiguous() &&
+                  zeros.is_contiguous() && scales.numel() == w.numel() / (K / 2) * G && zeros.numel() == scales.numel(),
+              "woq kernels: fp32 scales and zeros [.., N, G]");
+  TORCH_CHECK(experts.has_value() == (w.dim() == 3), "woq kernels: a stack of weights needs experts");
+  const std::vector<float> xf = to_float(x, true, K);
+  const float* xp = xf.data();
+  const uint8_t* wp = w.const_data_ptr<uint8_t>();
+  const float *sp = scales.const_data_ptr<float>(), *zp = zeros.const_data_ptr<float>();
+  const int64_t half = K / 2;
+  return run(x, N, half, experts, [&](int64_t mb, int64_t m, int64_t e, int64_t n0, int64_t n1, float* y) {
+    const float *xm = xp + m * K, *se = sp + e * N * G, *ze = zp + e * N * G;
+    const uint8_t* we = wp + e * N * half;
+    switch (mb) {
+      case 1: return int4_rows<1>(xm, K, we, K, se, ze, G, group_size, n0, n1, y, N);
+      case 2: return int4_rows<2>(xm, K, we, K, se, ze, G, group_size, n0, n1, y, N);
+      case 3: return int4_rows<3>(xm, K, we, K, se, ze, G, group_size, n0, n1, y, N);
+      default: return int4_rows<4>(xm, K, we, K, se, ze, G, group_size, n0, n1, y, N);
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tinymixtral_avx2, m) {
+  m.def("int8_mm(Tensor x, Tensor weight, Tensor scales, Tensor? experts) -> Tensor");
+  m.def("int4_mm(Tensor x, Tensor weight, Tensor scales, Tensor zeros, int group_size, Tensor? experts) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tinymixtral_avx2, CPU, m) {
+  m.impl("int8_mm", &int8_mm);
+  m.impl("int4_mm", &int4_mm);
+}
