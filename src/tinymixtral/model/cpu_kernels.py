@@ -4,7 +4,8 @@ the layout of torch's int4 kernel (so the model can hold its int4 weights in tha
 Two sets of kernels. Where the CPU has AVX2 + FMA, tinymixtral's own (`csrc/woq_avx2.cpp`, built on first
 use with torch's cpp_extension and cached in torch's extensions directory): for up to `AVX2_ROWS` rows
 (decode) they read each weight once, dequantize it in registers, take fp32 (or bf16/fp16) activations and
-read int4 in our storage layout; more rows (prefill) dequantize and run one fp32 matmul. Elsewhere, or with
+read int4 in our storage layout (int4 only with INT4_OURS: torch's was faster at one row here); more rows
+(prefill) dequantize and run one fp32 matmul. Elsewhere, or with
 TINYMIXTRAL_KERNELS=torch, or if the build fails (one warning line): torch's `_weight_int8pack_mm` and
 `_weight_int4pack_mm_for_cpu`, vectorised for bf16 activations.
 
@@ -79,11 +80,21 @@ def load_avx2() -> bool:
         return False
 
 
+# int4: torch's kernel, in its own layout. Ours reads the storage layout but ran slower at one row on this AVX2
+# machine (Mistral-7B shape: 0.43 against 0.65 tok/s; b.json 0.81x), so it is used only when this is set.
+INT4_OURS = False
+
+
+def ours(bits: int) -> bool:
+    """Whether weights of `bits` run tinymixtral's AVX2 kernel (int8 where it loads; int4 only with INT4_OURS)."""
+    return (bits == 8 or INT4_OURS) and avx2_kernels()
+
+
 def kernel_applies(bits: int, n_out: int, group_size: int | None, device: torch.device) -> bool:
     """Whether a CPU weight-only kernel takes this weight (otherwise: dequantize, then matmul)."""
     if device.type != "cpu":
         return False
-    if avx2_kernels():
+    if ours(bits):
         return bits == 8 or group_size % 16 == 0
     if bits == 8:
         return hasattr(torch.ops.aten, "_weight_int8pack_mm")
@@ -93,7 +104,7 @@ def kernel_applies(bits: int, n_out: int, group_size: int | None, device: torch.
 def kernel_matmul(x_MK, weight, scales, zeros, group_size: int | None, experts_M=None) -> torch.Tensor:
     """x [M, K] (contiguous, in the compute dtype) @ W^T -> [M, N], with the operands of `kernel_operands`.
     With experts_M [M], weight, scales and zeros are stacks [E, ...] and row m uses expert experts_M[m]."""
-    if zeros is not None or (group_size is None and scales.dtype == torch.float32 and avx2_kernels()):
+    if zeros is not None or (group_size is None and scales.dtype == torch.float32 and ours(8)):
         if x_MK.shape[0] > AVX2_ROWS and experts_M is None:  # prefill: compute-bound, one fp32 gemm
             w = weight.float() * scales[:, None] if zeros is None else _dequantize4(weight, scales, zeros)
             return torch.nn.functional.linear(x_MK.float(), w).to(x_MK.dtype)
@@ -133,7 +144,7 @@ def kernel_operands(weight, scales, zeros, dtype: torch.dtype, in_layout: bool) 
     AVX2 kernels: the module's own tensors (int8 scales as [..., N]), fp32. torch's: the int8 weight with
     scales in `dtype`, or the int4 weight in its layout (itself if `in_layout`, else a converted copy) with
     its scales_and_zeros."""
-    if avx2_kernels():
+    if ours(8 if zeros is None else 4):
         f32 = [t if t is None else t.float().contiguous() for t in (scales, zeros)]
         return (weight.contiguous(), f32[0][..., 0].contiguous(), None) if zeros is None else (weight, *f32)
     if zeros is None:

@@ -14,7 +14,7 @@ Quantized: attention (wqkv, wo), experts (w13, w2), a dense FFN, and an untied L
 Full precision: the router (a quantized router changes which experts are chosen), embeddings, norms, and a
 head tied to the embedding.
 
-Runtime (cpu_kernels.py): on CPU, our AVX2 kernels (fp32 activations, int4 in the storage layout), else
+Runtime (cpu_kernels.py): on CPU, our AVX2 kernels for int8 (fp32 activations; int4 too with INT4_OURS), else
 torch's (bf16 activations, their fast ones; int4 re-packed into their layout at first use, held only so;
 `state_dict()` gives the storage layout), compiled too as one opaque op. Elsewhere, or for shapes a kernel
 refuses, dequantize then matmul (compiled, for a few rows: a fused reduction).
@@ -133,7 +133,7 @@ class _Quantized(nn.Module):
         """compute_dtype; "auto": x's own for the AVX2 kernels, else bf16 (torch's: fp32 is 10-30x slower)."""
         if self.compute_dtype != "auto":
             return self.compute_dtype or x.dtype
-        return x.dtype if x.device.type == "cpu" and cpu_kernels.avx2_kernels() else torch.bfloat16
+        return x.dtype if x.device.type == "cpu" and cpu_kernels.ours(self.bits) else torch.bfloat16
 
     def _kernel_ops(self, name: str, dtype: torch.dtype, device: torch.device):
         """The CPU kernel's operands for weight `name` (all experts), once per weight version, or None: no kernel.
@@ -144,10 +144,10 @@ class _Quantized(nn.Module):
         if not (self.use_kernel and dtype in (torch.float32, torch.bfloat16, torch.float16)
                 and kernel_applies(self.bits, getattr(self, name).shape[-2], self.group_size, device)):
             return None
-        if self.bits == 4 and name not in self._layout and not cpu_kernels.avx2_kernels():
+        if self.bits == 4 and name not in self._layout and not cpu_kernels.ours(4):
             self._relayout(name)  # torch's layout, held in place of ours (where it is known)
         w, s, z = self._parts(name)
-        key = (dtype, cpu_kernels.avx2_kernels(), w.data_ptr(), *(p._version for p in (w, s, z) if p is not None))
+        key = (dtype, cpu_kernels.ours(self.bits), w.data_ptr(), *(p._version for p in (w, s, z) if p is not None))
         if self._packed_key.get(name) != key:
             self._packed[name] = kernel_operands(w, s, z, dtype, name in self._layout)
             self._packed_key[name] = key
