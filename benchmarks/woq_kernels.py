@@ -10,25 +10,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from tinymixtral.model import cpu_kernels
 from tinymixtral.model.quant import quantize_int4, quantize_int8, unpack_nibbles
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scale import copy_bandwidth  # noqa: E402
+
 SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096), (4096, 1024)]  # (in K, out N): Mistral-7B's products
 
 
-def copy_gbs(n_bytes: int = 2**30) -> float:
-    """Bytes read per second by a large copy (as benchmarks/scale.py counts it)."""
-    a = torch.empty(n_bytes // 4)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    t0 = time.perf_counter()
-    for _ in range(3):
-        b.copy_(a)
-    return 3 * n_bytes / (time.perf_counter() - t0) / 1e9
+def copy_gbs() -> float:
+    """GB read per second by a large copy, as benchmarks/scale.py counts it."""
+    return copy_bandwidth() / 1e9
 
 
 def timed(fn, args_list, reps: int) -> float:
