@@ -407,6 +407,14 @@ def test_recipes_set_training_values_under_the_flags(tmp_path, fake_train, capsy
     assert "unknown --recipe 'fast'" in assert_one_line_error(r, "train", 2)
 
 
+def test_fsdp_without_an_optimizer_flag_takes_adamw(tmp_path, fake_train, capsys):
+    """The default recipe's Muon needs whole matrices; under --fsdp the recipe falls back to AdamW."""
+    assert cli.main(["train", "--data", "D", "--out", str(tmp_path / "a"), "--vocab-size", "512", "--fsdp", "true"]) == 0
+    assert fake_train["tcfg"].optimizer == "adamw" and fake_train["tcfg"].schedule == "wsd"
+    assert cli.main(["train", "--data", "D", "--out", str(tmp_path / "b"), "--vocab-size", "512"]) == 0
+    assert fake_train["tcfg"].optimizer == "muon"
+
+
 def test_run_py_demo_trains_the_tuned_demo_recipe(tmp_path, fake_train):
     """run.py demo passes DEMO_TRAIN to `train`: the demo recipe for 8 minutes, no step limit."""
     import importlib.util
