@@ -103,6 +103,8 @@ def run(args) -> int:
         if (args.recipe or "default") not in RECIPES:
             raise TinyMixtralError(f"unknown --recipe {args.recipe!r}; known: {', '.join(RECIPES)}")
         recipe = dict(RECIPES[args.recipe or "default"])
+        if args.init_from and not args.recipe:  # the tuned recipe is for training from scratch; fine-tunes: AdamW
+            recipe = {"preset": recipe["preset"]}
         if train_over.get("fsdp") and recipe.get("optimizer") == "muon":  # Muon needs whole matrices: not sharded
             recipe["optimizer"] = "adamw"
         preset = recipe.pop("preset")
