@@ -42,7 +42,9 @@ def finite_weights(ckpt) -> bool:
     return all(torch.isfinite(t).all() for t in load_file(Path(ckpt) / "model.safetensors").values())
 
 
-DIVERGE = ["--lr", "1e6", "--warmup-steps", "0", "--max-steps", "6", "--eval-interval", "4", "--ckpt-interval", "4"]
+# AdamW: at lr 1e6 its update diverges for real (Muon's normalised update of the hidden matrices need not)
+DIVERGE = ["--optimizer", "adamw", "--lr", "1e6", "--warmup-steps", "0", "--max-steps", "6", "--eval-interval", "4",
+           "--ckpt-interval", "4"]
 
 
 # ---- a diverging run -----------------------------------------------------------------------------------
