@@ -64,8 +64,9 @@ class TrainConfig:
 
 
 # Named recipes for `train --recipe NAME` (default: "default"): a model preset and TrainConfig values, under the flags
-# given. "default" is TrainConfig's own defaults; "demo" is the main job's (run.py demo). benchmarks/recipe_search.py
-# measures candidates; the tuned values go here.
+# given. "default" is the tuned recipe over TrainConfig's defaults (a fine-tune, --init-from without --recipe, keeps
+# TrainConfig's own: AdamW, cosine); "demo" is the main job's (run.py demo). benchmarks/recipe_search.py measures
+# candidates; the tuned values go here.
 # The tuned recipe (README, "Equal time"): Muon for the hidden matrices (AdamW at lr for the rest), warmup-stable-decay,
 # batch 16 x 256, a short warmup: on War and Peace after 8 minutes on 2 cores, 9.7 % lower val bits per byte than the
 # earlier AdamW + cosine, batch 8 recipe.
