@@ -3,12 +3,16 @@ decode speed next to its memory-bandwidth limit.
 
     python benchmarks/scale.py --shape mistral-7b --dir /tmp/scale --out benchmarks/scale.result.json
     python benchmarks/scale.py --shape mixtral-8x7b-8layers --dir /tmp/scale --modes int8,int4,quantize-4
+    python benchmarks/scale.py --shape mistral-7b --dir /tmp/scale --modes int8,llama-q8_0,int4,llama-q4_0
 
 It writes a random-weight bf16 checkpoint with the real shapes (Mistral-7B: 7.24B parameters, 14.5 GB;
 Mixtral-8x7B cut to 8 of its 32 layers: ~11.7B parameters with real 14336 x 4096 experts), one tensor
 at a time, then runs each measurement in a fresh process and reads its peak from VmHWM (ru_maxrss would
 start at this parent's peak). The bandwidth limit is the bytes one decode step must read (every weight
-but the embedding; for an MoE, the experts a token uses) over a copy bandwidth measured in the same run.
+but the embedding; for an MoE, the experts a token uses) over the read bandwidth measured in the same run
+(a 2-thread sum of a 1 GiB tensor: decode only reads weights). The llama-q8_0 / llama-q4_0 modes export
+the same checkpoint to GGUF (`export.write_gguf`, in its own process) and time llama.cpp's batch-1 decode
+on it (llama-cpp-python, the same threads): the fastest CPU engine on the same weights and machine.
 Delete --dir after the run: the files are many GB (--delete does it).
 """
 
@@ -55,6 +59,20 @@ if mode.startswith("quantize-"):  # the `quantize` command itself, in this proce
     print(json.dumps({"mode": mode, "load_s": time.perf_counter() - t0, "load_peak_bytes": status("VmHWM") - base,
                       "model_bytes": disk, "peak_bytes": status("VmHWM") - base}))
     sys.exit(0)
+if mode.startswith("llama-"):  # llama.cpp on the GGUF export of this checkpoint
+    import llama_cpp
+    from tinymixtral.bench_llama import _llama_decode
+    llm = llama_cpp.Llama(path, n_ctx=64, n_batch=8, n_threads=torch.get_num_threads(),
+                          n_threads_batch=torch.get_num_threads(), logits_all=False, verbose=False)
+    out = {"mode": mode, "load_s": time.perf_counter() - t0, "load_peak_bytes": status("VmHWM") - base}
+    prompt = [1, 415, 2936, 9060, 285, 1142]
+    _llama_decode(llama_cpp, llm, prompt, 2)  # warm-up
+    t0 = time.perf_counter()
+    _llama_decode(llama_cpp, llm, prompt, tokens - 1)  # the prompt pass + tokens - 1 steps, as ours below
+    out["decode_tok_s"] = (tokens - 1) / (time.perf_counter() - t0)
+    out["peak_bytes"] = status("VmHWM") - base
+    print(json.dumps(out))
+    sys.exit(0)
 kw = {"bf16": dict(dtype=torch.bfloat16), "int8": dict(dtype=torch.bfloat16, bits=8),
       "int4": dict(dtype=torch.bfloat16, bits=4)}[mode]
 model = load_model(path, **kw)
@@ -71,6 +89,15 @@ if tokens:
     out["compiled"] = compile_
 out["peak_bytes"] = status("VmHWM") - base
 print(json.dumps(out))
+"""
+
+EXPORT = r"""
+import sys, torch
+from tinymixtral.checkpoint import load_model
+from tinymixtral.export import write_gguf
+from tinymixtral.tokenizer import load_tokenizer
+model = load_model(sys.argv[1], dtype=torch.bfloat16)  # as stored; write_gguf quantizes one tensor at a time
+write_gguf(model, load_tokenizer("mistral"), sys.argv[2], sys.argv[3], full_context=True, progress=False)
 """
 
 
@@ -107,9 +134,22 @@ def copy_bandwidth(n_bytes: int = 2**30) -> float:
     return 3 * n_bytes / (time.perf_counter() - t0)
 
 
-def bytes_per_token(cfg: ModelConfig, model_bytes: int, dtype_bytes: float) -> float:
+def read_bandwidth(n_bytes: int = 2**30, reps: int = 5) -> float:
+    """Bytes per second read by a sum over a large tensor (all threads), the best of `reps`: what a decode
+    step does with its weights."""
+    a = torch.ones(n_bytes // 4)
+    a.sum()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t0)
+    return n_bytes / best
+
+
+def bytes_per_token(cfg: ModelConfig, model_bytes: int, dtype_bytes: float, embed_bytes: float = 2) -> float:
     """Weights one decode step reads: all but the embedding table, and only top_k of n_experts experts."""
-    embed = cfg.vocab_size * cfg.d_model * 2  # stays bf16 (not quantized)
+    embed = cfg.vocab_size * cfg.d_model * embed_bytes  # ours keeps it bf16 (not quantized); GGUF quantizes it
     if not cfg.is_moe:
         return model_bytes - embed
     experts = 3 * cfg.n_experts * cfg.d_ff * cfg.d_model * cfg.n_layers * dtype_bytes
@@ -121,7 +161,8 @@ def main():
     ap.add_argument("--shape", choices=SHAPES, default="mistral-7b")
     ap.add_argument("--dir", required=True, help="where to write the checkpoint (many GB)")
     ap.add_argument("--modes", default="bf16,int8,int4",
-                    help="bf16, int8, int4 (load, then decode); quantize-8, quantize-4 (the `quantize` command)")
+                    help="bf16, int8, int4 (load, then decode); quantize-8, quantize-4 (the `quantize` command); "
+                         "llama-q8_0, llama-q4_0 (llama.cpp decoding the GGUF export)")
     ap.add_argument("--tokens", type=int, default=8, help="decode tokens per measurement (0: load only)")
     ap.add_argument("--compile", action="store_true", help="also time the compiled decode step")
     ap.add_argument("--out", default=None)
@@ -133,27 +174,40 @@ def main():
         t0 = time.perf_counter()
         write_checkpoint(cfg, path)
         print(f"wrote {path} in {time.perf_counter() - t0:.0f} s", flush=True)
-    bw = copy_bandwidth()
+    bw = read_bandwidth()
     result = {"shape": args.shape, "config": cfg.to_hf_dict(), "threads": torch.get_num_threads(),
-              "copy_GB_s": bw / 1e9, "disk_bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")),
-              "runs": []}
+              "read_GB_s": bw / 1e9, "copy_GB_s": copy_bandwidth() / 1e9,
+              "disk_bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")), "runs": []}
+    env = {**os.environ, "TQDM_DISABLE": "1"}
     for mode in args.modes.split(","):
-        for compiled in ([False, True] if args.compile and not mode.startswith("quantize") else [False]):
-            r = subprocess.run([sys.executable, "-c", CHILD, str(path), mode, str(args.tokens), str(int(compiled))],
-                               capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        target = path
+        if mode.startswith("llama-"):
+            target = Path(args.dir) / f"{args.shape}-{mode[6:]}.gguf"
+            if not target.exists():
+                t0 = time.perf_counter()
+                subprocess.run([sys.executable, "-c", EXPORT, str(path), str(target), mode[6:]], env=env, check=True)
+                print(f"exported {target} in {time.perf_counter() - t0:.0f} s", flush=True)
+        for compiled in ([False, True] if args.compile and mode in ("bf16", "int8", "int4") else [False]):
+            r = subprocess.run([sys.executable, "-c", CHILD, str(target), mode, str(args.tokens), str(int(compiled))],
+                               capture_output=True, text=True, env=env)
             if r.returncode:
                 print(r.stderr[-2000:], file=sys.stderr)
                 continue
             row = json.loads(r.stdout.strip().splitlines()[-1])
-            width = {"bf16": 2, "int8": 1, "int4": 0.5}.get(mode)
+            width = {"bf16": 2, "int8": 1, "int4": 0.5, "llama-q8_0": 34 / 32, "llama-q4_0": 18 / 32}.get(mode)
+            if mode.startswith("llama-"):
+                row["model_bytes"] = target.stat().st_size
             if width and "decode_tok_s" in row:
-                row["bandwidth_limit_tok_s"] = bw / bytes_per_token(cfg, row["model_bytes"], width)
+                embed = width if mode.startswith("llama-") else 2
+                row["bandwidth_limit_tok_s"] = bw / bytes_per_token(cfg, row["model_bytes"], width, embed)
             result["runs"].append(row)
             print(json.dumps(row), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     if args.delete:
         shutil.rmtree(path)
+        for f in Path(args.dir).glob(f"{args.shape}-*.gguf"):
+            f.unlink()
 
 
 if __name__ == "__main__":
