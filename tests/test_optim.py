@@ -123,3 +123,34 @@ def test_muon_experts_false_gives_the_experts_to_adamw():
     # everything else keeps its optimizer, and every parameter is in exactly one group
     assert all(by_group[True][i] == by_group[False][i] for i in names if i not in experts)
     assert set(by_group[False]) == set(names)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_router_lr_gives_the_routers_their_own_group(optimizer):
+    from tinymixtral.optim import make_optimizer, peak_lr
+    model = tiny_model()
+    names = {id(p): n for n, p in model.named_parameters()}
+    plain = make_optimizer(model, dataclasses.replace(TrainConfig(), optimizer=optimizer), "cpu")
+    assert not any(g.get("router") for g in plain.param_groups)  # without --router-lr: the groups as before
+    tcfg = dataclasses.replace(TrainConfig(), optimizer=optimizer, lr=3e-3, router_lr=5e-4)
+    opt = make_optimizer(model, tcfg, "cpu")
+    (group,) = [g for g in opt.param_groups if g.get("router")]
+    assert {names[id(p)] for p in group["params"]} == {n for n in names.values() if ".ffn.router." in n}
+    assert group["lr"] == peak_lr(group, tcfg) == 5e-4
+    assert sorted(id(p) for g in opt.param_groups for p in g["params"]) == sorted(names)  # each in one group
+    assert {peak_lr(g, tcfg) for g in opt.param_groups if not g.get("router")} <= {3e-3, tcfg.muon_lr}
+
+
+def test_router_lr_scales_with_the_schedule(data_dir, tmp_path):
+    """A tiny --router-lr leaves the routers where they started while everything else trains."""
+    from tinymixtral.checkpoint import load_model
+    train(tcfg_for(data_dir, tmp_path / "run", max_steps=4, eval_interval=4, ckpt_interval=4, router_lr=1e-12),
+          TRAIN_CFG)
+    # the same seed, one step with every rate ~0: the initial weights
+    train(tcfg_for(data_dir, tmp_path / "start", max_steps=1, eval_interval=1, ckpt_interval=1, router_lr=1e-12,
+                   lr=1e-12, muon_lr=1e-12), TRAIN_CFG)
+    trained, start = (load_model(tmp_path / d / "latest").state_dict() for d in ("run", "start"))
+    moved = {k: (trained[k] - start[k]).abs().max().item() for k in trained}
+    routers = [k for k in moved if ".router." in k]
+    assert routers and all(moved[k] < 1e-6 for k in routers), {k: moved[k] for k in routers}
+    assert max(v for k, v in moved.items() if k not in routers) > 1e-3

@@ -125,21 +125,44 @@ def make_optimizer(raw: torch.nn.Module, tcfg, device: str) -> torch.optim.Optim
         if not tcfg.muon_experts:  # Newton-Schulz costs per stored expert matrix, not per active one
             rest += [(n, p) for n, p in hidden if ".experts." in n]
             hidden = [(n, p) for n, p in hidden if ".experts." not in n]
+        rest, router = _router_apart(rest, tcfg)
         decay = [p for n, p in rest if p.dim() >= 2 and not n.startswith("embed.")]
         no_decay = [p for n, p in rest if p.dim() < 2 or n.startswith("embed.")]
         groups = [{"params": [p for _, p in hidden], "use_muon": True, "lr": tcfg.muon_lr,
                    "weight_decay": tcfg.weight_decay},
                   {"params": decay, "lr": tcfg.lr, "weight_decay": tcfg.weight_decay},
-                  {"params": no_decay, "lr": tcfg.lr, "weight_decay": 0.0}]
+                  {"params": no_decay, "lr": tcfg.lr, "weight_decay": 0.0}, *router]
         # Newton-Schulz in bf16 on GPUs (as torch's Muon); fp32 on a CPU, whose bf16 products are slower
         return Muon([g for g in groups if g["params"]], betas=(tcfg.beta1, tcfg.beta2),
                     ns_dtype="bfloat16" if torch.device(device).type == "cuda" else "float32")
-    trained = [(n, p) for n, p in raw.named_parameters() if p.requires_grad]
+    trained, router = _router_apart([(n, p) for n, p in raw.named_parameters() if p.requires_grad], tcfg)
     decay = [p for n, p in trained if p.dim() >= 2 and not n.startswith("embed.")]
     no_decay = [p for n, p in trained if p.dim() < 2 or n.startswith("embed.")]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), fused=torch.device(device).type in ("cpu", "cuda"))
+    groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}, *router]
+    return torch.optim.AdamW(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2),
+                             fused=torch.device(device).type in ("cpu", "cuda"))
+
+
+def _router_apart(named: list, tcfg) -> tuple[list, list[dict]]:
+    """With --router-lr: the routers' weights in a group of their own (AdamW, weight decay, `router` marked so
+    that the schedule scales --router-lr); without it they stay with the other matrices (and the group count,
+    which resumes check, stays as before)."""
+    if getattr(tcfg, "router_lr", None) is None:
+        return named, []
+    router = [p for n, p in named if ".ffn.router." in n]
+    if not router:  # a dense model, or the routers frozen
+        return named, []
+    rest = [(n, p) for n, p in named if ".ffn.router." not in n]
+    return rest, [{"params": router, "lr": tcfg.router_lr, "weight_decay": tcfg.weight_decay, "router": True}]
+
+
+def peak_lr(group: dict, tcfg) -> float:
+    """The peak learning rate of an optimizer group: --muon-lr, --router-lr or --lr."""
+    if group.get("use_muon"):
+        return tcfg.muon_lr
+    if group.get("router") and getattr(tcfg, "router_lr", None) is not None:
+        return tcfg.router_lr
+    return tcfg.lr
 
 
 TRAIN_ONLY = {"router": (".ffn.router.",), "experts": (".ffn.experts.", ".ffn.w13.", ".ffn.w2."),

@@ -39,7 +39,7 @@ from .convert import from_hf
 from .data import check_tokenizer, check_training_data, get_batch, load_mask, load_split
 from .errors import TinyMixtralError
 from .evaluate import bits_per_byte, evaluate, evaluated_tokens
-from .optim import freeze, make_optimizer
+from .optim import freeze, make_optimizer, peak_lr
 from .params import flops_per_token, measure_matmul_flops
 from .plots import plot_run
 from .run_state import (
@@ -132,7 +132,7 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> dict:
             t_step = time.perf_counter()
             lr = get_lr(r.step, r.progress(), tcfg)
             for group in r.optimizer.param_groups:
-                group["lr"] = (tcfg.muon_lr if group.get("use_muon") else tcfg.lr) * lr / tcfg.lr
+                group["lr"] = peak_lr(group, tcfg) * lr / tcfg.lr
             if r.step > 0 and r.step != r.resumed_at:
                 if r.step % tcfg.eval_interval == 0:
                     last.update(eval_and_log(r))

@@ -27,6 +27,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | muon (Muon for the hidden matrices, AdamW for embeddings, head, norms, router)
     lr: float = 3e-3  # peak learning rate (after warmup); with --optimizer muon, AdamW's
     muon_lr: float = 0.02  # Muon's peak learning rate (with --optimizer muon)
+    router_lr: float | None = None  # the MoE router's peak learning rate (default: --lr)
     muon_experts: bool = True  # with --optimizer muon: Muon for the MoE experts too (false: AdamW, which costs less)
     schedule: str = "cosine"  # cosine | wsd (warmup, stable, then a linear decay over --decay-fraction of the run)
     decay_fraction: float = 0.2  # wsd: the last part of the run (steps, tokens or time) over which lr decays

@@ -165,6 +165,8 @@ def _check(t: TrainConfig):
     for name in ("warmup_steps", "keep_last", "skip_nonfinite"):
         if getattr(t, name) < 0:
             raise TinyMixtralError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(t, name)}")
+    if t.router_lr is not None and not (math.isfinite(t.router_lr) and t.router_lr > 0):
+        raise TinyMixtralError(f"--router-lr must be > 0 and finite, got {t.router_lr}")
     ranges = {"lr": ("> 0", lambda v: v > 0), "muon_lr": ("> 0", lambda v: v > 0),
               "decay_fraction": ("in [0, 1]", lambda v: 0 <= v <= 1), "grad_clip": ("> 0", lambda v: v > 0),
               "weight_decay": (">= 0", lambda v: v >= 0), "min_lr_ratio": ("in [0, 1]", lambda v: 0 <= v <= 1),
