@@ -89,13 +89,14 @@ def load_avx2() -> bool:
         return False
 
 
-# int4: torch's kernel, in its own layout. Ours reads the storage layout but ran slower at one row on this AVX2
-# machine (Mistral-7B shape: 0.43 against 0.65 tok/s; b.json 0.81x), so it is used only when this is set.
-INT4_OURS = False
+# int4: ours (storage layout) where set, else torch's kernel in its own layout. With fp32 activations ours ran slower
+# than torch's at one row here (Mistral-7B shape: 0.43 against 0.65 tok/s); with int8 activations (the default) it
+# reads 1.9-2.4x faster than torch's at one row (benchmarks/woq_kernels.py, 1 thread), so it is on.
+INT4_OURS = True
 
 
 def ours(bits: int) -> bool:
-    """Whether weights of `bits` run tinymixtral's AVX2 kernel (int8 where it loads; int4 only with INT4_OURS)."""
+    """Whether weights of `bits` run tinymixtral's AVX2 kernel (int8 where it loads; int4 with INT4_OURS)."""
     return (bits == 8 or INT4_OURS) and avx2_kernels()
 
 
