@@ -1,6 +1,7 @@
-"""Batch-1 greedy decode tok/s of a quantized model with tinymixtral's AVX2 kernels against torch's CPU kernels
-(TINYMIXTRAL_KERNELS=torch), in one process: two copies of the same quantized random weights, timed in
-alternating rounds after a warm-up; the ratio is the median of per-round ratios.
+"""Batch-1 greedy decode tok/s of a quantized model with tinymixtral's AVX2 kernels, int8 activations ("q8", the
+default) and fp32 ones ("exact", TINYMIXTRAL_KERNELS=exact), against torch's CPU kernels (TINYMIXTRAL_KERNELS=torch),
+in one process: three copies of the same quantized random weights, timed in alternating rounds after a warm-up;
+each ratio is the median of per-round ratios. int4 runs our kernels here whatever cpu_kernels.INT4_OURS says.
 
     python benchmarks/woq_decode.py --preset tiny-mixtral --bits 8 [--compile] [--tokens 32] [--rounds 3]
 """
@@ -38,28 +39,35 @@ def main():
     torch.manual_seed(0)
     base = build_model(cfg).eval()
     new = quantize_model(base, args.bits, 32 if args.bits == 4 else None)
-    old = copy.deepcopy(new)
+    exact, old = copy.deepcopy(new), copy.deepcopy(new)
     prompt = torch.randint(0, cfg.vocab_size, (1, 16))
-    kernels = {"avx2": (new, AVX2), "torch": (old, lambda: False)}
+    kernels = {"q8": (new, AVX2, True), "exact": (exact, AVX2, False), "torch": (old, lambda: False, False)}
 
     def run(name):
-        model, flag = kernels[name]
-        cpu_kernels.avx2_kernels = flag  # looked up at call time by quant.py and cpu_kernels.py
+        model, flag, q8 = kernels[name]
+        # looked up at call time by quant.py and cpu_kernels.py
+        cpu_kernels.avx2_kernels, cpu_kernels.QUANT_ACTIVATIONS, cpu_kernels.INT4_OURS = flag, q8, True
         t0 = time.perf_counter()
         ids = generate(model, prompt, args.tokens, compile=args.compile)
         return ids, args.tokens / (time.perf_counter() - t0)
 
     with torch.no_grad():
-        same = torch.equal(run("avx2")[0], run("torch")[0])  # warm-up (and compile)
-        tok_s = {"avx2": [], "torch": []}
+        ids = {name: run(name)[0] for name in kernels}  # warm-up (and compile)
+        tok_s = {name: [] for name in kernels}
         for _ in range(args.rounds):
             for name in tok_s:
                 tok_s[name].append(run(name)[1])
-    ratios = [a / b for a, b in zip(tok_s["avx2"], tok_s["torch"])]
+
+    def ratio(a, b):
+        r = [x / y for x, y in zip(tok_s[a], tok_s[b])]
+        return {"median": statistics.median(r), "range": [min(r), max(r)]}
+
     out = {"config": args.config or args.preset or "tiny-mixtral", "bits": args.bits, "compile": args.compile,
-           "threads": torch.get_num_threads(), "tokens": args.tokens, "same_greedy_tokens": same,
-           "avx2_tok_s": statistics.median(tok_s["avx2"]), "torch_tok_s": statistics.median(tok_s["torch"]),
-           "ratio": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)]}
+           "threads": torch.get_num_threads(), "tokens": args.tokens, "rounds": args.rounds,
+           "same_greedy_tokens_q8_exact": torch.equal(ids["q8"], ids["exact"]),
+           **{f"{name}_tok_s": statistics.median(v) for name, v in tok_s.items()},
+           "q8_over_exact": ratio("q8", "exact"), "q8_over_torch": ratio("q8", "torch"),
+           "exact_over_torch": ratio("exact", "torch")}
     print(json.dumps(out))
 
 

@@ -38,6 +38,13 @@ def torch_kernels(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "avx2_kernels", lambda: False)
 
 
+@pytest.fixture
+def exact_activations(monkeypatch):
+    """Our AVX2 kernels with fp32 activations (TINYMIXTRAL_KERNELS=exact), so they agree with the reference to
+    fp32 rounding; the int8-activation kernels used for a few rows by default are tested in test_woq_q8.py."""
+    monkeypatch.setattr(cpu_kernels, "QUANT_ACTIVATIONS", False)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return tiny_model(CFG)
@@ -93,7 +100,7 @@ def _quant_linear(w, bits, group_size):
 
 @pytest.mark.parametrize("kernels", ["avx2", "torch"])
 @pytest.mark.parametrize("bits,group_size", [(8, None), (4, 32), (4, 64)])
-def test_quant_linear_kernel_equals_dequantized_linear(bits, group_size, kernels, monkeypatch):
+def test_quant_linear_kernel_equals_dequantized_linear(bits, group_size, kernels, monkeypatch, exact_activations):
     if kernels == "torch":
         monkeypatch.setattr(cpu_kernels, "avx2_kernels", lambda: False)
     elif not cpu_kernels.avx2_kernels():
@@ -131,7 +138,7 @@ def test_int4_odd_shape_falls_back(torch_kernels):
 
 
 @pytest.mark.parametrize("bits,group_size", [(8, None), (4, 32)])
-def test_quant_experts_equal_fp_experts_with_dequantized_weights(bits, group_size):
+def test_quant_experts_equal_fp_experts_with_dequantized_weights(bits, group_size, exact_activations):
     torch.manual_seed(0)
     ex = Experts(CFG)
     torch.nn.init.normal_(ex.w13, 0, 0.1)

@@ -1,4 +1,4 @@
-"""tinymixtral's AVX2 weight-only kernels (model/csrc/woq_avx2.cpp) against dequantize-then-matmul: the ops,
+"""tinymixtral's AVX2 weight-only kernels with exact activations (model/csrc/woq_avx2.cpp) against dequantize-then-matmul: the ops,
 odd shapes, experts per row, QuantLinear / QuantExperts decode, torch.compile, and the fallback to torch's."""
 import os
 import subprocess
@@ -18,9 +18,11 @@ OPS = torch.ops.tinymixtral_avx2 if hasattr(torch.ops, "tinymixtral_avx2") else 
 
 
 @pytest.fixture(autouse=True)
-def int4_ours(monkeypatch):
-    """int4 models run torch's kernel by default (ours was slower at one row here); these tests run ours."""
+def exact_kernels(monkeypatch):
+    """These tests hold the fp32-activation kernels (TINYMIXTRAL_KERNELS=exact) to fp32 rounding; the int8-activation
+    ones, the default for a few rows, are tested in test_woq_q8.py. int4 runs ours here whatever INT4_OURS says."""
     monkeypatch.setattr(cpu_kernels, "INT4_OURS", True)
+    monkeypatch.setattr(cpu_kernels, "QUANT_ACTIVATIONS", False)
 
 
 def _close(y, ref):

@@ -1,11 +1,14 @@
 """The CPU weight-only kernels for int8 / int4 weights: when they apply, their operands, the call, and
 the layout of torch's int4 kernel (so the model can hold its int4 weights in that layout, once).
 
-Two sets of kernels. Where the CPU has AVX2 + FMA, tinymixtral's own (`csrc/woq_avx2.cpp`, built on first
-use with torch's cpp_extension and cached in torch's extensions directory): for up to `AVX2_ROWS` rows
-(decode) they read each weight once, dequantize it in registers, take fp32 (or bf16/fp16) activations and
-read int4 in our storage layout (int4 only with INT4_OURS: torch's was faster at one row here); more rows
-(prefill) dequantize and run one fp32 matmul. Elsewhere, or with
+Two sets of kernels. Where the CPU has AVX2 + FMA, tinymixtral's own (`csrc/*.cpp`, built on first use with
+torch's cpp_extension and cached in torch's extensions directory). They read each weight once and int4 in our
+storage layout. For up to `Q8_ROWS` rows (decode) `csrc/woq_q8.cpp` quantizes the activations to int8 in
+blocks of 32 (one fp32 scale each, once per call) and multiplies in integers, as llama.cpp's Q8_0 / Q4_0
+dot products do: the result is that of the activations rounded to 8 bits per block (relative error ~5e-3
+of the output's scale on random data). QUANT_ACTIVATIONS = False, or TINYMIXTRAL_KERNELS=exact, keeps the
+activations exact: `csrc/woq_avx2.cpp` dequantizes the weight in registers and sums fp32 products, as it
+does for Q8_ROWS < rows <= `AVX2_ROWS`. More rows (prefill) dequantize and run one fp32 matmul. Elsewhere, or with
 TINYMIXTRAL_KERNELS=torch, or if the build fails (one warning line): torch's `_weight_int8pack_mm` and
 `_weight_int4pack_mm_for_cpu`, vectorised for bf16 activations.
 
@@ -34,6 +37,10 @@ GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 CPU kernel accepts
 # Up to this many rows the AVX2 kernels; more (prefill): dequantize, then one fp32 matmul. At 64 rows of a
 # 4096 x 4096 weight the kernels still took 0.42x (int4) to 0.44x (int8) of the dequantize path's time.
 AVX2_ROWS = 64
+# Up to this many rows, int8 activations (woq_q8.cpp; a K or group size that is not a multiple of 32 keeps them
+# exact). 1 thread, 4096 x 4096: int8 1.25x the exact kernel at 1 row, 1.2x at 2, 0.95x at 4-8; int4 1.5-2.5x.
+Q8_ROWS = 8
+QUANT_ACTIVATIONS = os.environ.get("TINYMIXTRAL_KERNELS", "").lower() != "exact"
 
 
 _AVX2: list[bool] = []  # the answer, once known
@@ -65,13 +72,15 @@ def load_avx2() -> bool:
             with contextlib.suppress(ImportError):
                 import ninja
                 os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        src = Path(__file__).parent / "csrc" / "woq_avx2.cpp"
+        csrc = Path(__file__).parent / "csrc"
+        srcs = sorted(csrc.glob("*.cpp"))
         cflags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]  # omp: torch's own runtime (libgomp, loaded)
-        tag = hashlib.sha1((src.read_text() + torch.__version__ + " ".join(cflags)).encode()).hexdigest()[:12]
+        text = "".join(f.read_text() for f in sorted(csrc.glob("*.[ch]*")))
+        tag = hashlib.sha1((text + torch.__version__ + " ".join(cflags)).encode()).hexdigest()[:12]
         name = f"tinymixtral_avx2_{tag}"
         if not (Path(cpp_extension._get_build_directory(name, False)) / f"{name}.so").exists():
             print("tinymixtral: building the AVX2 int8/int4 kernels (once; about a minute)", file=sys.stderr)
-        cpp_extension.load(name=name, sources=[str(src)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
+        cpp_extension.load(name=name, sources=[str(f) for f in srcs], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
                            is_python_module=False, verbose=False)
         return True
     except Exception as e:  # no compiler, no ninja, a failed build: torch's kernels
@@ -80,13 +89,14 @@ def load_avx2() -> bool:
         return False
 
 
-# int4: torch's kernel, in its own layout. Ours reads the storage layout but ran slower at one row on this AVX2
-# machine (Mistral-7B shape: 0.43 against 0.65 tok/s; b.json 0.81x), so it is used only when this is set.
-INT4_OURS = False
+# int4: ours (storage layout) where set, else torch's kernel in its own layout. With fp32 activations ours ran slower
+# than torch's at one row here (Mistral-7B shape: 0.43 against 0.65 tok/s); with int8 activations (the default) it
+# reads 1.9-2.4x faster than torch's at one row (benchmarks/woq_kernels.py, 1 thread), so it is on.
+INT4_OURS = True
 
 
 def ours(bits: int) -> bool:
-    """Whether weights of `bits` run tinymixtral's AVX2 kernel (int8 where it loads; int4 only with INT4_OURS)."""
+    """Whether weights of `bits` run tinymixtral's AVX2 kernel (int8 where it loads; int4 with INT4_OURS)."""
     return (bits == 8 or INT4_OURS) and avx2_kernels()
 
 
@@ -109,15 +119,21 @@ def kernel_matmul(x_MK, weight, scales, zeros, group_size: int | None, experts_M
             w = weight.float() * scales[:, None] if zeros is None else _dequantize4(weight, scales, zeros)
             return torch.nn.functional.linear(x_MK.float(), w).to(x_MK.dtype)
         experts_M = None if experts_M is None else experts_M.contiguous()  # the kernels read it as a plain array
+        ops, q8 = torch.ops.tinymixtral_avx2, q8_applies(x_MK.shape[0], weight.shape[-1], group_size)
         if zeros is None:
-            return torch.ops.tinymixtral_avx2.int8_mm(x_MK, weight, scales, experts_M)
-        return torch.ops.tinymixtral_avx2.int4_mm(x_MK, weight, scales, zeros, group_size, experts_M)
+            return (ops.int8_q8_mm if q8 else ops.int8_mm)(x_MK, weight, scales, experts_M)
+        return (ops.int4_q8_mm if q8 else ops.int4_mm)(x_MK, weight, scales, zeros, group_size, experts_M)
     if experts_M is not None:
         return torch.cat([kernel_matmul(x_MK[m:m + 1], weight[e], scales[e], None, group_size)
                           for m, e in enumerate(experts_M.tolist())])
     if group_size is None:
         return torch.ops.aten._weight_int8pack_mm(x_MK, weight, scales)
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x_MK, weight, group_size, scales)
+
+
+def q8_applies(M: int, K: int, group_size: int | None) -> bool:
+    """Whether our kernel quantizes the activations of an [M, K] product (int8 weights: group_size None)."""
+    return QUANT_ACTIVATIONS and M <= Q8_ROWS and (K if group_size is None else group_size) % 32 == 0
 
 
 def _dequantize4(packed, scales, zeros):

@@ -14,9 +14,10 @@ Quantized: attention (wqkv, wo), experts (w13, w2), a dense FFN, and an untied L
 Full precision: the router (a quantized router changes which experts are chosen), embeddings, norms, and a
 head tied to the embedding.
 
-Runtime (cpu_kernels.py): on CPU, our AVX2 kernels for int8 (fp32 activations; int4 too with INT4_OURS), else
-torch's (bf16 activations, their fast ones; int4 re-packed into their layout at first use, held only so;
-`state_dict()` gives the storage layout), compiled too as one opaque op. Elsewhere, or for shapes a kernel
+Runtime (cpu_kernels.py): on CPU, our AVX2 kernels for int8 (int4 too with INT4_OURS; activations quantized to
+int8 per block of 32 for up to Q8_ROWS rows, else fp32), else torch's (bf16 activations, their fast ones; int4
+re-packed into their layout at first use, held only so; `state_dict()` gives the storage layout), compiled too
+as one opaque op. Elsewhere, or for shapes a kernel
 refuses, dequantize then matmul (compiled, for a few rows: a fused reduction).
 """
 

@@ -1,0 +1,76 @@
+// Shared by the weight-only kernels (woq_avx2.cpp: fp32 activations; woq_q8.cpp: int8 activations):
+// the threading over output rows, the operand checks, the activations' conversion to fp32.
+#pragma once
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+namespace woq {
+
+constexpr int R = 8;  // output rows per parallel task unit; tiles below take NR <= R of them at a time
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// x [M, K] (fp32, bf16 or fp16, unit column stride) -> fp32 [M, ld], split into even | odd columns for int4.
+inline std::vector<float> to_float(const at::Tensor& x, bool split, int64_t ld) {
+  const int64_t M = x.size(0), K = x.size(1), sx = x.stride(0);
+  std::vector<float> out(M * ld);
+  auto put = [&](auto* p) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k)
+        out[m * ld + (split ? (k & 1) * (K / 2) + k / 2 : k)] = static_cast<float>(p[m * sx + k]);
+  };
+  switch (x.scalar_type()) {
+    case at::kFloat: put(x.const_data_ptr<float>()); break;
+    case at::kBFloat16: put(x.const_data_ptr<c10::BFloat16>()); break;
+    case at::kHalf: put(x.const_data_ptr<c10::Half>()); break;
+    default: TORCH_CHECK(false, "woq kernels: x must be fp32, bf16 or fp16, got ", x.scalar_type());
+  }
+  return out;
+}
+
+// Row m of x times the weight of expert experts[m] (or the one weight): output rows [n0, n1) for up to 4
+// rows of x at a time (each weight read once for them), or with experts one row at a time.
+template <typename Rows>
+at::Tensor run(const at::Tensor& x, int64_t N, int64_t row_bytes, const std::optional<at::Tensor>& experts,
+               Rows rows) {
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  float* yp = y.mutable_data_ptr<float>();
+  const int64_t blocks = (N + R - 1) / R;
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (R * row_bytes));  // >= 64 KB of weights a task
+  if (experts) {
+    TORCH_CHECK(experts->dim() == 1 && experts->size(0) == M && experts->scalar_type() == at::kLong,
+                "woq kernels: experts must be int64 [M]");
+    const int64_t* e = experts->const_data_ptr<int64_t>();
+    at::parallel_for(0, M * blocks, grain, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t m = b / blocks, n0 = (b % blocks) * R;
+        rows(1, m, e[m], n0, std::min(N, n0 + R), yp + m * N);
+      }
+    });
+  } else {
+    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+      for (int64_t m = 0; m < M; m += 4) rows(std::min<int64_t>(4, M - m), m, 0, b0 * R, std::min(N, b1 * R), yp + m * N);
+    });
+  }
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+inline void check(const at::Tensor& x, const at::Tensor& w, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) == K, "woq kernels: x must be [M, K] with unit stride");
+  TORCH_CHECK(w.is_contiguous() && x.device().is_cpu(), "woq kernels: contiguous CPU weights");
+}
+
+}  // namespace woq

@@ -1,0 +1,265 @@
+// Weight-only int8 / int4 products for a few rows (decode) with the activations quantized to int8, the
+// technique of llama.cpp's Q8_0 x Q8_0 and Q4_0 x Q8_0 dot products, on AVX2: y [M, N] = x [M, K] @ W^T.
+//
+// Activations: each row of x is quantized once per call, in blocks of 32 columns: d = max|x| / 127,
+// q = round-half-even(x * (1 / d)) in [-127, 127] (d = 0: q = 0). All output rows, and all experts of the
+// call, share them. 32 int8 products are summed exactly in int32 (_mm256_maddubs_epi16, then
+// _mm256_madd_epi16 against ones), converted to fp32 once per block and scaled by d, the blocks summed in
+// fp32. So y = x_hat @ W_hat^T with x_hat = q * d: the weights' own dequantized values, times activations
+// rounded to 8 bits per block (what llama.cpp computes; the fp32-activation kernels are in woq_avx2.cpp).
+//
+// int8: weight [N, K] in [-127, 127], scales fp32 [N], K % 32 == 0. maddubs multiplies unsigned by signed
+//   bytes: |w| against x's q carrying w's sign (_mm256_sign_epi8, llama.cpp's trick). The row scale goes on
+//   once, at the end.
+// int4: weight uint8 [N, K/2] in the storage layout (column 2j in the low nibble of byte j, 2j+1 in the high
+//   one), scales and zeros fp32 [N, G], group_size % 32 == 0. w = q s + (z - 8 s) with q in 0..15, already
+//   unsigned. One 32-byte load holds 64 columns: its low nibbles are their even columns, its high nibbles the
+//   odd ones. So x's q is kept per 64 columns as [even 32 | odd 32]: the low 128 bits then hold block 2p and
+//   the high ones block 2p+1, and each gets its own d (and group scale) in a [d x4 | d' x4] vector. The
+//   (z - 8 s) term needs only the sum of x_hat over each group, computed once per call.
+// With `experts` [M] the weights are stacks [E, ...] and row m of x is multiplied by expert experts[m].
+#include <torch/library.h>
+
+#include "woq_common.h"
+
+namespace {
+
+using namespace woq;
+
+// ---- the activations -------------------------------------------------------------------------------
+// 32 floats -> 32 int8 at q, their scale d and d * Σ q.
+inline void quant_block(const float* x, int8_t* q, float* d, float* dsum) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 v[4], mx = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(x + 8 * i);
+    mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[i]));
+  }
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  const float amax = _mm_cvtss_f32(h), dd = amax / 127.f, id = dd != 0.f ? 1.f / dd : 0.f;
+  __m256i i32[4];
+  for (int i = 0; i < 4; ++i)
+    i32[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], _mm256_set1_ps(id)),
+                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  // packs work per 128-bit lane: the dwords come out as x[0:4] x[8:12] x[16:20] x[24:28] | x[4:8] ...
+  __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]), _mm256_packs_epi32(i32[2], i32[3]));
+  b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256((__m256i*)q, b);
+  const __m256i s32 = _mm256_add_epi32(_mm256_add_epi32(i32[0], i32[1]), _mm256_add_epi32(i32[2], i32[3]));
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(s32), _mm256_extracti128_si256(s32, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  *d = dd;
+  *dsum = dd * float(_mm_cvtsi128_si32(s));
+}
+
+// One call's activations: q [M, Kp] (Kp = K padded with zeros to `pad`), d and d * Σ q [M, nb] per block.
+struct Q8 {
+  int64_t Kp, nb;
+  std::vector<int8_t> q;
+  std::vector<float> d, dsum;
+
+  Q8(const at::Tensor& x, int64_t pad) {
+    const int64_t M = x.size(0), K = x.size(1);
+    Kp = (K + pad - 1) / pad * pad;
+    nb = Kp / 32;
+    q.assign(M * Kp, 0);
+    d.assign(M * nb, 0.f);
+    dsum.assign(M * nb, 0.f);
+    const std::vector<float> xf = to_float(x, false, K);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t b = 0; b * 32 < K; ++b) {
+        float tail[32] = {0};
+        const float* src = xf.data() + m * K + b * 32;
+        if (K - b * 32 < 32) std::copy(src, xf.data() + (m + 1) * K, tail);
+        quant_block(K - b * 32 < 32 ? tail : src, q.data() + m * Kp + b * 32, &d[m * nb + b], &dsum[m * nb + b]);
+      }
+  }
+};
+
+// ---- int8 ------------------------------------------------------------------------------------------
+// NR weight rows w (stride K) times MB rows of quantized x -> y[m * ldy + r], scaled by s[r].
+template <int MB, int NR>
+void i8_tile(const Q8& a, int64_t m0, const int8_t* w, int64_t K, const float* s, float* y, int64_t ldy) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[MB][NR];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
+  const int8_t* xq = a.q.data() + m0 * a.Kp;
+  const float* xd = a.d.data() + m0 * a.nb;
+  for (int64_t b = 0; b < K / 32; ++b) {
+    for (int r = 0; r < NR; ++r) {
+      const __m256i wv = _mm256_loadu_si256((const __m256i*)(w + r * K + b * 32));
+      const __m256i aw = _mm256_sign_epi8(wv, wv);
+      for (int m = 0; m < MB; ++m) {  // x's loads and broadcasts: from L1, left to the compiler to keep or not
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + m * a.Kp + b * 32));
+        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv)), ones);
+        acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(xd + m * a.nb + b), acc[m][r]);
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < NR; ++r) y[m * ldy + r] = hsum(acc[m][r]) * s[r];
+}
+
+template <int MB>
+void i8_rows(const Q8& a, int64_t m0, const int8_t* w, int64_t K, const float* s, int64_t n0, int64_t n1, float* y,
+             int64_t ldy) {
+  constexpr int NR = MB == 1 ? 8 : MB == 2 ? 4 : 2;
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) i8_tile<MB, NR>(a, m0, w + n * K, K, s + n, y + n, ldy);
+  for (; n < n1; ++n) i8_tile<MB, 1>(a, m0, w + n * K, K, s + n, y + n, ldy);
+}
+
+// ---- int4 ------------------------------------------------------------------------------------------
+// The int4 operands of x: q per 64 columns as [even 32 | odd 32], [d x4 | d' x4] per 64 columns, and
+// xg [M, G]: the sum of x_hat over each group.
+struct Q4Act {
+  Q8 a;
+  std::vector<float> dd, xg;
+  int64_t np, G;
+
+  Q4Act(const at::Tensor& x, int64_t group_size) : a(x, 64) {
+    const int64_t M = x.size(0), K = x.size(1);
+    np = a.Kp / 64;
+    G = K / group_size;
+    dd.resize(M * np * 8);
+    xg.assign(M * G, 0.f);
+    int8_t tmp[64];
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t p = 0; p < np; ++p) {
+        int8_t* q = a.q.data() + m * a.Kp + p * 64;
+        for (int i = 0; i < 32; ++i) tmp[i] = q[2 * i], tmp[32 + i] = q[2 * i + 1];
+        std::copy(tmp, tmp + 64, q);
+        for (int i = 0; i < 8; ++i) dd[(m * np + p) * 8 + i] = a.d[m * a.nb + 2 * p + i / 4];
+      }
+      for (int64_t b = 0; b * 32 < K; ++b) xg[m * G + b * 32 / group_size] += a.dsum[m * a.nb + b];
+    }
+  }
+};
+
+template <int MB, int NR>
+void i4_tile(const Q4Act& x, int64_t m0, const uint8_t* w, int64_t K, const float* s, const float* z, int64_t gs,
+             float* y, int64_t ldy) {
+  const int64_t half = K / 2, G = x.G, Kp = x.a.Kp;
+  const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15);
+  const __m256i two = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  __m256 acc[MB][NR];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
+  const int8_t* xq = x.a.q.data() + m0 * Kp;
+  const float* xdd = x.dd.data() + m0 * x.np * 8;
+  for (int64_t p = 0; p < x.np; ++p) {
+    const int64_t g0 = 64 * p / gs, g1 = std::min(G - 1, (64 * p + 32) / gs);
+    __m256i xe[MB], xo[MB];
+    for (int m = 0; m < MB; ++m) {
+      xe[m] = _mm256_loadu_si256((const __m256i*)(xq + m * Kp + p * 64));
+      xo[m] = _mm256_loadu_si256((const __m256i*)(xq + m * Kp + p * 64 + 32));
+    }
+    for (int r = 0; r < NR; ++r) {
+      const __m256i v = 64 * p + 64 <= K ? _mm256_loadu_si256((const __m256i*)(w + r * half + p * 32))
+                                         : _mm256_inserti128_si256(_mm256_setzero_si256(),
+                                               _mm_loadu_si128((const __m128i*)(w + r * half + p * 32)), 0);
+      const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+      const float* sr = s + r * G;
+      const __m256 sv = g0 == g1 ? _mm256_broadcast_ss(sr + g0)
+                                 : _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castsi128_ps(
+                                       _mm_loadl_epi64((const __m128i*)(sr + g0)))), two);
+      for (int m = 0; m < MB; ++m) {
+        const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe[m]), _mm256_maddubs_epi16(hi, xo[m]));
+        const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+        acc[m][r] = _mm256_fmadd_ps(f, _mm256_mul_ps(_mm256_loadu_ps(xdd + (m * x.np + p) * 8), sv), acc[m][r]);
+      }
+    }
+  }
+  const __m256 eight = _mm256_set1_ps(8.f);
+  for (int m = 0; m < MB; ++m) {
+    const float* xg = x.xg.data() + (m0 + m) * G;
+    for (int r = 0; r < NR; ++r) {
+      const float *sr = s + r * G, *zr = z + r * G;
+      __m256 za = _mm256_setzero_ps();
+      int64_t g = 0;
+      for (; g + 8 <= G; g += 8)
+        za = _mm256_fmadd_ps(_mm256_fnmadd_ps(eight, _mm256_loadu_ps(sr + g), _mm256_loadu_ps(zr + g)),
+                             _mm256_loadu_ps(xg + g), za);
+      float t = hsum(acc[m][r]) + hsum(za);
+      for (; g < G; ++g) t += (zr[g] - 8.f * sr[g]) * xg[g];
+      y[m * ldy + r] = t;
+    }
+  }
+}
+
+template <int MB>
+void i4_rows(const Q4Act& x, int64_t m0, const uint8_t* w, int64_t K, const float* s, const float* z, int64_t gs,
+             int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  constexpr int NR = MB == 1 ? 4 : 2;
+  const int64_t half = K / 2, G = x.G;
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) i4_tile<MB, NR>(x, m0, w + n * half, K, s + n * G, z + n * G, gs, y + n, ldy);
+  for (; n < n1; ++n) i4_tile<MB, 1>(x, m0, w + n * half, K, s + n * G, z + n * G, gs, y + n, ldy);
+}
+
+// ---- the ops ---------------------------------------------------------------------------------------
+at::Tensor int8_q8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                      const std::optional<at::Tensor>& experts) {
+  const int64_t N = w.size(-2), K = w.size(-1);
+  check(x, w, K);
+  TORCH_CHECK(K % 32 == 0, "woq kernels: int8 activations need K % 32 == 0, got ", K);
+  TORCH_CHECK(w.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat && scales.is_contiguous() &&
+                  scales.numel() == w.numel() / K,
+              "woq kernels: int8 weight [.., N, K] and fp32 scales [.., N]");
+  TORCH_CHECK(experts.has_value() == (w.dim() == 3), "woq kernels: a stack of weights needs experts");
+  const Q8 a(x, 32);
+  const int8_t* wp = w.const_data_ptr<int8_t>();
+  const float* sp = scales.const_data_ptr<float>();
+  return run(x, N, K, experts, [&](int64_t mb, int64_t m, int64_t e, int64_t n0, int64_t n1, float* y) {
+    const float* se = sp + e * N;
+    const int8_t* we = wp + e * N * K;
+    switch (mb) {
+      case 1: return i8_rows<1>(a, m, we, K, se, n0, n1, y, N);
+      case 2: return i8_rows<2>(a, m, we, K, se, n0, n1, y, N);
+      case 3: return i8_rows<3>(a, m, we, K, se, n0, n1, y, N);
+      default: return i8_rows<4>(a, m, we, K, se, n0, n1, y, N);
+    }
+  });
+}
+
+at::Tensor int4_q8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
+                      int64_t group_size, const std::optional<at::Tensor>& experts) {
+  const int64_t N = w.size(-2), K = 2 * w.size(-1), G = scales.size(-1);
+  check(x, w, K);
+  TORCH_CHECK(w.scalar_type() == at::kByte && group_size % 32 == 0 && G * group_size == K,
+              "woq kernels: int8 activations need an int4 weight [.., N, K/2] in groups of a multiple of 32");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && zeros.scalar_type() == at::kFloat && scales.is_contiguous() &&
+                  zeros.is_contiguous() && scales.numel() == w.numel() / (K / 2) * G && zeros.numel() == scales.numel(),
+              "woq kernels: fp32 scales and zeros [.., N, G]");
+  TORCH_CHECK(experts.has_value() == (w.dim() == 3), "woq kernels: a stack of weights needs experts");
+  const Q4Act a(x, group_size);
+  const uint8_t* wp = w.const_data_ptr<uint8_t>();
+  const float *sp = scales.const_data_ptr<float>(), *zp = zeros.const_data_ptr<float>();
+  const int64_t half = K / 2;
+  return run(x, N, half, experts, [&](int64_t mb, int64_t m, int64_t e, int64_t n0, int64_t n1, float* y) {
+    const float *se = sp + e * N * G, *ze = zp + e * N * G;
+    const uint8_t* we = wp + e * N * half;
+    switch (mb) {
+      case 1: return i4_rows<1>(a, m, we, K, se, ze, group_size, n0, n1, y, N);
+      case 2: return i4_rows<2>(a, m, we, K, se, ze, group_size, n0, n1, y, N);
+      case 3: return i4_rows<3>(a, m, we, K, se, ze, group_size, n0, n1, y, N);
+      default: return i4_rows<4>(a, m, we, K, se, ze, group_size, n0, n1, y, N);
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tinymixtral_avx2, m) {
+  m.def("int8_q8_mm(Tensor x, Tensor weight, Tensor scales, Tensor? experts) -> Tensor");
+  m.def("int4_q8_mm(Tensor x, Tensor weight, Tensor scales, Tensor zeros, int group_size, Tensor? experts) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tinymixtral_avx2, CPU, m) {
+  m.impl("int8_q8_mm", &int8_q8_mm);
+  m.impl("int4_q8_mm", &int4_q8_mm);
+}
