@@ -65,13 +65,14 @@ def load_avx2() -> bool:
             with contextlib.suppress(ImportError):
                 import ninja
                 os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        src = Path(__file__).parent / "csrc" / "woq_avx2.cpp"
+        srcs = [Path(__file__).parent / "csrc" / f for f in ("woq_avx2.cpp", "gemv_avx2.cpp")]
         cflags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]  # omp: torch's own runtime (libgomp, loaded)
-        tag = hashlib.sha1((src.read_text() + torch.__version__ + " ".join(cflags)).encode()).hexdigest()[:12]
+        text = "".join(src.read_text() for src in srcs)
+        tag = hashlib.sha1((text + torch.__version__ + " ".join(cflags)).encode()).hexdigest()[:12]
         name = f"tinymixtral_avx2_{tag}"
         if not (Path(cpp_extension._get_build_directory(name, False)) / f"{name}.so").exists():
             print("tinymixtral: building the AVX2 int8/int4 kernels (once; about a minute)", file=sys.stderr)
-        cpp_extension.load(name=name, sources=[str(src)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
+        cpp_extension.load(name=name, sources=[str(src) for src in srcs], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
                            is_python_module=False, verbose=False)
         return True
     except Exception as e:  # no compiler, no ninja, a failed build: torch's kernels

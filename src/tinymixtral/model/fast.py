@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import gemv
+
 FEW_ROWS = 16  # up to this many rows, split w over the threads (beyond, gemm is compute-bound and threaded)
 
 
@@ -32,6 +34,8 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     M = x.numel() // I if I else 0
     if x.device.type != "cpu" or M > FEW_ROWS:
         return F.linear(x, w)
+    if gemv.applies(x, w):  # AVX2: one pass over w on all threads, eager and compiled
+        return gemv.linear(x, w)
     if torch.compiler.is_compiling() and not torch.is_grad_enabled():
         return mv(x, w)
     T = torch.get_num_threads()
