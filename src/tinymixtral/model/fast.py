@@ -9,6 +9,7 @@ only the kernel differs. Shapes: N tokens, M = N*K token-expert rows, I in, O ou
   thread and running the blocks as one batched product streams at ~25 GB/s, the memory's full rate (the
   32000 x 512 LM head: 6.7 ms -> 2.6 ms). Inside torch.compile it is written as (x * w).sum(-1) (`mv`):
   inductor makes that one vectorised, multi-threaded pass over w, ~4x faster here than the bmm split.
+  Where the CPU has AVX2 + FMA, `gemv.py`'s kernel takes these products instead, eager and compiled.
 - `grouped_mm`: rows grouped by expert times each expert's weight, in one call where torch has it.
 - `experts_few` / `experts_gathered`: the MoE for a few tokens at inference, reading only the chosen
   experts (`Experts.forward` would sort, count and visit every expert).
