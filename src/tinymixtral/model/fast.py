@@ -9,6 +9,7 @@ only the kernel differs. Shapes: N tokens, M = N*K token-expert rows, I in, O ou
   thread and running the blocks as one batched product streams at ~25 GB/s, the memory's full rate (the
   32000 x 512 LM head: 6.7 ms -> 2.6 ms). Inside torch.compile it is written as (x * w).sum(-1) (`mv`):
   inductor makes that one vectorised, multi-threaded pass over w, ~4x faster here than the bmm split.
+  Where the CPU has AVX2 + FMA, `gemv.py`'s kernel takes these products instead, eager and compiled.
 - `grouped_mm`: rows grouped by expert times each expert's weight, in one call where torch has it.
 - `experts_few` / `experts_gathered`: the MoE for a few tokens at inference, reading only the chosen
   experts (`Experts.forward` would sort, count and visit every expert).
@@ -22,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import gemv
+
 FEW_ROWS = 16  # up to this many rows, split w over the threads (beyond, gemm is compute-bound and threaded)
 
 
@@ -32,6 +35,8 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     M = x.numel() // I if I else 0
     if x.device.type != "cpu" or M > FEW_ROWS:
         return F.linear(x, w)
+    if gemv.applies(x, w):  # AVX2: one pass over w on all threads, eager and compiled
+        return gemv.linear(x, w)
     if torch.compiler.is_compiling() and not torch.is_grad_enabled():
         return mv(x, w)
     T = torch.get_num_threads()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, capacity
-from . import fast
+from . import fast, gemv
 from .fast import Linear
 
 
@@ -87,6 +87,8 @@ class Experts(nn.Module):
         """(Σ_k weight_k · expert_k(x) [N, D], assignments dropped over capacity)."""
         N, K = experts_NK.shape
         few_tokens = fast.experts_path(N, K, self.n_experts, capacity)  # decode: only the chosen experts
+        if few_tokens is not None and gemv.applies(x_ND, self.w13) and self.w2.is_contiguous():
+            return gemv.experts(x_ND, self.w13, self.w2, experts_NK, weights_NK), 0  # one op, both products
         if few_tokens is not None:
             return few_tokens(self, x_ND, weights_NK, experts_NK), 0
         order_M, counts_E, n_dropped = dispatch(experts_NK, self.n_experts, capacity)

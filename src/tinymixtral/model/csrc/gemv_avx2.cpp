@@ -1,0 +1,228 @@
+// fp32 / bf16-weight products for a few rows (batch-1 decode) on AVX2 + FMA, summed in fp32.
+//
+// mv(x [M, K], w [N, K]) -> y [M, N] = x @ w^T: each weight row is read once for all M rows of x (up to
+// 4 at a time), 4 rows per inner iteration (8 FMA chains for one row of x: FMA latency), all threads
+// over blocks of output rows (torch's pool, at::parallel_for; a small weight stays on one thread).
+// experts_mv(x [N, D], w13 [E, 2F, D], w2 [E, D, F], experts [N, K], weights [N, K]) -> y [N, D]: the
+// whole SwiGLU expert sum of a few tokens, Σ_k weights[n,k] * w2_e (silu(w1_e x) * w3_e x) with
+// e = experts[n,k] (w1 the first F rows of w13, w3 the last F), in two parallel passes; only the chosen
+// experts' weights are read.
+// Weights fp32 or bf16 (x in the same dtype; the products and sums in fp32, the output in x's dtype).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {  // bf16 -> fp32: the 16 bits become the high half
+  __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+inline float load1(const float* p) { return *p; }
+inline float load1(const c10::BFloat16* p) { return static_cast<float>(*p); }
+
+constexpr int64_t PF = 2048;  // prefetch this many bytes ahead in each row (into the next rows at its end)
+
+// NR weight rows (stride K) times MB rows of x (fp32, stride ldx) -> y[m * ldy + r].
+template <int MB, int NR, typename W>
+inline void tile(const float* x, int64_t ldx, const W* w, int64_t K, float* y, int64_t ldy) {
+  constexpr int A = MB == 1 ? 2 : 1;  // one row of x: two accumulators a row (independent FMA chains)
+  __m256 acc[MB][NR][A];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < NR; ++r)
+      for (int a = 0; a < A; ++a) acc[m][r][a] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m256 w0[NR], w1[NR];
+    for (int r = 0; r < NR; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k + PF / sizeof(W)), _MM_HINT_T0);
+      w0[r] = load8(w + r * K + k);
+      w1[r] = load8(w + r * K + k + 8);
+    }
+    for (int m = 0; m < MB; ++m) {
+      __m256 x0 = load8(x + m * ldx + k), x1 = load8(x + m * ldx + k + 8);
+      for (int r = 0; r < NR; ++r) {
+        acc[m][r][0] = _mm256_fmadd_ps(w0[r], x0, acc[m][r][0]);
+        acc[m][r][A - 1] = _mm256_fmadd_ps(w1[r], x1, acc[m][r][A - 1]);
+      }
+    }
+  }
+  for (; k + 8 <= K; k += 8)
+    for (int m = 0; m < MB; ++m) {
+      __m256 xv = load8(x + m * ldx + k);
+      for (int r = 0; r < NR; ++r) acc[m][r][0] = _mm256_fmadd_ps(load8(w + r * K + k), xv, acc[m][r][0]);
+    }
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < NR; ++r) {
+      float t = hsum(A == 2 ? _mm256_add_ps(acc[m][r][0], acc[m][r][A - 1]) : acc[m][r][0]);
+      for (int64_t kk = k; kk < K; ++kk) t += load1(w + r * K + kk) * x[m * ldx + kk];
+      y[m * ldy + r] = t;
+    }
+}
+
+// Output rows [n0, n1) of w (stride K) for MB rows of x.
+template <int MB, typename W>
+void rows(const float* x, int64_t ldx, const W* w, int64_t K, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  constexpr int NR = MB == 1 ? 4 : MB == 2 ? 4 : 2;
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) tile<MB, NR>(x, ldx, w + n * K, K, y + n, ldy);
+  for (; n < n1; ++n) tile<MB, 1>(x, ldx, w + n * K, K, y + n, ldy);
+}
+
+template <typename W>
+void rows_m(int64_t mb, const float* x, int64_t ldx, const W* w, int64_t K, int64_t n0, int64_t n1, float* y,
+            int64_t ldy) {
+  switch (mb) {
+    case 1: return rows<1>(x, ldx, w, K, n0, n1, y, ldy);
+    case 2: return rows<2>(x, ldx, w, K, n0, n1, y, ldy);
+    case 3: return rows<3>(x, ldx, w, K, n0, n1, y, ldy);
+    default: return rows<4>(x, ldx, w, K, n0, n1, y, ldy);
+  }
+}
+
+constexpr int64_t BLOCK = 16;  // output rows per parallel work item
+
+// Work items of at least ~32 KB of weights, so a small matrix stays on one thread (no parallel region).
+inline int64_t grain(int64_t row_bytes) { return std::max<int64_t>(1, (32 << 10) / (BLOCK * row_bytes)); }
+
+// x [M, K] (unit column stride) as contiguous fp32.
+std::vector<float> to_float(const at::Tensor& x) {
+  const int64_t M = x.size(0), K = x.size(1), sx = x.stride(0);
+  std::vector<float> out(M * K);
+  if (x.scalar_type() == at::kFloat) {
+    const float* p = x.const_data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m) std::copy(p + m * sx, p + m * sx + K, out.data() + m * K);
+  } else {
+    const c10::BFloat16* p = x.const_data_ptr<c10::BFloat16>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) out[m * K + k] = static_cast<float>(p[m * sx + k]);
+  }
+  return out;
+}
+
+void check_dtypes(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "gemv: CPU tensors");
+  TORCH_CHECK((w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16) &&
+                  x.scalar_type() == w.scalar_type(),
+              "gemv: x and w both fp32 or both bf16, got ", x.scalar_type(), " and ", w.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "gemv: x must be [M, K] with unit column stride");
+  TORCH_CHECK(w.is_contiguous(), "gemv: contiguous weights");
+}
+
+template <typename W>
+void mv_impl(const float* x, int64_t M, const W* w, int64_t N, int64_t K, float* y) {
+  const int64_t blocks = (N + BLOCK - 1) / BLOCK;
+  at::parallel_for(0, blocks, grain(K * sizeof(W)), [&](int64_t b0, int64_t b1) {
+    for (int64_t m = 0; m < M; m += 4)
+      rows_m(std::min<int64_t>(4, M - m), x + m * K, K, w, K, b0 * BLOCK, std::min(N, b1 * BLOCK), y + m * N, N);
+  });
+}
+
+at::Tensor mv(const at::Tensor& x, const at::Tensor& w) {
+  check_dtypes(x, w);
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1), "gemv: w must be [N, K] with K = x.size(1)");
+  const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
+  const std::vector<float> xf = to_float(x);
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  if (w.scalar_type() == at::kFloat)
+    mv_impl(xf.data(), M, w.const_data_ptr<float>(), N, K, y.mutable_data_ptr<float>());
+  else
+    mv_impl(xf.data(), M, w.const_data_ptr<c10::BFloat16>(), N, K, y.mutable_data_ptr<float>());
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+inline float silu(float g) { return g / (1.f + std::exp(-g)); }
+
+template <typename W>
+void experts_impl(const float* x, int64_t N, int64_t D, int64_t F, int64_t K, const W* w13, const W* w2,
+                  const int64_t* e, const float* wt, float* h, float* y, bool round_bf16) {
+  // pass 1: h[n, k, :] = silu(w1_e x_n) * w3_e x_n, over (assignment, block of F rows)
+  const int64_t fb = (F + BLOCK - 1) / BLOCK;
+  at::parallel_for(0, N * K * fb, grain(2 * D * sizeof(W)), [&](int64_t b0, int64_t b1) {
+    float g[BLOCK], u[BLOCK];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t a = b / fb, j0 = (b % fb) * BLOCK, j1 = std::min(F, j0 + BLOCK);
+      const W* we = w13 + e[a] * 2 * F * D;
+      const float* xn = x + (a / K) * D;
+      rows<1>(xn, D, we + j0 * D, D, 0, j1 - j0, g, 0);
+      rows<1>(xn, D, we + (F + j0) * D, D, 0, j1 - j0, u, 0);
+      for (int64_t j = j0; j < j1; ++j) {
+        float gj = g[j - j0], uj = u[j - j0];
+        if (round_bf16) {  // as the bf16 model rounds each product, and silu's output, to bf16
+          gj = float(c10::BFloat16(gj));
+          uj = float(c10::BFloat16(uj));
+          h[a * F + j] = float(c10::BFloat16(float(c10::BFloat16(silu(gj))) * uj));
+        } else {
+          h[a * F + j] = silu(gj) * uj;
+        }
+      }
+    }
+  });
+  // pass 2: y[n, d] = Σ_k wt[n, k] * (w2_e[d] . h[n, k]), over (token, block of D rows)
+  const int64_t db = (D + BLOCK - 1) / BLOCK;
+  at::parallel_for(0, N * db, grain(K * F * sizeof(W)), [&](int64_t b0, int64_t b1) {
+    float t[BLOCK];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b / db, d0 = (b % db) * BLOCK, d1 = std::min(D, d0 + BLOCK);
+      for (int64_t d = d0; d < d1; ++d) y[n * D + d] = 0.f;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t a = n * K + k;
+        rows<1>(h + a * F, F, w2 + (e[a] * D + d0) * F, F, 0, d1 - d0, t, 0);
+        for (int64_t d = d0; d < d1; ++d) y[n * D + d] += wt[a] * t[d - d0];
+      }
+    }
+  });
+}
+
+at::Tensor experts_mv(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2, const at::Tensor& experts,
+                      const at::Tensor& weights) {
+  check_dtypes(x, w13);
+  TORCH_CHECK(w2.scalar_type() == w13.scalar_type() && w2.is_contiguous(), "gemv: w2 like w13, contiguous");
+  const int64_t N = x.size(0), D = x.size(1), E = w13.size(0), F = w13.size(1) / 2, K = experts.size(1);
+  TORCH_CHECK(w13.dim() == 3 && w13.size(1) == 2 * F && w13.size(2) == D && w2.dim() == 3 && w2.size(0) == E &&
+                  w2.size(1) == D && w2.size(2) == F,
+              "gemv: w13 [E, 2F, D] and w2 [E, D, F]");
+  TORCH_CHECK(experts.scalar_type() == at::kLong && experts.dim() == 2 && experts.size(0) == N &&
+                  experts.is_contiguous() && weights.scalar_type() == at::kFloat && weights.sizes() == experts.sizes() &&
+                  weights.is_contiguous(),
+              "gemv: experts int64 [N, K] and fp32 weights [N, K]");
+  const int64_t* e = experts.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < N * K; ++i) TORCH_CHECK(e[i] >= 0 && e[i] < E, "gemv: expert id out of range");
+  const std::vector<float> xf = to_float(x);
+  std::vector<float> h(N * K * F), wt(weights.const_data_ptr<float>(), weights.const_data_ptr<float>() + N * K);
+  at::Tensor y = at::empty({N, D}, x.options().dtype(at::kFloat));
+  if (w13.scalar_type() == at::kFloat) {
+    experts_impl(xf.data(), N, D, F, K, w13.const_data_ptr<float>(), w2.const_data_ptr<float>(), e, wt.data(),
+                 h.data(), y.mutable_data_ptr<float>(), false);
+  } else {
+    for (float& v : wt) v = float(c10::BFloat16(v));  // the model multiplies by the weights cast to its dtype
+    experts_impl(xf.data(), N, D, F, K, w13.const_data_ptr<c10::BFloat16>(), w2.const_data_ptr<c10::BFloat16>(), e,
+                 wt.data(), h.data(), y.mutable_data_ptr<float>(), true);
+  }
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tinymixtral_gemv, m) {
+  m.def("mv(Tensor x, Tensor w) -> Tensor");
+  m.def("experts_mv(Tensor x, Tensor w13, Tensor w2, Tensor experts, Tensor weights) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tinymixtral_gemv, CPU, m) {
+  m.impl("mv", &mv);
+  m.impl("experts_mv", &experts_mv);
+}

@@ -1,0 +1,61 @@
+"""fp32 / bf16 products for a few rows (batch-1 decode) through tinymixtral's AVX2 kernels (`csrc/gemv_avx2.cpp`,
+built with the int8/int4 ones by `cpu_kernels.load_avx2`).
+
+A decode step only streams weights from memory. These kernels read each weight row once, 4 rows per inner
+iteration on all threads (torch's pool), and run the chosen experts of a few tokens (both products and
+SwiGLU) as one op with two parallel passes, where the plain code runs ~20 small ops per layer. They are plain
+torch ops with fake (shape-only) kernels, so a compiled step calls them as they are. Where the CPU lacks
+AVX2 + FMA, with TINYMIXTRAL_KERNELS=torch, when the build fails, or under autograd, nothing changes: the
+callers (`fast.linear`, `Experts.forward`) keep their own paths.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import cpu_kernels
+
+DTYPES = (torch.float32, torch.bfloat16)
+_READY: list[bool] = []  # the answer, once known
+
+
+def ready() -> bool:
+    """Whether the kernels are loaded (built on first use). Compiled code takes the answer of the eager calls
+    before it (generation prefills eagerly)."""
+    if torch.compiler.is_compiling():
+        return bool(_READY and _READY[0])
+    if not _READY:
+        ok = cpu_kernels.avx2_kernels() and hasattr(torch.ops.tinymixtral_gemv, "mv")
+        if ok:
+            _register_fakes()
+        _READY.append(ok)
+    return _READY[0]
+
+
+def applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether x [..., K] @ w^T (or the experts of w) can run here: CPU, inference, fp32 or bf16 in both."""
+    return (x.device.type == "cpu" and w.device.type == "cpu" and not torch.is_grad_enabled()
+            and x.dtype == w.dtype and w.dtype in DTYPES and w.is_contiguous() and ready())
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, w) for x [..., K], w [N, K] (contiguous), a few rows of x."""
+    x_MK = x.reshape(-1, x.shape[-1])
+    y = torch.ops.tinymixtral_gemv.mv(x_MK if x_MK.stride(-1) == 1 else x_MK.contiguous(), w)
+    return y.view(*x.shape[:-1], w.shape[0])
+
+
+def experts(x_ND, w13_EHD, w2_EDF, experts_NK, weights_NK) -> torch.Tensor:
+    """Σ_k weights[n, k] * w2_e(silu(w1_e x_n) * w3_e x_n), e = experts[n, k]: Experts.forward for a few tokens."""
+    return torch.ops.tinymixtral_gemv.experts_mv(x_ND.contiguous(), w13_EHD, w2_EDF, experts_NK.contiguous(),
+                                                 weights_NK.float().contiguous())
+
+
+def _register_fakes():
+    @torch.library.register_fake("tinymixtral_gemv::mv")
+    def _(x, w):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("tinymixtral_gemv::experts_mv")
+    def _(x, w13, w2, experts, weights):
+        return x.new_empty(x.shape)
