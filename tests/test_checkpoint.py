@@ -376,8 +376,11 @@ def test_loading_holds_the_checkpoint_once(tmp_path):
     assert grown <= 1.25 * size + 150e6, (grown, size)
     grown, size = peak("bf16", 0)
     assert size < 0.51 * fp32_bytes and grown <= 1.25 * size + 150e6, (grown, size)
+    # int4: the quantized model (int4 + fp32 scales, embedding, head) + one fused fp32 tensor in flight + slack
+    # for the allocator and transparent huge pages (measured 68-91 MB here, run to run); the checkpoint is 178 MB
+    largest = 4 * cfg.n_experts * 2 * cfg.d_ff * cfg.d_model  # w13 of one layer, fused, in fp32
     grown, size = peak("fp32", 4)
-    assert size < 0.3 * fp32_bytes and grown < 0.5 * fp32_bytes, (grown, size, fp32_bytes)  # int4 + fp32 scales, embedding, head
+    assert size < 0.3 * fp32_bytes and grown < size + largest + 50e6 < 0.7 * fp32_bytes, (grown, size, fp32_bytes)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
