@@ -191,3 +191,27 @@ def test_env_var_keeps_activations_exact():
     env = {**os.environ, "TINYMIXTRAL_KERNELS": "exact", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("group_size,K", [(32, 96), (64, 512), (128, 384), (16, 80)])
+@pytest.mark.parametrize("M", [1, 3, 6])
+def test_int4_bf16_scales_read_as_stored(group_size, K, M):
+    """A bf16 model's int4 scales and zeros go to the kernels as they are (no fp32 copy held beside them) and
+    give exactly what the same values in fp32 give: the q8 kernel, the exact one (TINYMIXTRAL_KERNELS=exact;
+    group 16 takes it by default), one weight and a stack with experts per row."""
+    g = torch.Generator().manual_seed(M)
+    w, x = torch.randn(3, 40, K, generator=g), torch.randn(M, K, generator=g)
+    q = quantize(w, 4, group_size)
+    s16, z16 = q["scales"].bfloat16(), q["zeros"].bfloat16()
+    ops = cpu_kernels.kernel_operands(q["weight"], s16, z16, torch.float32, False)
+    assert ops[1].dtype == ops[2].dtype == torch.bfloat16 and ops[1].data_ptr() == s16.data_ptr()
+    experts = torch.arange(M) % 3
+    for op in (OPS.int4_q8_mm, OPS.int4_mm):
+        for wq, s, z, e in ((q["weight"][1], s16[1], z16[1], None), (q["weight"], s16, z16, experts)):
+            if op is OPS.int4_q8_mm and group_size % 32:
+                continue
+            torch.testing.assert_close(op(x, wq, s, z, group_size, e), op(x, wq, s.float(), z.float(), group_size, e),
+                                       rtol=0, atol=0)
+    w_hat = dequantize(q["weight"][1], s16[1].float(), z16[1].float())
+    y = cpu_kernels.woq_mm(x, q["weight"][1], s16[1], z16[1], group_size, None)
+    torch.testing.assert_close(y, x @ w_hat.mT, rtol=0.02, atol=0.02 * (x @ w_hat.mT).abs().max().item())

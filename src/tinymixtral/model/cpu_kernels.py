@@ -157,12 +157,15 @@ def _(x_MK, weight, scales, zeros, group_size, experts_M):
 
 def kernel_operands(weight, scales, zeros, dtype: torch.dtype, in_layout: bool) -> tuple:
     """The kernel's operands for a weight [..., N, K] (all experts of a stack), (weight, scales, zeros or None).
-    AVX2 kernels: the module's own tensors (int8 scales as [..., N]), fp32. torch's: the int8 weight with
-    scales in `dtype`, or the int4 weight in its layout (itself if `in_layout`, else a converted copy) with
-    its scales_and_zeros."""
+    AVX2 kernels: the module's own tensors (int8 scales as [..., N] fp32; int4 scales and zeros as stored, fp32
+    or bf16, so that a bf16 model's int4 scales are not held twice). torch's: the int8 weight with scales in
+    `dtype`, or the int4 weight in its layout (itself if `in_layout`, else a converted copy) with its
+    scales_and_zeros."""
     if ours(8 if zeros is None else 4):
-        f32 = [t if t is None else t.float().contiguous() for t in (scales, zeros)]
-        return (weight.contiguous(), f32[0][..., 0].contiguous(), None) if zeros is None else (weight, *f32)
+        if zeros is None:
+            return weight.contiguous(), scales[..., 0].float().contiguous(), None
+        keep = scales.dtype == zeros.dtype and scales.dtype in (torch.float32, torch.bfloat16)
+        return (weight, *[t.contiguous() if keep else t.float().contiguous() for t in (scales, zeros)])
     if zeros is None:
         return weight.contiguous(), scales[..., 0].to(dtype).contiguous(), None
     q = weight if in_layout else torch.stack([

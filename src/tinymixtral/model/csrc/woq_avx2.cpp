@@ -3,7 +3,7 @@
 //
 // int8: weight int8 [N, K], scales fp32 [N] (w = q * s; s is applied once per output).
 // int4: weight uint8 [N, K/2] in tinymixtral's storage layout (column 2j in the low nibble of byte j,
-//       2j+1 in the high one), scales and zeros fp32 [N, G] (w = (q - 8) s + z = q s + (z - 8 s)).
+//       2j+1 in the high one), scales and zeros fp32 or bf16 [N, G] (w = (q - 8) s + z = q s + (z - 8 s)).
 //       x is split once per call into its even and odd columns, so one byte-to-int32 widening of 8
 //       bytes gives 16 weights: low nibbles (& 15) against x_even, high nibbles (>> 4) against x_odd.
 // With `experts` [M] the weights are stacks [E, ...] and row m of x is multiplied by expert experts[m].
@@ -53,8 +53,8 @@ void int8_rows(const float* x, int64_t ldx, const int8_t* w, int64_t K, const fl
 
 // ---- int4 ------------------------------------------------------------------------------------------
 // x is split: xs[m * ldx + j] = x[m, 2j], xs[m * ldx + K/2 + j] = x[m, 2j + 1].
-template <int MB, int NR>
-void int4_tile(const float* xs, int64_t ldx, const uint8_t* w, int64_t K, const float* s, const float* z,
+template <int MB, int NR, typename S>
+void int4_tile(const float* xs, int64_t ldx, const uint8_t* w, int64_t K, const S* s, const S* z,
                int64_t G, int64_t gs, float* y, int64_t ldy) {
   const int64_t half = K / 2, gb = gs / 2;  // bytes per row, per group
   const __m256i low = _mm256_set1_epi32(15);
@@ -67,8 +67,8 @@ void int4_tile(const float* xs, int64_t ldx, const uint8_t* w, int64_t K, const 
   for (int64_t g = 0; g < G; ++g) {
     __m256 sv[NR], zv[NR];
     for (int r = 0; r < NR; ++r) {
-      sv[r] = _mm256_broadcast_ss(s + r * G + g);
-      zv[r] = _mm256_fnmadd_ps(eight, sv[r], _mm256_broadcast_ss(z + r * G + g));  // z - 8 s
+      sv[r] = _mm256_set1_ps(ld1(s + r * G + g));
+      zv[r] = _mm256_fnmadd_ps(eight, sv[r], _mm256_set1_ps(ld1(z + r * G + g)));  // z - 8 s
     }
     for (int64_t j = g * gb; j < (g + 1) * gb; j += 8) {
       __m256 lo[NR], hi[NR];
@@ -90,8 +90,8 @@ void int4_tile(const float* xs, int64_t ldx, const uint8_t* w, int64_t K, const 
     for (int r = 0; r < NR; ++r) y[m * ldy + r] = hsum(A == 2 ? _mm256_add_ps(acc[m][r][0], acc[m][r][A - 1]) : acc[m][r][0]);
 }
 
-template <int MB>
-void int4_rows(const float* xs, int64_t ldx, const uint8_t* w, int64_t K, const float* s, const float* z, int64_t G,
+template <int MB, typename S>
+void int4_rows(const float* xs, int64_t ldx, const uint8_t* w, int64_t K, const S* s, const S* z, int64_t G,
                int64_t gs, int64_t n0, int64_t n1, float* y, int64_t ldy) {
   constexpr int NR = MB <= 2 ? 4 : 2;
   int64_t n = n0;
@@ -130,24 +130,23 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   check(x, w, K);
   TORCH_CHECK(w.scalar_type() == at::kByte && group_size % 16 == 0 && G * group_size == K,
               "woq kernels: int4 weight [.., N, K/2], groups a multiple of 16 that divide K");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && zeros.scalar_type() == at::kFloat && scales.is_contiguous() &&
-                  zeros.is_contiguous() && scales.numel() == w.numel() / (K / 2) * G && zeros.numel() == scales.numel(),
-              "woq kernels: fp32 scales and zeros [.., N, G]");
   TORCH_CHECK(experts.has_value() == (w.dim() == 3), "woq kernels: a stack of weights needs experts");
   const std::vector<float> xf = to_float(x, true, K);
   const float* xp = xf.data();
   const uint8_t* wp = w.const_data_ptr<uint8_t>();
-  const float *sp = scales.const_data_ptr<float>(), *zp = zeros.const_data_ptr<float>();
   const int64_t half = K / 2;
-  return run(x, N, half, experts, [&](int64_t mb, int64_t m, int64_t e, int64_t n0, int64_t n1, float* y) {
-    const float *xm = xp + m * K, *se = sp + e * N * G, *ze = zp + e * N * G;
-    const uint8_t* we = wp + e * N * half;
-    switch (mb) {
-      case 1: return int4_rows<1>(xm, K, we, K, se, ze, G, group_size, n0, n1, y, N);
-      case 2: return int4_rows<2>(xm, K, we, K, se, ze, G, group_size, n0, n1, y, N);
-      case 3: return int4_rows<3>(xm, K, we, K, se, ze, G, group_size, n0, n1, y, N);
-      default: return int4_rows<4>(xm, K, we, K, se, ze, G, group_size, n0, n1, y, N);
-    }
+  return with_scales(scales, zeros, w.numel() / half * G, [&](const auto* sp, const auto* zp) {
+    return run(x, N, half, experts, [&](int64_t mb, int64_t m, int64_t e, int64_t n0, int64_t n1, float* y) {
+      const auto *se = sp + e * N * G, *ze = zp + e * N * G;
+      const float* xm = xp + m * K;
+      const uint8_t* we = wp + e * N * half;
+      switch (mb) {
+        case 1: return int4_rows<1>(xm, K, we, K, se, ze, G, group_size, n0, n1, y, N);
+        case 2: return int4_rows<2>(xm, K, we, K, se, ze, G, group_size, n0, n1, y, N);
+        case 3: return int4_rows<3>(xm, K, we, K, se, ze, G, group_size, n0, n1, y, N);
+        default: return int4_rows<4>(xm, K, we, K, se, ze, G, group_size, n0, n1, y, N);
+      }
+    });
   });
 }
 

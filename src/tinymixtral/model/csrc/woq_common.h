@@ -22,6 +22,26 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+// int4 scales and zeros are read as stored, fp32 or bf16 (bf16 -> fp32 is a 16-bit shift), never copied.
+inline float ld1(const float* p) { return *p; }
+inline float ld1(const c10::BFloat16* p) { return static_cast<float>(*p); }
+inline __m256 ld8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 ld8(const c10::BFloat16* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+// f(scales, zeros) with typed pointers: both fp32 or both bf16, contiguous, `n` elements each.
+template <typename F>
+auto with_scales(const at::Tensor& scales, const at::Tensor& zeros, int64_t n, F f) {
+  TORCH_CHECK(scales.scalar_type() == zeros.scalar_type() && scales.is_contiguous() && zeros.is_contiguous() &&
+                  scales.numel() == n && zeros.numel() == n,
+              "woq kernels: scales and zeros [.., N, G], contiguous, of one dtype");
+  if (scales.scalar_type() == at::kBFloat16)
+    return f(scales.const_data_ptr<c10::BFloat16>(), zeros.const_data_ptr<c10::BFloat16>());
+  TORCH_CHECK(scales.scalar_type() == at::kFloat, "woq kernels: int4 scales and zeros must be fp32 or bf16");
+  return f(scales.const_data_ptr<float>(), zeros.const_data_ptr<float>());
+}
+
 // x [M, K] (fp32, bf16 or fp16, unit column stride) -> fp32 [M, ld], split into even | odd columns for int4.
 inline std::vector<float> to_float(const at::Tensor& x, bool split, int64_t ld) {
   const int64_t M = x.size(0), K = x.size(1), sx = x.stride(0);

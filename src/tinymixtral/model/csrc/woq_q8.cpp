@@ -12,7 +12,7 @@
 //   bytes: |w| against x's q carrying w's sign (_mm256_sign_epi8, llama.cpp's trick). The row scale goes on
 //   once, at the end.
 // int4: weight uint8 [N, K/2] in the storage layout (column 2j in the low nibble of byte j, 2j+1 in the high
-//   one), scales and zeros fp32 [N, G], group_size % 32 == 0. w = q s + (z - 8 s) with q in 0..15, already
+//   one), scales and zeros fp32 or bf16 [N, G], group_size % 32 == 0. w = q s + (z - 8 s) with q in 0..15, already
 //   unsigned. One 32-byte load holds 64 columns: its low nibbles are their even columns, its high nibbles the
 //   odd ones. So x's q is kept per 64 columns as [even 32 | odd 32]: the low 128 bits then hold block 2p and
 //   the high ones block 2p+1, and each gets its own d (and group scale) in a [d x4 | d' x4] vector. The
@@ -140,12 +140,21 @@ struct Q4Act {
   }
 };
 
-template <int MB, int NR>
-void i4_tile(const Q4Act& x, int64_t m0, const uint8_t* w, int64_t K, const float* s, const float* z, int64_t gs,
+// [s[g0] x4 | s[g1] x4]: the scales of a 64-column step's two 32-column blocks (g1 is g0 or g0 + 1)
+inline __m256 two(const float* s, int64_t g0, int64_t g1) {
+  if (g0 == g1) return _mm256_broadcast_ss(s + g0);
+  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i*)(s + g0)))),
+                                  _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+}
+inline __m256 two(const c10::BFloat16* s, int64_t g0, int64_t g1) {
+  return _mm256_setr_m128(_mm_set1_ps(ld1(s + g0)), _mm_set1_ps(ld1(s + g1)));
+}
+
+template <int MB, int NR, typename S>
+void i4_tile(const Q4Act& x, int64_t m0, const uint8_t* w, int64_t K, const S* s, const S* z, int64_t gs,
              float* y, int64_t ldy) {
   const int64_t half = K / 2, G = x.G, Kp = x.a.Kp;
   const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15);
-  const __m256i two = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
   __m256 acc[MB][NR];
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
@@ -163,10 +172,7 @@ void i4_tile(const Q4Act& x, int64_t m0, const uint8_t* w, int64_t K, const floa
                                          : _mm256_inserti128_si256(_mm256_setzero_si256(),
                                                _mm_loadu_si128((const __m128i*)(w + r * half + p * 32)), 0);
       const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-      const float* sr = s + r * G;
-      const __m256 sv = g0 == g1 ? _mm256_broadcast_ss(sr + g0)
-                                 : _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castsi128_ps(
-                                       _mm_loadl_epi64((const __m128i*)(sr + g0)))), two);
+      const __m256 sv = two(s + r * G, g0, g1);
       for (int m = 0; m < MB; ++m) {
         const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe[m]), _mm256_maddubs_epi16(hi, xo[m]));
         const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
@@ -178,21 +184,20 @@ void i4_tile(const Q4Act& x, int64_t m0, const uint8_t* w, int64_t K, const floa
   for (int m = 0; m < MB; ++m) {
     const float* xg = x.xg.data() + (m0 + m) * G;
     for (int r = 0; r < NR; ++r) {
-      const float *sr = s + r * G, *zr = z + r * G;
+      const S *sr = s + r * G, *zr = z + r * G;
       __m256 za = _mm256_setzero_ps();
       int64_t g = 0;
       for (; g + 8 <= G; g += 8)
-        za = _mm256_fmadd_ps(_mm256_fnmadd_ps(eight, _mm256_loadu_ps(sr + g), _mm256_loadu_ps(zr + g)),
-                             _mm256_loadu_ps(xg + g), za);
+        za = _mm256_fmadd_ps(_mm256_fnmadd_ps(eight, ld8(sr + g), ld8(zr + g)), _mm256_loadu_ps(xg + g), za);
       float t = hsum(acc[m][r]) + hsum(za);
-      for (; g < G; ++g) t += (zr[g] - 8.f * sr[g]) * xg[g];
+      for (; g < G; ++g) t += (ld1(zr + g) - 8.f * ld1(sr + g)) * xg[g];
       y[m * ldy + r] = t;
     }
   }
 }
 
-template <int MB>
-void i4_rows(const Q4Act& x, int64_t m0, const uint8_t* w, int64_t K, const float* s, const float* z, int64_t gs,
+template <int MB, typename S>
+void i4_rows(const Q4Act& x, int64_t m0, const uint8_t* w, int64_t K, const S* s, const S* z, int64_t gs,
              int64_t n0, int64_t n1, float* y, int64_t ldy) {
   constexpr int NR = MB == 1 ? 4 : 2;
   const int64_t half = K / 2, G = x.G;
@@ -232,23 +237,21 @@ at::Tensor int4_q8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   check(x, w, K);
   TORCH_CHECK(w.scalar_type() == at::kByte && group_size % 32 == 0 && G * group_size == K,
               "woq kernels: int8 activations need an int4 weight [.., N, K/2] in groups of a multiple of 32");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && zeros.scalar_type() == at::kFloat && scales.is_contiguous() &&
-                  zeros.is_contiguous() && scales.numel() == w.numel() / (K / 2) * G && zeros.numel() == scales.numel(),
-              "woq kernels: fp32 scales and zeros [.., N, G]");
   TORCH_CHECK(experts.has_value() == (w.dim() == 3), "woq kernels: a stack of weights needs experts");
   const Q4Act a(x, group_size);
   const uint8_t* wp = w.const_data_ptr<uint8_t>();
-  const float *sp = scales.const_data_ptr<float>(), *zp = zeros.const_data_ptr<float>();
   const int64_t half = K / 2;
-  return run(x, N, half, experts, [&](int64_t mb, int64_t m, int64_t e, int64_t n0, int64_t n1, float* y) {
-    const float *se = sp + e * N * G, *ze = zp + e * N * G;
-    const uint8_t* we = wp + e * N * half;
-    switch (mb) {
-      case 1: return i4_rows<1>(a, m, we, K, se, ze, group_size, n0, n1, y, N);
-      case 2: return i4_rows<2>(a, m, we, K, se, ze, group_size, n0, n1, y, N);
-      case 3: return i4_rows<3>(a, m, we, K, se, ze, group_size, n0, n1, y, N);
-      default: return i4_rows<4>(a, m, we, K, se, ze, group_size, n0, n1, y, N);
-    }
+  return with_scales(scales, zeros, w.numel() / half * G, [&](const auto* sp, const auto* zp) {
+    return run(x, N, half, experts, [&](int64_t mb, int64_t m, int64_t e, int64_t n0, int64_t n1, float* y) {
+      const auto *se = sp + e * N * G, *ze = zp + e * N * G;
+      const uint8_t* we = wp + e * N * half;
+      switch (mb) {
+        case 1: return i4_rows<1>(a, m, we, K, se, ze, group_size, n0, n1, y, N);
+        case 2: return i4_rows<2>(a, m, we, K, se, ze, group_size, n0, n1, y, N);
+        case 3: return i4_rows<3>(a, m, we, K, se, ze, group_size, n0, n1, y, N);
+        default: return i4_rows<4>(a, m, we, K, se, ze, group_size, n0, n1, y, N);
+      }
+    });
   });
 }
 
