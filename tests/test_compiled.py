@@ -13,7 +13,7 @@ from tinymixtral import generation
 from tinymixtral.cache import KVCache
 from tinymixtral.errors import TinyMixtralError
 from tinymixtral.generation import decode_compiled, generate, left_pad
-from tinymixtral.model import cpu_kernels
+from tinymixtral.model import cpu_kernels, quant
 from tinymixtral.model.quant import _Quantized
 from tinymixtral.quantize import quantize_model
 
@@ -71,17 +71,26 @@ def test_compiled_generate_equals_eager_dense_model():
 @pytest.mark.slow
 @pytest.mark.parametrize("bits", [8, 4])
 def test_compiled_quantized_decode(bits, monkeypatch):
-    """int8 / int4: the compiled step calls torch's CPU kernel as one opaque op (each row's experts picked
-    inside it), so it equals the eager step; without the kernel (use_kernel False, as off the CPU) the
-    fused dequantize-and-reduce agrees within bf16 rounding."""
+    """int8 / int4: the compiled step calls the CPU kernel as one opaque op (each row's experts picked inside
+    it): our C++ op itself where tinymixtral's kernels run, else torch's through `woq_mm`. So it equals the eager
+    step; without the kernel (use_kernel False, as off the CPU) the fused dequantize-and-reduce agrees within
+    bf16 rounding."""
     calls, kernel = [], cpu_kernels.kernel_matmul
-    monkeypatch.setattr(cpu_kernels, "kernel_matmul", lambda *a: calls.append(1) or kernel(*a))  # woq_mm's only
+    for where in (cpu_kernels, quant):  # woq_mm's, and the direct call (traced)
+        monkeypatch.setattr(where, "kernel_matmul", lambda *a: calls.append(1) or kernel(*a))
     model = quantize_model(tiny_model(DECODE, seed=2, d_model=64, d_ff=64), bits, group_size=32 if bits == 4 else None)
     prompts = [[1, 2, 3, 4], [5, 6]]  # two rows: their experts differ
-    eager_logits, comp_logits, _, _ = teacher_forced(model, prompts, 6)
+    eager_logits, comp_logits, _, comp = teacher_forced(model, prompts, 6)
     assert calls and not counters["graph_break"]
     torch.testing.assert_close(comp_logits, eager_logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(comp_logits.argmax(-1), eager_logits.argmax(-1))
+    with torch.no_grad(), torch.profiler.profile() as prof:  # one more compiled step: which ops it runs
+        decode_compiled(model, comp, comp_logits[:, -1].argmax(-1, keepdim=True), torch.tensor([[10], [8]]))
+    names = {e.name for e in prof.events()}
+    if cpu_kernels.ours(bits):
+        assert any(n.startswith("tinymixtral_avx2::") for n in names) and "tinymixtral::woq_mm" not in names
+    else:
+        assert "tinymixtral::woq_mm" in names
     monkeypatch.setattr(_Quantized, "use_kernel", False)
     calls.clear()
     eager_logits, comp_logits, _, _ = teacher_forced(model, prompts, 6)

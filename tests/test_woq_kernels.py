@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model
-from tinymixtral.model import cpu_kernels
+from tinymixtral.model import cpu_kernels, quant
 from tinymixtral.model.quant import QuantExperts, QuantLinear, dequantize, quantize
 from tinymixtral.quantize import quantize_model
 
@@ -101,7 +101,8 @@ def test_quant_experts_decode_equals_fallback(bits, group_size):
 @pytest.mark.parametrize("bits,group_size", [(8, None), (4, 32)])
 def test_compiled_calls_the_kernel(bits, group_size, monkeypatch):
     calls, kernel = [], cpu_kernels.kernel_matmul
-    monkeypatch.setattr(cpu_kernels, "kernel_matmul", lambda *a: calls.append(a[1].dtype) or kernel(*a))
+    for where in (cpu_kernels, quant):  # through woq_mm, or called directly (traced)
+        monkeypatch.setattr(where, "kernel_matmul", lambda *a: calls.append(a[1].dtype) or kernel(*a))
     torch.manual_seed(0)
     w, x = torch.randn(40, 64), torch.randn(1, 64)
     m = QuantLinear(64, 40, bits, group_size)

@@ -53,7 +53,15 @@ def avx2_kernels() -> bool:
         return bool(_AVX2 and _AVX2[0])
     if not _AVX2:
         _AVX2.append(load_avx2())
+        if _AVX2[0]:
+            _register_fakes()
     return _AVX2[0]
+
+
+def _register_fakes():
+    """Shape-only kernels, so that compiled code calls our C++ ops itself (no Python op around them)."""
+    for op in ("int8_mm", "int8_q8_mm", "int4_mm", "int4_q8_mm"):
+        torch.library.register_fake(f"tinymixtral_avx2::{op}")(lambda x, w, *rest: x.new_empty(x.shape[0], w.shape[-2]))
 
 
 def load_avx2() -> bool:
@@ -129,6 +137,14 @@ def kernel_matmul(x_MK, weight, scales, zeros, group_size: int | None, experts_M
     if group_size is None:
         return torch.ops.aten._weight_int8pack_mm(x_MK, weight, scales)
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x_MK, weight, group_size, scales)
+
+
+def calls_ours(operands: tuple, rows: int, experts: bool) -> bool:
+    """Whether `kernel_matmul` on these operands (of `kernel_operands`) calls one of our C++ ops straight away,
+    with no decision on values: compiled code can then call it itself rather than through `woq_mm`."""
+    weight, scales, zeros = operands
+    ours_ = zeros is not None or (scales.dtype == torch.float32 and weight.dtype == torch.int8 and ours(8))
+    return ours_ and (rows <= AVX2_ROWS or experts)
 
 
 def q8_applies(M: int, K: int, group_size: int | None) -> bool:

@@ -120,8 +120,11 @@ class _Quantized(nn.Module):
         if ops is not None:
             gathered = torch.is_tensor(e)
             ops = ops if e is None or gathered else [p if p is None else p[e] for p in ops]  # views of the stacks
-            if gathered or torch.compiler.is_compiling():  # one opaque op: inductor calls the kernel as it is
-                y = woq_mm(x_MK, *ops, self.group_size or 0, e if gathered else None)
+            if gathered or torch.compiler.is_compiling():  # opaque to inductor: it calls the kernel as it is
+                if cpu_kernels.calls_ours(ops, x_MK.shape[0], gathered):  # our C++ op itself (a decode step)
+                    y = kernel_matmul(x_MK.contiguous(), *ops, self.group_size, e if gathered else None)
+                else:
+                    y = woq_mm(x_MK, *ops, self.group_size or 0, e if gathered else None)
             else:
                 y = kernel_matmul(x_MK.contiguous(), *ops, self.group_size)
         else:
