@@ -69,6 +69,29 @@ def test_compiled_generate_equals_eager_dense_model():
 
 
 @pytest.mark.slow
+def test_compiled_step_writes_the_cache_in_place():
+    """The step writes one slot of each layer's keys and values into the cache tensor itself: no buffer of a
+    layer's cache size is allocated (a write through a view of one layer was compiled into copies of the
+    cache, per layer and step: 1.3 s a step with a 1 GB cache, 52 ms after), and the slot holds the keys."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = tiny_model(DECODE, seed=3, n_layers=3, sliding_window=None)
+    cache = KVCache.for_model(model, 1, 1000)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3, 4]]), cache=cache, positions_BS=torch.arange(4)[None])
+        _, code = run_and_get_code(decode_compiled, model, cache, torch.tensor([[5]]), torch.tensor([[4]]))
+    layer_shape = str(tuple(cache.k.shape[1:]))  # (B, G, T, C)
+    lines = "\n".join(code).splitlines()
+    assert any(layer_shape[1:-1] in line for line in lines)  # the cache is in this code at all
+    assert not [line for line in lines if "empty_strided" in line and layer_shape in line]
+    eager = KVCache.for_model(model, 1, 1000)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3, 4, 5]]), cache=eager, positions_BS=torch.arange(5)[None])
+    torch.testing.assert_close(cache.k[:, :, :, :5], eager.k[:, :, :, :5], rtol=1e-5, atol=1e-6)
+    assert not cache.k[:, :, :, 5:].any()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [8, 4])
 def test_compiled_quantized_decode(bits, monkeypatch):
     """int8 / int4: the compiled step calls the CPU kernel as one opaque op (each row's experts picked inside

@@ -121,8 +121,11 @@ class StaticStep:
         return attention_mask(qpos_B1, self.pos, self.window)
 
     def attend_keys(self, layer: int, k_BG1C, v_BG1C):
-        self.k[layer].index_copy_(2, self.slot, k_BG1C)
-        self.v[layer].index_copy_(2, self.slot, v_BG1C)
+        # written into the whole cache tensor by tensor indices, not through a view of one layer: compiled, a
+        # write through a view became a copy of the whole cache (every layer's) per layer and step
+        layer_1 = torch.full_like(self.slot, layer)
+        self.k[layer_1, :, :, self.slot] = k_BG1C.permute(2, 0, 1, 3)  # [1, B, G, C]: the indexed dims first
+        self.v[layer_1, :, :, self.slot] = v_BG1C.permute(2, 0, 1, 3)
         return self.k[layer], self.v[layer]
 
     def advance(self, S: int):
