@@ -131,13 +131,18 @@ def test_compile_failure_is_one_clear_error(monkeypatch):
         generate(tiny_model(DECODE), torch.tensor([[1, 2]]), 3, compile=True)
 
 
-def test_auto_compiles_long_generations_of_unquantized_models_only(monkeypatch):
+def test_auto_compiles_long_generations_where_it_pays(monkeypatch):
     """compile="auto" (the commands' default): compiled from AUTO_COMPILE_TOKENS new tokens, eager below, and
-    eager for a quantized model. The compiled step is replaced by the eager one here: this checks the choice."""
+    eager for a quantized model whose compiled step would miss the kernels (an int4 head of 100 rows). The
+    compiled step is replaced by the eager one here: this checks the choice."""
     model = tiny_model(DECODE)
     assert not generation.auto_compile(model, generation.AUTO_COMPILE_TOKENS - 1)
     assert generation.auto_compile(model, generation.AUTO_COMPILE_TOKENS)
-    assert not generation.auto_compile(quantize_model(tiny_model(DECODE), 8), generation.AUTO_COMPILE_TOKENS)
+    assert generation.auto_compile(quantize_model(tiny_model(DECODE), 8), generation.AUTO_COMPILE_TOKENS)
+    odd = quantize_model(tiny_model(DECODE, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=100), 4, 32)
+    with monkeypatch.context() as m:  # torch's kernels (as without AVX2), which take no head of 100 rows
+        m.setattr(cpu_kernels, "avx2_kernels", lambda: False)
+        assert not generation.auto_compile(odd, generation.AUTO_COMPILE_TOKENS)
     calls = []
     monkeypatch.setattr(generation, "_compiled_step", lambda *a: calls.append(1) or generation._decode_step(*a))
     monkeypatch.setattr(generation, "AUTO_COMPILE_TOKENS", 6)

@@ -17,8 +17,7 @@ head tied to the embedding.
 Runtime (cpu_kernels.py): on CPU, our AVX2 kernels for int8 (int4 too with INT4_OURS; activations quantized to
 int8 per block of 32 for up to Q8_ROWS rows, else fp32), else torch's (bf16 activations, their fast ones; int4
 re-packed into their layout at first use, held only so; `state_dict()` gives the storage layout), compiled too
-as one opaque op. Elsewhere, or for shapes a kernel
-refuses, dequantize then matmul (compiled, for a few rows: a fused reduction).
+as one opaque op. Elsewhere, or for shapes a kernel refuses, dequantize then matmul (compiled: a fused reduction).
 """
 
 from __future__ import annotations
@@ -120,13 +119,12 @@ class _Quantized(nn.Module):
         if ops is not None:
             gathered = torch.is_tensor(e)
             ops = ops if e is None or gathered else [p if p is None else p[e] for p in ops]  # views of the stacks
-            if gathered or torch.compiler.is_compiling():  # opaque to inductor: it calls the kernel as it is
-                if cpu_kernels.calls_ours(ops, x_MK.shape[0], gathered):  # our C++ op itself (a decode step)
-                    y = kernel_matmul(x_MK.contiguous(), *ops, self.group_size, e if gathered else None)
-                else:
-                    y = woq_mm(x_MK, *ops, self.group_size or 0, e if gathered else None)
+            e = e if gathered else None
+            # compiled: opaque to inductor, our C++ op itself (a decode step) or through woq_mm
+            if (gathered or torch.compiler.is_compiling()) and not cpu_kernels.calls_ours(ops, x_MK.shape[0], gathered):
+                y = woq_mm(x_MK, *ops, self.group_size or 0, e)
             else:
-                y = kernel_matmul(x_MK.contiguous(), *ops, self.group_size)
+                y = kernel_matmul(x_MK.contiguous(), *ops, self.group_size, e)
         else:
             w = dequantize(*self._parts(name, e), self._layout.get(name)).to(dtype)
             few = torch.compiler.is_compiling() and x_MK.shape[0] <= FEW_ROWS
