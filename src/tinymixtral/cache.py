@@ -122,7 +122,7 @@ class StaticStep:
 
     def attend_keys(self, layer: int, k_BG1C, v_BG1C):
         # written into the whole cache tensor by tensor indices, not through a view of one layer: compiled, a
-        # write through a view became a copy of the whole cache (every layer's) per layer and step
+        # write through a view became copies of the layer's cache at every layer and step (1.34 s a step at 1 GB)
         layer_1 = torch.full_like(self.slot, layer)
         self.k[layer_1, :, :, self.slot] = k_BG1C.permute(2, 0, 1, 3)  # [1, B, G, C]: the indexed dims first
         self.v[layer_1, :, :, self.slot] = v_BG1C.permute(2, 0, 1, 3)
