@@ -34,9 +34,10 @@ from pathlib import Path
 import torch
 
 GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 CPU kernel accepts
-# Up to this many rows the AVX2 kernels; more (prefill): dequantize, then one fp32 matmul. At 64 rows of a
-# 4096 x 4096 weight the kernels still took 0.42x (int4) to 0.44x (int8) of the dequantize path's time.
-AVX2_ROWS = 64
+# Up to this many rows the AVX2 kernels; more (long prefill chunks): dequantize, then one fp32 matmul. At 256 rows
+# the kernels took 0.43-0.80x of that path's time (int4 / int8, 4096 x 4096 to 14336 x 4096; tiny-mixtral prefill
+# of 256 tokens 1.25x faster than with 64 here); at 512 rows the two measured the same.
+AVX2_ROWS = 256
 # Up to this many rows, int8 activations (woq_q8.cpp; a K or group size that is not a multiple of 32 keeps them
 # exact). 1 thread, 4096 x 4096: int8 1.25x the exact kernel at 1 row, 1.2x at 2, 0.95x at 4-8; int4 1.5-2.5x.
 Q8_ROWS = 8
