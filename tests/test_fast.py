@@ -35,7 +35,7 @@ def test_linear_equals_f_linear(n_threads, x_shape, O, dtype, monkeypatch):
     x, w = torch.randn(*x_shape, dtype=dtype), torch.randn(O, 48, dtype=dtype)
     want = F.linear(x, w)
     rows = x.numel() // 48
-    monkeypatch.setattr(gemv, "_READY", [False])  # the AVX2 kernel (test_gemv.py) would take these
+    monkeypatch.setattr(gemv, "ready", lambda: False)  # the AVX2 kernel (test_gemv.py) would take these
     if rows <= FEW_ROWS and O % n_threads == 0:  # the split path must run: F.linear would fail the test
         monkeypatch.setattr(fast, "F", SimpleNamespace(linear=None))
     with threads(n_threads):
@@ -66,7 +66,7 @@ def test_few_token_experts_equal_reference(N, E, K, monkeypatch):
     ref, _ = ref_moe(x, m.router.weight, m.experts.w13, m.experts.w2, K)
     grouped = m(x).detach()  # grad enabled: the sorted grouped path
     monkeypatch.setattr(fast, "grouped_mm", no_loop)  # from here on, the grouped path would fail
-    monkeypatch.setattr(gemv, "_READY", [False])  # and the AVX2 experts op (test_gemv.py) would take it
+    monkeypatch.setattr(gemv, "ready", lambda: False)  # and the AVX2 experts op (test_gemv.py) would take it
     for n_threads in (1, 2):
         with threads(n_threads), torch.no_grad():
             few = m(x)

@@ -20,7 +20,7 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 @pytest.fixture
 def off(monkeypatch):
     """Call off() to run without the kernels (as on a CPU without AVX2)."""
-    return lambda: monkeypatch.setattr(gemv, "_READY", [False])
+    return lambda: monkeypatch.setattr(gemv, "ready", lambda: False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -147,7 +147,7 @@ def _router_apart(named: list, tcfg) -> tuple[list, list[dict]]:
     """With --router-lr: the routers' weights in a group of their own (AdamW, weight decay, `router` marked so
     that the schedule scales --router-lr); without it they stay with the other matrices (and the group count,
     which resumes check, stays as before)."""
-    if getattr(tcfg, "router_lr", None) is None:
+    if tcfg.router_lr is None:
         return named, []
     router = [p for n, p in named if ".ffn.router." in n]
     if not router:  # a dense model, or the routers frozen
@@ -160,7 +160,7 @@ def peak_lr(group: dict, tcfg) -> float:
     """The peak learning rate of an optimizer group: --muon-lr, --router-lr or --lr."""
     if group.get("use_muon"):
         return tcfg.muon_lr
-    if group.get("router") and getattr(tcfg, "router_lr", None) is not None:
+    if group.get("router") and tcfg.router_lr is not None:
         return tcfg.router_lr
     return tcfg.lr
 

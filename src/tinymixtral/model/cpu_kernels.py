@@ -60,9 +60,12 @@ def avx2_kernels() -> bool:
 
 
 def _register_fakes():
-    """Shape-only kernels, so that compiled code calls our C++ ops itself (no Python op around them)."""
+    """Shape-only kernels of every op in the extension, so that compiled code calls them itself (no Python op
+    around them): the weight-only products [M, N], gemv's `mv` [M, N] and `experts_mv` (x's shape)."""
     for op in ("int8_mm", "int8_q8_mm", "int4_mm", "int4_q8_mm"):
         torch.library.register_fake(f"tinymixtral_avx2::{op}")(lambda x, w, *rest: x.new_empty(x.shape[0], w.shape[-2]))
+    torch.library.register_fake("tinymixtral_gemv::mv")(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
+    torch.library.register_fake("tinymixtral_gemv::experts_mv")(lambda x, *rest: x.new_empty(x.shape))
 
 
 def load_avx2() -> bool:
@@ -123,8 +126,8 @@ def kernel_applies(bits: int, n_out: int, group_size: int | None, device: torch.
 def kernel_matmul(x_MK, weight, scales, zeros, group_size: int | None, experts_M=None) -> torch.Tensor:
     """x [M, K] (contiguous, in the compute dtype) @ W^T -> [M, N], with the operands of `kernel_operands`.
     With experts_M [M], weight, scales and zeros are stacks [E, ...] and row m uses expert experts_M[m]."""
-    if zeros is not None or (group_size is None and scales.dtype == torch.float32 and ours(8)):
-        if x_MK.shape[0] > AVX2_ROWS and experts_M is None:  # prefill: compute-bound, one fp32 gemm
+    if _for_ours(weight, scales, zeros):
+        if not calls_ours((weight, scales, zeros), x_MK.shape[0], experts_M is not None):  # long prefill: one gemm
             w = weight.float() * scales[:, None] if zeros is None else _dequantize4(weight, scales, zeros)
             return torch.nn.functional.linear(x_MK.float(), w).to(x_MK.dtype)
         experts_M = None if experts_M is None else experts_M.contiguous()  # the kernels read it as a plain array
@@ -140,12 +143,15 @@ def kernel_matmul(x_MK, weight, scales, zeros, group_size: int | None, experts_M
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x_MK, weight, group_size, scales)
 
 
+def _for_ours(weight, scales, zeros) -> bool:
+    """Whether operands of `kernel_operands` are for our kernels (int4 with zeros; int8 with fp32 scales)."""
+    return zeros is not None or (scales.dtype == torch.float32 and weight.dtype == torch.int8 and ours(8))
+
+
 def calls_ours(operands: tuple, rows: int, experts: bool) -> bool:
     """Whether `kernel_matmul` on these operands (of `kernel_operands`) calls one of our C++ ops straight away,
     with no decision on values: compiled code can then call it itself rather than through `woq_mm`."""
-    weight, scales, zeros = operands
-    ours_ = zeros is not None or (scales.dtype == torch.float32 and weight.dtype == torch.int8 and ours(8))
-    return ours_ and (rows <= AVX2_ROWS or experts)
+    return _for_ours(*operands) and (rows <= AVX2_ROWS or experts)
 
 
 def q8_applies(M: int, K: int, group_size: int | None) -> bool:

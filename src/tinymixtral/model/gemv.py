@@ -16,20 +16,12 @@ import torch
 from . import cpu_kernels
 
 DTYPES = (torch.float32, torch.bfloat16)
-_READY: list[bool] = []  # the answer, once known
 
 
 def ready() -> bool:
-    """Whether the kernels are loaded (built on first use). Compiled code takes the answer of the eager calls
-    before it (generation prefills eagerly)."""
-    if torch.compiler.is_compiling():
-        return bool(_READY and _READY[0])
-    if not _READY:
-        ok = cpu_kernels.avx2_kernels() and hasattr(torch.ops.tinymixtral_gemv, "mv")
-        if ok:
-            _register_fakes()
-        _READY.append(ok)
-    return _READY[0]
+    """Whether the kernels are loaded: they are built and loaded with the int8/int4 ones (and their fake kernels
+    registered there)."""
+    return cpu_kernels.avx2_kernels()
 
 
 def applies(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -50,12 +42,3 @@ def experts(x_ND, w13_EHD, w2_EDF, experts_NK, weights_NK) -> torch.Tensor:
     return torch.ops.tinymixtral_gemv.experts_mv(x_ND.contiguous(), w13_EHD, w2_EDF, experts_NK.contiguous(),
                                                  weights_NK.float().contiguous())
 
-
-def _register_fakes():
-    @torch.library.register_fake("tinymixtral_gemv::mv")
-    def _(x, w):
-        return x.new_empty(x.shape[0], w.shape[0])
-
-    @torch.library.register_fake("tinymixtral_gemv::experts_mv")
-    def _(x, w13, w2, experts, weights):
-        return x.new_empty(x.shape)

@@ -8,31 +8,19 @@
 // e = experts[n,k] (w1 the first F rows of w13, w3 the last F), in two parallel passes; only the chosen
 // experts' weights are read.
 // Weights fp32 or bf16 (x in the same dtype; the products and sums in fp32, the output in x's dtype).
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
-#include <immintrin.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <vector>
 
+#include "woq_common.h"
+
 namespace {
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const c10::BFloat16* p) {  // bf16 -> fp32: the 16 bits become the high half
-  __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-}
-inline float load1(const float* p) { return *p; }
-inline float load1(const c10::BFloat16* p) { return static_cast<float>(*p); }
+using woq::by_rows;
+using woq::hsum;
+using woq::load1;
+using woq::load8;
 
 constexpr int64_t PF = 2048;  // prefetch this many bytes ahead in each row (into the next rows at its end)
 
@@ -85,33 +73,13 @@ void rows(const float* x, int64_t ldx, const W* w, int64_t K, int64_t n0, int64_
 template <typename W>
 void rows_m(int64_t mb, const float* x, int64_t ldx, const W* w, int64_t K, int64_t n0, int64_t n1, float* y,
             int64_t ldy) {
-  switch (mb) {
-    case 1: return rows<1>(x, ldx, w, K, n0, n1, y, ldy);
-    case 2: return rows<2>(x, ldx, w, K, n0, n1, y, ldy);
-    case 3: return rows<3>(x, ldx, w, K, n0, n1, y, ldy);
-    default: return rows<4>(x, ldx, w, K, n0, n1, y, ldy);
-  }
+  by_rows(mb, [&](auto MB) { rows<decltype(MB)::value>(x, ldx, w, K, n0, n1, y, ldy); });
 }
 
 constexpr int64_t BLOCK = 16;  // output rows per parallel work item
 
 // Work items of at least ~32 KB of weights, so a small matrix stays on one thread (no parallel region).
 inline int64_t grain(int64_t row_bytes) { return std::max<int64_t>(1, (32 << 10) / (BLOCK * row_bytes)); }
-
-// x [M, K] (unit column stride) as contiguous fp32.
-std::vector<float> to_float(const at::Tensor& x) {
-  const int64_t M = x.size(0), K = x.size(1), sx = x.stride(0);
-  std::vector<float> out(M * K);
-  if (x.scalar_type() == at::kFloat) {
-    const float* p = x.const_data_ptr<float>();
-    for (int64_t m = 0; m < M; ++m) std::copy(p + m * sx, p + m * sx + K, out.data() + m * K);
-  } else {
-    const c10::BFloat16* p = x.const_data_ptr<c10::BFloat16>();
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) out[m * K + k] = static_cast<float>(p[m * sx + k]);
-  }
-  return out;
-}
 
 void check_dtypes(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "gemv: CPU tensors");
@@ -135,7 +103,7 @@ at::Tensor mv(const at::Tensor& x, const at::Tensor& w) {
   check_dtypes(x, w);
   TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1), "gemv: w must be [N, K] with K = x.size(1)");
   const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
-  const std::vector<float> xf = to_float(x);
+  const std::vector<float> xf = woq::to_float(x, false, x.size(1));
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   if (w.scalar_type() == at::kFloat)
     mv_impl(xf.data(), M, w.const_data_ptr<float>(), N, K, y.mutable_data_ptr<float>());
@@ -201,7 +169,7 @@ at::Tensor experts_mv(const at::Tensor& x, const at::Tensor& w13, const at::Tens
               "gemv: experts int64 [N, K] and fp32 weights [N, K]");
   const int64_t* e = experts.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < N * K; ++i) TORCH_CHECK(e[i] >= 0 && e[i] < E, "gemv: expert id out of range");
-  const std::vector<float> xf = to_float(x);
+  const std::vector<float> xf = woq::to_float(x, false, x.size(1));
   std::vector<float> h(N * K * F), wt(weights.const_data_ptr<float>(), weights.const_data_ptr<float>() + N * K);
   at::Tensor y = at::empty({N, D}, x.options().dtype(at::kFloat));
   if (w13.scalar_type() == at::kFloat) {

@@ -67,8 +67,8 @@ void int4_tile(const float* xs, int64_t ldx, const uint8_t* w, int64_t K, const 
   for (int64_t g = 0; g < G; ++g) {
     __m256 sv[NR], zv[NR];
     for (int r = 0; r < NR; ++r) {
-      sv[r] = _mm256_set1_ps(ld1(s + r * G + g));
-      zv[r] = _mm256_fnmadd_ps(eight, sv[r], _mm256_set1_ps(ld1(z + r * G + g)));  // z - 8 s
+      sv[r] = _mm256_set1_ps(load1(s + r * G + g));
+      zv[r] = _mm256_fnmadd_ps(eight, sv[r], _mm256_set1_ps(load1(z + r * G + g)));  // z - 8 s
     }
     for (int64_t j = g * gb; j < (g + 1) * gb; j += 8) {
       __m256 lo[NR], hi[NR];
@@ -115,12 +115,7 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   return run(x, N, K, experts, [&](int64_t mb, int64_t m, int64_t e, int64_t n0, int64_t n1, float* y) {
     const float *xm = xp + m * K, *se = sp + e * N;
     const int8_t* we = wp + e * N * K;
-    switch (mb) {
-      case 1: return int8_rows<1>(xm, K, we, K, se, n0, n1, y, N);
-      case 2: return int8_rows<2>(xm, K, we, K, se, n0, n1, y, N);
-      case 3: return int8_rows<3>(xm, K, we, K, se, n0, n1, y, N);
-      default: return int8_rows<4>(xm, K, we, K, se, n0, n1, y, N);
-    }
+    by_rows(mb, [&](auto MB) { int8_rows<decltype(MB)::value>(xm, K, we, K, se, n0, n1, y, N); });
   });
 }
 
@@ -140,12 +135,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
       const auto *se = sp + e * N * G, *ze = zp + e * N * G;
       const float* xm = xp + m * K;
       const uint8_t* we = wp + e * N * half;
-      switch (mb) {
-        case 1: return int4_rows<1>(xm, K, we, K, se, ze, G, group_size, n0, n1, y, N);
-        case 2: return int4_rows<2>(xm, K, we, K, se, ze, G, group_size, n0, n1, y, N);
-        case 3: return int4_rows<3>(xm, K, we, K, se, ze, G, group_size, n0, n1, y, N);
-        default: return int4_rows<4>(xm, K, we, K, se, ze, G, group_size, n0, n1, y, N);
-      }
+      by_rows(mb, [&](auto MB) { int4_rows<decltype(MB)::value>(xm, K, we, K, se, ze, G, group_size, n0, n1, y, N); });
     });
   });
 }

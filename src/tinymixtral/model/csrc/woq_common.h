@@ -1,5 +1,6 @@
-// Shared by the weight-only kernels (woq_avx2.cpp: fp32 activations; woq_q8.cpp: int8 activations):
-// the threading over output rows, the operand checks, the activations' conversion to fp32.
+// Shared by the kernels (woq_avx2.cpp: weight-only, fp32 activations; woq_q8.cpp: int8 activations; gemv_avx2.cpp:
+// fp32 / bf16 weights): the threading over output rows, the operand checks, the activations' conversion to fp32,
+// fp32 / bf16 loads, and the dispatch of a row count to the tile templates.
 #pragma once
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -10,6 +11,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace woq {
@@ -22,11 +24,11 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-// int4 scales and zeros are read as stored, fp32 or bf16 (bf16 -> fp32 is a 16-bit shift), never copied.
-inline float ld1(const float* p) { return *p; }
-inline float ld1(const c10::BFloat16* p) { return static_cast<float>(*p); }
-inline __m256 ld8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 ld8(const c10::BFloat16* p) {
+// fp32 or bf16 values as fp32 (bf16 -> fp32 is a 16-bit shift): weights, int4 scales and zeros read as stored.
+inline float load1(const float* p) { return *p; }
+inline float load1(const c10::BFloat16* p) { return static_cast<float>(*p); }
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
 
@@ -40,6 +42,17 @@ auto with_scales(const at::Tensor& scales, const at::Tensor& zeros, int64_t n, F
     return f(scales.const_data_ptr<c10::BFloat16>(), zeros.const_data_ptr<c10::BFloat16>());
   TORCH_CHECK(scales.scalar_type() == at::kFloat, "woq kernels: int4 scales and zeros must be fp32 or bf16");
   return f(scales.const_data_ptr<float>(), zeros.const_data_ptr<float>());
+}
+
+// f(std::integral_constant<int, MB>) for MB = mb (1 to 4 rows of x): the tile templates are compiled per MB.
+template <typename F>
+void by_rows(int64_t mb, F f) {
+  switch (mb) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    default: return f(std::integral_constant<int, 4>{});
+  }
 }
 
 // x [M, K] (fp32, bf16 or fp16, unit column stride) -> fp32 [M, ld], split into even | odd columns for int4.

@@ -147,7 +147,7 @@ inline __m256 two(const float* s, int64_t g0, int64_t g1) {
                                   _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
 }
 inline __m256 two(const c10::BFloat16* s, int64_t g0, int64_t g1) {
-  return _mm256_setr_m128(_mm_set1_ps(ld1(s + g0)), _mm_set1_ps(ld1(s + g1)));
+  return _mm256_setr_m128(_mm_set1_ps(load1(s + g0)), _mm_set1_ps(load1(s + g1)));
 }
 
 template <int MB, int NR, typename S>
@@ -188,9 +188,9 @@ void i4_tile(const Q4Act& x, int64_t m0, const uint8_t* w, int64_t K, const S* s
       __m256 za = _mm256_setzero_ps();
       int64_t g = 0;
       for (; g + 8 <= G; g += 8)
-        za = _mm256_fmadd_ps(_mm256_fnmadd_ps(eight, ld8(sr + g), ld8(zr + g)), _mm256_loadu_ps(xg + g), za);
+        za = _mm256_fmadd_ps(_mm256_fnmadd_ps(eight, load8(sr + g), load8(zr + g)), _mm256_loadu_ps(xg + g), za);
       float t = hsum(acc[m][r]) + hsum(za);
-      for (; g < G; ++g) t += (ld1(zr + g) - 8.f * ld1(sr + g)) * xg[g];
+      for (; g < G; ++g) t += (load1(zr + g) - 8.f * load1(sr + g)) * xg[g];
       y[m * ldy + r] = t;
     }
   }
@@ -222,12 +222,7 @@ at::Tensor int8_q8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   return run(x, N, K, experts, [&](int64_t mb, int64_t m, int64_t e, int64_t n0, int64_t n1, float* y) {
     const float* se = sp + e * N;
     const int8_t* we = wp + e * N * K;
-    switch (mb) {
-      case 1: return i8_rows<1>(a, m, we, K, se, n0, n1, y, N);
-      case 2: return i8_rows<2>(a, m, we, K, se, n0, n1, y, N);
-      case 3: return i8_rows<3>(a, m, we, K, se, n0, n1, y, N);
-      default: return i8_rows<4>(a, m, we, K, se, n0, n1, y, N);
-    }
+    by_rows(mb, [&](auto MB) { i8_rows<decltype(MB)::value>(a, m, we, K, se, n0, n1, y, N); });
   });
 }
 
@@ -245,12 +240,7 @@ at::Tensor int4_q8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor
     return run(x, N, half, experts, [&](int64_t mb, int64_t m, int64_t e, int64_t n0, int64_t n1, float* y) {
       const auto *se = sp + e * N * G, *ze = zp + e * N * G;
       const uint8_t* we = wp + e * N * half;
-      switch (mb) {
-        case 1: return i4_rows<1>(a, m, we, K, se, ze, group_size, n0, n1, y, N);
-        case 2: return i4_rows<2>(a, m, we, K, se, ze, group_size, n0, n1, y, N);
-        case 3: return i4_rows<3>(a, m, we, K, se, ze, group_size, n0, n1, y, N);
-        default: return i4_rows<4>(a, m, we, K, se, ze, group_size, n0, n1, y, N);
-      }
+      by_rows(mb, [&](auto MB) { i4_rows<decltype(MB)::value>(a, m, we, K, se, ze, group_size, n0, n1, y, N); });
     });
   });
 }
