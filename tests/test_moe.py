@@ -116,6 +116,45 @@ def test_moe_bf16_close_to_fp32_reference():
     torch.testing.assert_close(y16.float(), y_ref, atol=3e-2, rtol=3e-2)
 
 
+def test_moe_under_autocast_multiplies_in_bf16(monkeypatch):
+    """autocast does not cover grouped_mm: Experts casts its products' operands itself, gives the gradients in
+    the parameters' fp32, and stays close to the fp32 reference."""
+    cfg = moe_cfg(E=4, K=2)
+    make_moe(cfg)  # the same RNG state as the bf16 test above: no near ties in the routing
+    x = torch.randn(2, 6, cfg.d_model, requires_grad=True)
+    m = make_moe(cfg)
+    seen = []
+    real = fast.grouped_mm
+    monkeypatch.setattr(fast, "grouped_mm", lambda a, w, *r: seen.append((a.dtype, w.dtype)) or real(a, w, *r))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    assert seen == [(torch.bfloat16, torch.bfloat16)] * 2 and y.dtype == torch.float32
+    y_ref, _ = ref_moe(x, *params_of(m), cfg.top_k)
+    torch.testing.assert_close(y, y_ref, atol=3e-2, rtol=3e-2)
+    g = grads(y, [x, *params_of(m)], "proj")
+    g_ref = grads(y_ref, [x, *params_of(m)], "proj")
+    for a, b in zip(g, g_ref):
+        assert a.dtype == torch.float32
+        assert (a - b).abs().max() <= 3e-2 * b.abs().max()
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_gather_rows_equals_indexing_both_ways(k):
+    """gather_rows's gather-only backward equals what indexing's scatter-add backward gives."""
+    from tinymixtral.model.moe import gather_rows
+
+    N, D = 7, 5
+    order = torch.randperm(N * k)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(N * k))
+    x = torch.randn(N, D, requires_grad=True)
+    y = gather_rows(x, order, inverse, k)
+    y_ref = x.repeat_interleave(k, dim=0)[order]
+    assert torch.equal(y, y_ref)
+    (g,) = torch.autograd.grad(y, x, torch.randn(N * k, D, generator=torch.Generator().manual_seed(0)))
+    (g_ref,) = torch.autograd.grad(y_ref, x, torch.randn(N * k, D, generator=torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(g, g_ref)
+
+
 # ---- 2. grouped matmul --------------------------------------------------------------------------
 @pytest.mark.parametrize("counts", [[3, 0, 5, 1], [0, 0, 9, 0], [4, 4, 4, 4], [0, 1, 0, 7], [1, 0, 0, 0]])
 @pytest.mark.parametrize("loss_kind", ["sum", "proj"])

@@ -154,3 +154,20 @@ def test_router_lr_scales_with_the_schedule(data_dir, tmp_path):
     routers = [k for k in moved if ".router." in k]
     assert routers and all(moved[k] < 1e-6 for k in routers), {k: moved[k] for k in routers}
     assert max(v for k, v in moved.items() if k not in routers) > 1e-3
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_autocast_auto_and_newton_schulz_follow_native_bf16(tmp_path, data_dir, monkeypatch, native):
+    """`--autocast auto` (the recipes' choice) trains in bf16 and Muon orthogonalises in bf16 exactly where the
+    device multiplies bf16 natively (build.fast_bf16: AVX512-BF16 or AMX on a CPU); fp32 elsewhere."""
+    from tinymixtral import optim, params, train as train_mod
+
+    for mod in (optim, train_mod):
+        monkeypatch.setattr(mod, "fast_bf16", lambda device: native)
+    opt = optim.make_optimizer(tiny_model(), TrainConfig(optimizer="muon"), "cpu")
+    assert opt.defaults["ns_dtype"] == ("bfloat16" if native else "float32")
+    out = tmp_path / "run"
+    train(tcfg_for(data_dir, out, max_steps=2, eval_interval=100, log_interval=1, optimizer="muon",
+                   autocast="auto"), TRAIN_CFG)
+    assert {r["autocast"] for r in read_metrics(out) if "loss" in r} == {"bfloat16" if native else "none"}
+    assert isinstance(params.fast_bf16("cpu"), bool) and params.fast_bf16("meta") is False

@@ -442,7 +442,7 @@ def test_run_py_demo_trains_the_tuned_demo_recipe(tmp_path, fake_train):
     (["--beta2", "1.5"], "--beta2 must be in [0, 1) and finite"),
     (["--grad-clip", "nan"], "--grad-clip must be > 0 and finite"),
     (["--max-time", "-10"], "--max-time must be a positive duration"),
-    (["--autocast", "fp8"], "--autocast must be none, bf16 or fp16"),
+    (["--autocast", "fp8"], "--autocast must be none, bf16, fp16 or auto"),
     (["--max-time", "soon"], "--max-time must look like"),
     (["--n-heads", "5"], "n_heads"),
     (["--preset", "nope"], "unknown preset"),

@@ -20,6 +20,7 @@ import math
 import torch
 
 from .errors import TinyMixtralError
+from .params import fast_bf16
 
 NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)  # torch.optim.Muon's (and Keller Jordan's) quintic
 
@@ -132,9 +133,10 @@ def make_optimizer(raw: torch.nn.Module, tcfg, device: str) -> torch.optim.Optim
                    "weight_decay": tcfg.weight_decay},
                   {"params": decay, "lr": tcfg.lr, "weight_decay": tcfg.weight_decay},
                   {"params": no_decay, "lr": tcfg.lr, "weight_decay": 0.0}, *router]
-        # Newton-Schulz in bf16 on GPUs (as torch's Muon); fp32 on a CPU, whose bf16 products are slower
+        # Newton-Schulz in bf16 (as torch's Muon) where bf16 products are native; fp32 elsewhere, where they are
+        # slower (a CPU without AVX512-BF16 or AMX)
         return Muon([g for g in groups if g["params"]], betas=(tcfg.beta1, tcfg.beta2),
-                    ns_dtype="bfloat16" if torch.device(device).type == "cuda" else "float32")
+                    ns_dtype="bfloat16" if fast_bf16(device) else "float32")
     trained, router = _router_apart([(n, p) for n, p in raw.named_parameters() if p.requires_grad], tcfg)
     decay = [p for n, p in trained if p.dim() >= 2 and not n.startswith("embed.")]
     no_decay = [p for n, p in trained if p.dim() < 2 or n.startswith("embed.")]

@@ -40,7 +40,7 @@ from .data import check_tokenizer, check_training_data, get_batch, load_mask, lo
 from .errors import TinyMixtralError
 from .evaluate import bits_per_byte, evaluate, evaluated_tokens
 from .optim import freeze, make_optimizer, peak_lr
-from .params import flops_per_token, measure_matmul_flops
+from .params import fast_bf16, flops_per_token, measure_matmul_flops
 from .plots import plot_run
 from .run_state import (
     SHARDED,
@@ -229,10 +229,12 @@ def setup(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool) -> Run:
     elif distributed:
         model = DistributedDataParallel(model)
     optimizer = make_optimizer(raw, tcfg, device)  # after sharding: FSDP replaces the parameters
-    autocast = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tcfg.autocast]
+    autocast = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16,
+                "auto": torch.bfloat16 if fast_bf16(device) else None}[tcfg.autocast]
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=autocast is torch.float16)
+    peak = measure_matmul_flops(device, autocast or torch.float32) if rank == 0 else 1.0  # MFU: at the products' dtype
     r = Run(tcfg, mcfg, out, device, rank, world, model, raw, optimizer, scaler, autocast, train_data, val_data,
-            meta, torch.Generator().manual_seed(tcfg.seed), None, measure_matmul_flops(device) if rank == 0 else 1.0,
+            meta, torch.Generator().manual_seed(tcfg.seed), None, peak,
             flops_per_token(mcfg, tcfg.seq_len))
     r.train_mask, r.val_mask = train_mask, val_mask
     if train_mask is not None:
@@ -304,7 +306,7 @@ def log_step(r: Run, lr: float, parts: dict, grad_norm, tok_per_s: float) -> dic
     row = {"step": r.step, "tokens": r.tokens, "lr": lr, **{k: float(v) for k, v in parts.items()},
            "grad_norm": float(grad_norm), "tok_per_s": tok_per_s, "tok_per_s_per_process": tok_per_s / r.world,
            "mfu": tok_per_s * r.flops_per_token / r.peak_flops / r.world,
-           "elapsed": r.elapsed}
+           "elapsed": r.elapsed, "autocast": str(r.autocast).removeprefix("torch.") if r.autocast else "none"}
     load = [expert_load(rt.experts_NK, rt.logits_NE.shape[-1]).tolist() for rt in r.raw.routing()]
     if load:
         row["expert_load"] = load

@@ -187,8 +187,8 @@ def _check(t: TrainConfig):
         raise TinyMixtralError(f"--schedule must be cosine or wsd, got {t.schedule!r}")
     if t.train_only not in ("router", "experts", "attention", "all"):
         raise TinyMixtralError(f"--train-only must be router, experts, attention or all, got {t.train_only!r}")
-    if t.autocast not in ("none", "bf16", "fp16"):
-        raise TinyMixtralError(f"--autocast must be none, bf16 or fp16, got {t.autocast!r}")
+    if t.autocast not in ("none", "bf16", "fp16", "auto"):
+        raise TinyMixtralError(f"--autocast must be none, bf16, fp16 or auto, got {t.autocast!r}")
 
 
 def parse_duration(text: str) -> float:

@@ -86,27 +86,68 @@ class Experts(nn.Module):
     def forward(self, x_ND, weights_NK, experts_NK, capacity: int | None = None):
         """(Σ_k weight_k · expert_k(x) [N, D], assignments dropped over capacity)."""
         N, K = experts_NK.shape
+        out_dtype = x_ND.dtype
         few_tokens = fast.experts_path(N, K, self.n_experts, capacity)  # decode: only the chosen experts
         if few_tokens is not None and gemv.applies(x_ND, self.w13) and self.w2.is_contiguous():
             return gemv.experts(x_ND, self.w13, self.w2, experts_NK, weights_NK), 0  # one op, both products
         if few_tokens is not None:
             return few_tokens(self, x_ND, weights_NK, experts_NK), 0
         order_M, counts_E, n_dropped = dispatch(experts_NK, self.n_experts, capacity)
-        token_M = order_M // K
-        gate, up = self.grouped_mm(x_ND[token_M], "w13", counts_E).chunk(2, dim=-1)
-        y_MD = self.grouped_mm(F.silu(gate) * up, "w2", counts_E)
-        y_MD = y_MD * weights_NK.reshape(-1)[order_M, None].to(y_MD.dtype)
-        return torch.zeros_like(x_ND).index_add_(0, token_M, y_MD), n_dropped
+        dev = x_ND.device.type
+        if torch.is_autocast_enabled(dev):  # autocast skips grouped_mm: move in its dtype, as a linear would
+            x_ND = x_ND.to(torch.get_autocast_dtype(dev))
+        if capacity is not None:  # some assignments dropped: gather the kept ones, add them back by index
+            token_M = order_M // K
+            y_MD = self.experts_mlp(x_ND[token_M], counts_E)
+            y_MD = y_MD * weights_NK.reshape(-1)[order_M, None].to(y_MD.dtype)
+            return torch.zeros_like(x_ND).index_add_(0, token_M, y_MD).to(out_dtype), n_dropped
+        # Every assignment kept: order_M is a permutation of the N*K rows, so both moves are row permutations
+        # whose backward is the inverse permutation (no scatter-add, which costs more than a product here).
+        inverse_M = torch.empty_like(order_M).scatter_(0, order_M, torch.arange(N * K, device=order_M.device))
+        x_MD = gather_rows(x_ND, order_M, inverse_M, K)
+        y_NKD = gather_rows(self.experts_mlp(x_MD, counts_E), inverse_M, order_M).view(N, K, -1)
+        y_ND = (y_NKD * weights_NK.to(y_NKD.dtype).unsqueeze(-1)).sum(1)  # Σ_k weight_k · y_k
+        return y_ND.to(out_dtype), 0
+
+    def experts_mlp(self, x_MD, counts_E):
+        """Each row through its expert's SwiGLU; rows grouped by expert, counts_E[e] rows for expert e."""
+        gate, up = self.grouped_mm(x_MD, "w13", counts_E).chunk(2, dim=-1)
+        return self.grouped_mm(F.silu(gate) * up, "w2", counts_E)
 
     def grouped_mm(self, x_MI, name: str, counts_E):
         """Rows grouped by expert (counts_E[e] rows for expert e, in order) times each one's weight `name`."""
         offs_E = counts_E.cumsum(0).to(torch.int32)
-        return fast.grouped_mm(x_MI, getattr(self, name).transpose(-2, -1), offs_E, counts_E)
+        return fast.grouped_mm(x_MI, getattr(self, name).to(x_MI.dtype).transpose(-2, -1), offs_E, counts_E)
 
     def expert_mm(self, x, name: str, e):
         """x times expert e's weight `name`; e an int, or (compiled) a tensor of one expert per row of x."""
         w = getattr(self, name)
         return fast.linear(x, w[e]) if isinstance(e, int) else fast.mv(x, w[e])
+
+
+class _Gather(torch.autograd.Function):
+    """Row m of the output is row order[m] // k of x, where order is a permutation of x's rows repeated k times
+    each (x [N, D], order [N*k]). Its gradient gathers too: row n sums grad[inverse[n*k + j]] over j, where
+    indexing's own backward would scatter-add (slower than a product at these sizes)."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse, k: int):
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x.index_select(0, order // k if k > 1 else order)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        g = grad.index_select(0, inverse)
+        return (g.view(-1, ctx.k, g.shape[-1]).sum(1) if ctx.k > 1 else g), None, None, None
+
+
+def gather_rows(x, order, inverse, k: int = 1):
+    """x.repeat_interleave(k, 0)[order] (inverse: the inverse permutation of order), with a gather as backward."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Gather.apply(x, order, inverse, k)
+    return x.index_select(0, order // k if k > 1 else order)
 
 
 def dispatch(experts_NK, n_experts: int, capacity: int | None = None):
