@@ -159,8 +159,9 @@ def test_router_lr_scales_with_the_schedule(data_dir, tmp_path):
 @pytest.mark.parametrize("native", [True, False])
 def test_autocast_auto_and_newton_schulz_follow_native_bf16(tmp_path, data_dir, monkeypatch, native):
     """`--autocast auto` (the recipes' choice) trains in bf16 and Muon orthogonalises in bf16 exactly where the
-    device multiplies bf16 natively (build.fast_bf16: AVX512-BF16 or AMX on a CPU); fp32 elsewhere."""
-    from tinymixtral import optim, params, train as train_mod
+    device multiplies bf16 natively (params.fast_bf16: AVX512-BF16 or AMX on a CPU); fp32 elsewhere."""
+    from tinymixtral import optim, params
+    from tinymixtral import train as train_mod
 
     for mod in (optim, train_mod):
         monkeypatch.setattr(mod, "fast_bf16", lambda device: native)

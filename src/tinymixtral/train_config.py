@@ -48,8 +48,7 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept besides the best
     seed: int = 1337  # seed of the initialisation and of the batches
     device: str | None = None  # default: cuda when available
-    # none | bf16 | fp16 (with a GradScaler) | auto: bf16 where the device multiplies it natively (build.fast_bf16), else none
-    autocast: str = "none"
+    autocast: str = "none"  # none | bf16 | fp16 (a GradScaler) | auto: bf16 where the device has native bf16, else none
     compile: bool = False  # run the model through torch.compile
     wandb: bool = False  # log to Weights & Biases (pip install wandb)
     wandb_project: str = "tinymixtral"  # the W&B project
