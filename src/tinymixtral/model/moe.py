@@ -126,15 +126,15 @@ class Experts(nn.Module):
 
 
 class _Gather(torch.autograd.Function):
-    """Row m of the output is row order[m] // k of x, where order is a permutation of x's rows repeated k times
+    """Row m of the output is row rows[m] = order[m] // k of x, where order is a permutation of x's rows repeated k times
     each (x [N, D], order [N*k]). Its gradient gathers too: row n sums grad[inverse[n*k + j]] over j, where
     indexing's own backward would scatter-add (slower than a product at these sizes)."""
 
     @staticmethod
-    def forward(ctx, x, order, inverse, k: int):
+    def forward(ctx, x, rows, inverse, k: int):
         ctx.save_for_backward(inverse)
         ctx.k = k
-        return x.index_select(0, order // k if k > 1 else order)
+        return x.index_select(0, rows)
 
     @staticmethod
     def backward(ctx, grad):
@@ -145,9 +145,10 @@ class _Gather(torch.autograd.Function):
 
 def gather_rows(x, order, inverse, k: int = 1):
     """x.repeat_interleave(k, 0)[order] (inverse: the inverse permutation of order), with a gather as backward."""
+    rows = order // k if k > 1 else order
     if torch.is_grad_enabled() and x.requires_grad:
-        return _Gather.apply(x, order, inverse, k)
-    return x.index_select(0, order // k if k > 1 else order)
+        return _Gather.apply(x, rows, inverse, k)
+    return x.index_select(0, rows)
 
 
 def dispatch(experts_NK, n_experts: int, capacity: int | None = None):
