@@ -41,7 +41,31 @@ def ensure_env():
         # Installed first and pinned: an open range would pull the newest (multi-GB CUDA) build.
         sh(PY, "-m", "pip", "install", "-q", os.environ.get("TINYMIXTRAL_TORCH", "torch==2.13.0"))
     sh(PY, "-m", "pip", "install", "-q", "-e", ".[test]")
+    llama_cpp_without_amx_where_it_faults()
     STAMP.write_text(want)
+
+
+# Asks llama.cpp (in a child process) to run tiny Q8_0 and Q4_0 models; prints the compiler flags of a rebuild
+# if it dies, nothing if it runs or is not installed.
+PROBE = """import importlib.util, sys
+if importlib.util.find_spec("llama_cpp"):
+    from tinymixtral.bench_llama import NO_AMX_FLAGS, llama_cpp_runs_quantized
+    if not llama_cpp_runs_quantized():
+        print(NO_AMX_FLAGS)
+"""
+
+
+def llama_cpp_without_amx_where_it_faults():
+    """llama-cpp-python builds llama.cpp with -march=native. On a CPU that reports AMX that compiles in llama.cpp's
+    AMX kernels, and on some machines they die with SIGILL (seen on a VM). There, build it again without them."""
+    flags = subprocess.run([str(PY), "-c", PROBE], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    if not flags:
+        return
+    version = subprocess.run([str(PY), "-c", "import importlib.metadata as m; print(m.version('llama-cpp-python'))"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    print("llama.cpp's AMX kernels fault on this machine: building llama-cpp-python again without them (minutes)")
+    sh(PY, "-m", "pip", "install", "-q", "--force-reinstall", "--no-deps", "--no-cache-dir",
+       f"llama-cpp-python=={version}", env={**os.environ, "CFLAGS": flags, "CXXFLAGS": flags})
 
 
 def demo():

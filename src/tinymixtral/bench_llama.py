@@ -10,6 +10,8 @@ the per-round ratios (ours speed / llama.cpp's speed) with their range.
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +37,51 @@ def _llama_cpp():
         import llama_cpp
     except ImportError:
         raise TinyMixtralError("--vs llama.cpp needs llama-cpp-python: pip install llama-cpp-python gguf") from None
+    if not llama_cpp_runs_quantized():
+        raise TinyMixtralError(f"this llama.cpp build crashes on Q8_0/Q4_0 here ({NO_AMX_HINT})")
     return llama_cpp
+
+
+# llama.cpp built with -march=native on a CPU that reports AMX compiles its AMX kernels in, and on some machines
+# (seen: a VM whose CPU reports amx_tile/amx_int8) their first tileloadd dies with SIGILL, which takes the process
+# down. Built with these flags it uses its AVX-512/VNNI kernels instead.
+NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+NO_AMX_HINT = (f"its AMX kernels fault on this machine: rebuild it without them, CFLAGS='{NO_AMX_FLAGS}' "
+               f"CXXFLAGS='{NO_AMX_FLAGS}' pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python; "
+               "python3 run.py setup does this")
+_RUNS: list[bool] = []
+
+
+def llama_cpp_runs_quantized() -> bool:
+    """Whether llama.cpp evaluates a tiny Q8_0 and Q4_0 model here without dying. Asked once per process, in a
+    child process (a crash there costs nothing)."""
+    if not _RUNS:
+        code = "from tinymixtral.bench_llama import _probe; _probe()"
+        try:
+            r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300)
+            _RUNS.append(r.returncode == 0)
+        except subprocess.TimeoutExpired:
+            _RUNS.append(False)
+    return _RUNS[0]
+
+
+def _probe():
+    """The child of `llama_cpp_runs_quantized`: Q8_0 and Q4_0 of a tiny random MoE, a 40-token prompt each."""
+    import llama_cpp
+
+    from .config import ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=320, d_model=64, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64, n_experts=4,
+                      top_k=2, max_seq_len=64)
+    model, tok = build_model(cfg).eval(), _tokenizer(cfg.vocab_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        for gtype in ("q8_0", "q4_0"):
+            path = Path(tmp) / f"{gtype}.gguf"
+            write_gguf(model, tok, path, gtype, full_context=True, progress=False)
+            llm = llama_cpp.Llama(str(path), n_ctx=64, n_threads=1, n_threads_batch=1, verbose=False)
+            llm.eval(list(range(3, 43)))
+            llm.close()
 
 
 def _tokenizer(vocab_size: int):
