@@ -215,3 +215,12 @@ def test_int4_bf16_scales_read_as_stored(group_size, K, M):
     w_hat = dequantize(q["weight"][1], s16[1].float(), z16[1].float())
     y = cpu_kernels.woq_mm(x, q["weight"][1], s16[1], z16[1], group_size, None)
     torch.testing.assert_close(y, x @ w_hat.mT, rtol=0.02, atol=0.02 * (x @ w_hat.mT).abs().max().item())
+
+
+def test_vnni_flags_follow_cpuinfo():
+    """The build adds the VNNI instructions /proc/cpuinfo lists (woq::dpbusd in one instruction), nothing else."""
+    avx512 = "fpu avx2 fma f16c avx512f avx512bw avx512vl avx512_vnni"
+    assert cpu_kernels.vnni_flags(avx512) == ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
+    assert cpu_kernels.vnni_flags("fpu avx2 fma avx_vnni avx512f") == ["-mavxvnni"]  # AVX-512 without its VNNI
+    assert cpu_kernels.vnni_flags("fpu avx2 fma f16c") == []
+    assert cpu_kernels.vnni_flags("avx512f avx512bw avx512_vnni") == []  # no VL: the 256-bit form is missing

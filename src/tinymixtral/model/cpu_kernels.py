@@ -5,7 +5,8 @@ Two sets of kernels. Where the CPU has AVX2 + FMA, tinymixtral's own (`csrc/*.cp
 torch's cpp_extension and cached in torch's extensions directory). They read each weight once and int4 in our
 storage layout. For up to `Q8_ROWS` rows (decode) `csrc/woq_q8.cpp` quantizes the activations to int8 in
 blocks of 32 (one fp32 scale each, once per call) and multiplies in integers, as llama.cpp's Q8_0 / Q4_0
-dot products do: the result is that of the activations rounded to 8 bits per block (relative error ~5e-3
+dot products do (in one VNNI instruction per 32 bytes where the CPU has AVX512-VNNI or AVX-VNNI, and with
+the next rows' weights prefetched): the result is that of the activations rounded to 8 bits per block (relative error ~5e-3
 of the output's scale on random data). QUANT_ACTIVATIONS = False, or TINYMIXTRAL_KERNELS=exact, keeps the
 activations exact: `csrc/woq_avx2.cpp` dequantizes the weight in registers and sums fp32 products, as it
 does for Q8_ROWS < rows <= `AVX2_ROWS`. More rows (prefill) dequantize and run one fp32 matmul. Elsewhere, or with
@@ -23,15 +24,12 @@ torch's converter once per process.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import hashlib
 import os
-import shutil
-import sys
-from pathlib import Path
 
 import torch
+
+from .kernel_build import load_avx2, vnni_flags  # noqa: F401  (vnni_flags: re-exported)
 
 GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 CPU kernel accepts
 # Up to this many rows the AVX2 kernels; more (long prefill chunks): dequantize, then one fp32 matmul. At 256 rows
@@ -66,39 +64,6 @@ def _register_fakes():
         torch.library.register_fake(f"tinymixtral_avx2::{op}")(lambda x, w, *rest: x.new_empty(x.shape[0], w.shape[-2]))
     torch.library.register_fake("tinymixtral_gemv::mv")(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
     torch.library.register_fake("tinymixtral_gemv::experts_mv")(lambda x, *rest: x.new_empty(x.shape))
-
-
-def load_avx2() -> bool:
-    """Build (on first use) and load the AVX2 kernels; False, with one line on stderr if the build fails."""
-    if os.environ.get("TINYMIXTRAL_KERNELS", "").lower() == "torch":
-        return False
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return False
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    if flags and not all(f" {f}" in flags for f in ("avx2", "fma", "f16c")):
-        return False
-    try:
-        from torch.utils import cpp_extension
-
-        if shutil.which("ninja") is None:  # the `ninja` package's binary, where its venv is not on PATH
-            with contextlib.suppress(ImportError):
-                import ninja
-                os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        csrc = Path(__file__).parent / "csrc"
-        srcs = sorted(csrc.glob("*.cpp"))
-        cflags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]  # omp: torch's own runtime (libgomp, loaded)
-        text = "".join(f.read_text() for f in sorted(csrc.glob("*.[ch]*")))
-        tag = hashlib.sha1((text + torch.__version__ + " ".join(cflags)).encode()).hexdigest()[:12]
-        name = f"tinymixtral_avx2_{tag}"
-        if not (Path(cpp_extension._get_build_directory(name, False)) / f"{name}.so").exists():
-            print("tinymixtral: building the AVX2 int8/int4 kernels (once; about a minute)", file=sys.stderr)
-        cpp_extension.load(name=name, sources=[str(f) for f in srcs], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
-                           is_python_module=False, verbose=False)
-        return True
-    except Exception as e:  # no compiler, no ninja, a failed build: torch's kernels
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"tinymixtral: AVX2 kernels unavailable ({first[:200]}); using torch's", file=sys.stderr)
-        return False
 
 
 # int4: ours (storage layout) where set, else torch's kernel in its own layout. With fp32 activations ours ran slower

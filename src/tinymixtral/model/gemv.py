@@ -1,5 +1,5 @@
 """fp32 / bf16 products for a few rows (batch-1 decode) through tinymixtral's AVX2 kernels (`csrc/gemv_avx2.cpp`,
-built with the int8/int4 ones by `cpu_kernels.load_avx2`).
+built with the int8/int4 ones by `kernel_build.load_avx2`).
 
 A decode step only streams weights from memory. These kernels read each weight row once, 4 rows per inner
 iteration on all threads (torch's pool), and run the chosen experts of a few tokens (both products and

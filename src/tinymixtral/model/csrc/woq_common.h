@@ -18,6 +18,19 @@ namespace woq {
 
 constexpr int R = 8;  // output rows per parallel task unit; tiles below take NR <= R of them at a time
 
+// acc + the sums of 4 adjacent products u8 x s8 (u unsigned, s signed bytes) in each int32 lane. One instruction
+// where the CPU has VNNI (the build adds -mavx512vnni -mavx512vl or -mavxvnni there); else maddubs + madd, which is
+// exact for our operands (|u| <= 127, or <= 15, times |s| <= 127: the int16 pair sums never saturate).
+inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));

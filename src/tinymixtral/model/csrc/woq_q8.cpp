@@ -3,12 +3,12 @@
 //
 // Activations: each row of x is quantized once per call, in blocks of 32 columns: d = max|x| / 127,
 // q = round-half-even(x * (1 / d)) in [-127, 127] (d = 0: q = 0). All output rows, and all experts of the
-// call, share them. 32 int8 products are summed exactly in int32 (_mm256_maddubs_epi16, then
-// _mm256_madd_epi16 against ones), converted to fp32 once per block and scaled by d, the blocks summed in
+// call, share them. 32 int8 products are summed exactly in int32 (woq::dpbusd: one VNNI instruction, or
+// maddubs + madd on plain AVX2), converted to fp32 once per block and scaled by d, the blocks summed in
 // fp32. So y = x_hat @ W_hat^T with x_hat = q * d: the weights' own dequantized values, times activations
 // rounded to 8 bits per block (what llama.cpp computes; the fp32-activation kernels are in woq_avx2.cpp).
 //
-// int8: weight [N, K] in [-127, 127], scales fp32 [N], K % 32 == 0. maddubs multiplies unsigned by signed
+// int8: weight [N, K] in [-127, 127], scales fp32 [N], K % 32 == 0. dpbusd multiplies unsigned by signed
 //   bytes: |w| against x's q carrying w's sign (_mm256_sign_epi8, llama.cpp's trick). The row scale goes on
 //   once, at the end.
 // int4: weight uint8 [N, K/2] in the storage layout (column 2j in the low nibble of byte j, 2j+1 in the high
@@ -83,7 +83,6 @@ struct Q8 {
 // NR weight rows w (stride K) times MB rows of quantized x -> y[m * ldy + r], scaled by s[r].
 template <int MB, int NR>
 void i8_tile(const Q8& a, int64_t m0, const int8_t* w, int64_t K, const float* s, float* y, int64_t ldy) {
-  const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[MB][NR];
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
@@ -91,11 +90,12 @@ void i8_tile(const Q8& a, int64_t m0, const int8_t* w, int64_t K, const float* s
   const float* xd = a.d.data() + m0 * a.nb;
   for (int64_t b = 0; b < K / 32; ++b) {
     for (int r = 0; r < NR; ++r) {
+      if (b % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + (NR + r) * K + b * 32), _MM_HINT_T0);
       const __m256i wv = _mm256_loadu_si256((const __m256i*)(w + r * K + b * 32));
       const __m256i aw = _mm256_sign_epi8(wv, wv);
       for (int m = 0; m < MB; ++m) {  // x's loads and broadcasts: from L1, left to the compiler to keep or not
         const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + m * a.Kp + b * 32));
-        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv)), ones);
+        const __m256i p = dpbusd(_mm256_setzero_si256(), aw, _mm256_sign_epi8(xv, wv));
         acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(xd + m * a.nb + b), acc[m][r]);
       }
     }
@@ -154,7 +154,7 @@ template <int MB, int NR, typename S>
 void i4_tile(const Q4Act& x, int64_t m0, const uint8_t* w, int64_t K, const S* s, const S* z, int64_t gs,
              float* y, int64_t ldy) {
   const int64_t half = K / 2, G = x.G, Kp = x.a.Kp;
-  const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15);
+  const __m256i low = _mm256_set1_epi8(15);
   __m256 acc[MB][NR];
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
@@ -168,14 +168,14 @@ void i4_tile(const Q4Act& x, int64_t m0, const uint8_t* w, int64_t K, const S* s
       xo[m] = _mm256_loadu_si256((const __m256i*)(xq + m * Kp + p * 64 + 32));
     }
     for (int r = 0; r < NR; ++r) {
+      if (p % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + (NR + r) * half + p * 32), _MM_HINT_T0);
       const __m256i v = 64 * p + 64 <= K ? _mm256_loadu_si256((const __m256i*)(w + r * half + p * 32))
                                          : _mm256_inserti128_si256(_mm256_setzero_si256(),
                                                _mm_loadu_si128((const __m128i*)(w + r * half + p * 32)), 0);
       const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
       const __m256 sv = two(s + r * G, g0, g1);
       for (int m = 0; m < MB; ++m) {
-        const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe[m]), _mm256_maddubs_epi16(hi, xo[m]));
-        const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+        const __m256 f = _mm256_cvtepi32_ps(dpbusd(dpbusd(_mm256_setzero_si256(), lo, xe[m]), hi, xo[m]));
         acc[m][r] = _mm256_fmadd_ps(f, _mm256_mul_ps(_mm256_loadu_ps(xdd + (m * x.np + p) * 8), sv), acc[m][r]);
       }
     }
