@@ -126,7 +126,7 @@ def test_compile_failure_is_one_clear_error(monkeypatch):
     def broken(*args):
         raise RuntimeError("C++ compile error: no compiler found\n...many more lines...")
 
-    monkeypatch.setattr(generation, "_compiled_step", broken)
+    monkeypatch.setitem(generation._compiled_steps, "cpu", broken)
     with pytest.raises(TinyMixtralError, match=r"^torch.compile failed \(C\+\+ compile error: no compiler found\)"):
         generate(tiny_model(DECODE), torch.tensor([[1, 2]]), 3, compile=True)
 
@@ -144,7 +144,7 @@ def test_auto_compiles_long_generations_where_it_pays(monkeypatch):
         m.setattr(cpu_kernels, "avx2_kernels", lambda: False)
         assert not generation.auto_compile(odd, generation.AUTO_COMPILE_TOKENS)
     calls = []
-    monkeypatch.setattr(generation, "_compiled_step", lambda *a: calls.append(1) or generation._decode_step(*a))
+    monkeypatch.setitem(generation._compiled_steps, "cpu", lambda *a: calls.append(1) or generation._decode_step(*a))
     monkeypatch.setattr(generation, "AUTO_COMPILE_TOKENS", 6)
     prompt = torch.tensor([[1, 2, 3]])
     eager = generate(model, prompt, 6)
@@ -158,7 +158,7 @@ def test_auto_compile_failure_decodes_eagerly_with_one_warning(monkeypatch, caps
     def broken(*args):
         raise RuntimeError("C++ compile error: no compiler found\n...many more lines...")
 
-    monkeypatch.setattr(generation, "_compiled_step", broken)
+    monkeypatch.setitem(generation._compiled_steps, "cpu", broken)
     monkeypatch.setattr(generation, "AUTO_COMPILE_TOKENS", 4)
     model, prompt = tiny_model(DECODE), torch.tensor([[1, 2, 3], [4, 5, 6]])
     eager = generate(model, prompt, 8)

@@ -86,6 +86,52 @@ def test_moe_takes_the_experts_op_at_decode(monkeypatch):
         torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,H,G,T,C", [(1, 4, 2, 1, 64), (3, 8, 2, 37, 64), (2, 6, 6, 300, 20), (1, 8, 1, 5, 128)])
+def test_decode_attention_equals_sdpa(dtype, B, H, G, T, C):
+    """One query per row and head over strided views of a cache (a layer of it, its first T slots), masked keys."""
+    torch.manual_seed(0)
+    q = torch.randn(B, H, 1, C, dtype=dtype)
+    k_all, v_all = torch.randn(2, B, G, T + 3, C, dtype=dtype), torch.randn(2, B, G, T + 3, C, dtype=dtype)
+    k, v = k_all[1, :, :, :T], v_all[1, :, :, :T]
+    allowed = torch.rand(B, 1, 1, T) > 0.4
+    allowed[..., -1] = True  # a planned step always sees its own key
+    with torch.no_grad():
+        y = gemv.attention(q.view(B, H, C), k, v, allowed.view(B, T), C ** -0.5)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=allowed, enable_gqa=G != H)
+    assert y.shape == (B, H, C) and y.dtype == dtype
+    torch.testing.assert_close(y.float(), ref.view(B, H, C), rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,E,K,D", [(1, 8, 2, 64), (5, 4, 1, 33), (16, 6, 3, 20), (2, 2, 2, 8)])
+def test_route_equals_the_router(dtype, N, E, K, D):
+    """Mixtral's routing (softmax over all, top-k, renormalise), with the logits rounded to the model's dtype."""
+    torch.manual_seed(0)
+    x, w = torch.randn(N, D, dtype=dtype), torch.randn(E, D, dtype=dtype)
+    logits, weights, experts = gemv.route(x, w, K)
+    ref_logits = F.linear(x, w).float()
+    ref_weights, ref_experts = ref_logits.softmax(-1).topk(K, dim=-1)
+    torch.testing.assert_close(logits, ref_logits, rtol=TOL[dtype], atol=TOL[dtype] * D ** 0.5)
+    assert torch.equal(experts, ref_experts)
+    torch.testing.assert_close(weights, ref_weights / ref_weights.sum(-1, keepdim=True), rtol=1e-5, atol=1e-6)
+
+
+def test_router_and_attention_take_the_ops_at_inference_only(monkeypatch):
+    """Attention takes its op for one-token steps only, the router for a few tokens (<= FEW_ROWS); training neither."""
+    calls = []
+    for name in ("attention", "route"):
+        op = getattr(gemv, name)
+        monkeypatch.setattr(gemv, name, lambda *a, _op=op, _n=name: calls.append(_n) or _op(*a))
+    model = tiny_model(DECODE)
+    ids = torch.randint(0, 96, (1, 6))
+    model(ids, targets_BS=ids)  # training: autograd, the router's losses
+    assert calls == []
+    _decode(model.eval(), ids)  # a prompt of 4, then 2 one-token steps
+    L = model.cfg.n_layers
+    assert calls.count("attention") == 2 * L and calls.count("route") == 3 * L
+
+
 def _decode(model, ids, compiled=False):
     """Logits of a prompt of 4 then one token at a time (teacher-forced), eager or compiled steps."""
     cache = KVCache.for_model(model, 1, 256 if compiled else ids.shape[1])
@@ -118,7 +164,7 @@ def test_compiled_steps_call_the_kernels(off):
     with torch.profiler.profile() as prof:
         _decode(model, ids[:, :5], compiled=True)
     names = {e.name for e in prof.events()}
-    assert {"tinymixtral_gemv::mv", "tinymixtral_gemv::experts_mv"} <= names
+    assert {f"tinymixtral_gemv::{op}" for op in ("mv", "experts_mv", "attn_decode", "route")} <= names
     off()
     plain = _decode(model, ids)
     torch._dynamo.reset()

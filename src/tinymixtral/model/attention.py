@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from . import gemv
 from .fast import Linear
 from .rope import apply_rope
 
@@ -35,6 +36,9 @@ class Attention(nn.Module):
         if kv is not None:
             cache, layer = kv
             k_BGSC, v_BGSC = cache.attend_keys(layer, k_BGSC, v_BGSC)
+            if S == 1 and mask is not None and gemv.attention_applies(q_BHSC, k_BGSC):  # a decode step: one call
+                y_BHC = gemv.attention(q_BHSC.view(B, H, C), k_BGSC, v_BGSC, mask.view(B, -1), C ** -0.5)
+                return self.wo(y_BHC.view(B, 1, H * C))
         y_BHSC = F.scaled_dot_product_attention(
             q_BHSC, k_BGSC, v_BGSC, attn_mask=mask, is_causal=mask is None, enable_gqa=G != H
         )

@@ -69,11 +69,16 @@ def avx2_kernels() -> bool:
 
 def _register_fakes():
     """Shape-only kernels of every op in the extension, so that compiled code calls them itself (no Python op
-    around them): the weight-only products [M, N], gemv's `mv` [M, N] and `experts_mv` (x's shape)."""
+    around them): the weight-only products [M, N], gemv's `mv` [M, N] and `experts_mv` (x's shape), the decode
+    step's `attn_decode` (q's shape) and `route` (logits [N, E], weights and experts [N, k])."""
     for op in ("int8_mm", "int8_q8_mm", "int4_mm", "int4_q8_mm"):
         torch.library.register_fake(f"tinymixtral_avx2::{op}")(lambda x, w, *rest: x.new_empty(x.shape[0], w.shape[-2]))
     torch.library.register_fake("tinymixtral_gemv::mv")(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
     torch.library.register_fake("tinymixtral_gemv::experts_mv")(lambda x, *rest: x.new_empty(x.shape))
+    torch.library.register_fake("tinymixtral_gemv::attn_decode")(lambda q, *rest: q.new_empty(q.shape))
+    torch.library.register_fake("tinymixtral_gemv::route")(
+        lambda x, w, k: (x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32),
+                         x.new_empty(x.shape[0], k, dtype=torch.float32), x.new_empty(x.shape[0], k, dtype=torch.long)))
 
 
 # int4: ours (storage layout) where set, else torch's kernel in its own layout. With fp32 activations ours ran slower

@@ -1,5 +1,6 @@
 """fp32 / bf16 products for a few rows (batch-1 decode) through tinymixtral's AVX2 kernels (`csrc/gemv_avx2.cpp`,
-built with the int8/int4 ones by `kernel_build.load_avx2`).
+built with the int8/int4 ones by `kernel_build.load_avx2`), and a decode step's attention and routing
+(`csrc/decode_avx2.cpp`).
 
 A decode step only streams weights from memory. These kernels read each weight row once, 4 rows per inner
 iteration on all threads (torch's pool), and run the chosen experts of a few tokens (both products and
@@ -35,6 +36,23 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     x_MK = x.reshape(-1, x.shape[-1])
     y = torch.ops.tinymixtral_gemv.mv(x_MK if x_MK.stride(-1) == 1 else x_MK.contiguous(), w)
     return y.view(*x.shape[:-1], w.shape[0])
+
+
+def attention(q_BHC, k_BGTC, v_BGTC, allowed_BT, scale: float) -> torch.Tensor:
+    """SDPA of one query per row and head over the cached keys it may see (allowed_BT), grouped-query (`decode_avx2.cpp`):
+    one call where SDPA's fixed costs took ~50-80 us a layer at batch 1. q [B, H, C]; k, v [B, G, T, C] (views)."""
+    return torch.ops.tinymixtral_gemv.attn_decode(q_BHC.contiguous(), k_BGTC, v_BGTC, allowed_BT.contiguous(), scale)
+
+
+def attention_applies(q, k) -> bool:
+    """Whether attention() can run: CPU, inference, fp32 or bf16 throughout, unit stride along the head dim."""
+    return (q.device.type == "cpu" and k.device.type == "cpu" and not torch.is_grad_enabled() and q.dtype == k.dtype
+            and q.dtype in DTYPES and k.stride(-1) == 1 and ready())
+
+
+def route(x_ND, w_ED, top_k: int):
+    """Mixtral's routing in one call: (logits [N, E] fp32, renormalised top-k weights [N, K] fp32, experts [N, K])."""
+    return torch.ops.tinymixtral_gemv.route(x_ND, w_ED, top_k)
 
 
 def experts(x_ND, w13_EHD, w2_EDF, experts_NK, weights_NK) -> torch.Tensor:

@@ -56,6 +56,9 @@ class Router(nn.Module):
         """Returns (logits_NE in fp32, weights_NK, experts_NK)."""
         if self.training and self.jitter > 0:  # Switch Transformer jitter: on the router input only
             x_ND = x_ND * torch.empty_like(x_ND).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        if (not self.training and x_ND.shape[0] <= fast.FEW_ROWS and gemv.applies(x_ND, self.weight)
+                and x_ND.stride(-1) == 1):
+            return gemv.route(x_ND, self.weight, self.top_k)  # decode: the lines below in one call
         # In the model's dtype, then fp32 (transformers does the same): a bf16 model must pick the experts
         # transformers picks, and an fp32 product would break their near ties differently.
         logits_NE = F.linear(x_ND, self.weight).float()
