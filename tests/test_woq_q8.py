@@ -224,3 +224,23 @@ def test_vnni_flags_follow_cpuinfo():
     assert cpu_kernels.vnni_flags("fpu avx2 fma avx_vnni avx512f") == ["-mavxvnni"]  # AVX-512 without its VNNI
     assert cpu_kernels.vnni_flags("fpu avx2 fma f16c") == []
     assert cpu_kernels.vnni_flags("avx512f avx512bw avx512_vnni") == []  # no VL: the 256-bit form is missing
+
+
+@pytest.mark.parametrize("group_size,K", [(32, 64), (32, 192), (64, 384), (96, 480), (128, 640), (32, 1024)])
+@pytest.mark.parametrize("M", [1, 2, 5])
+def test_int4_512_bit_steps_equal_the_256_bit_ones(group_size, K, M):
+    """Where the build has AVX512-VNNI, int4 takes 128 columns a step (woq_q8.cpp's i4_tile512), the 64-column
+    steps after it; the same sums as the 256-bit steps alone, to fp32 rounding (tails of 64 columns, group sizes
+    across steps, bf16 scales)."""
+    g = torch.Generator().manual_seed(K + M)
+    w, x = torch.randn(40, K, generator=g), torch.randn(M, K, generator=g)
+    q = quantize(w, 4, group_size)
+    for scales, zeros in ((q["scales"], q["zeros"]), (q["scales"].bfloat16(), q["zeros"].bfloat16())):
+        out = {}
+        try:
+            for on in (True, False):
+                OPS.set_int4_512(on)
+                out[on] = OPS.int4_q8_mm(x, q["weight"], scales, zeros, group_size, None)
+        finally:
+            OPS.set_int4_512(True)
+        torch.testing.assert_close(out[True], out[False], rtol=1e-5, atol=1e-5 * out[False].abs().max().item())

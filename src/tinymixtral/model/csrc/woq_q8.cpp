@@ -150,6 +150,58 @@ inline __m256 two(const c10::BFloat16* s, int64_t g0, int64_t g1) {
   return _mm256_setr_m128(_mm_set1_ps(load1(s + g0)), _mm_set1_ps(load1(s + g1)));
 }
 
+bool AVX512_INT4 = true;  // set_int4_512(false): the 256-bit steps alone (tests compare the two)
+
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+// 128 columns at a time in 512-bit registers where the CPU has AVX512-VNNI: the same lanes as two 64-column steps
+// side by side (x's [even 32 | odd 32] of step p in the low half, of p + 1 in the high half; d and the group scales
+// as [step p's 8 | step p + 1's 8]), so half the instructions per weight byte. Returns the first step not done.
+template <int MB, int NR, typename S>
+int64_t i4_tile512(const Q4Act& x, int64_t m0, const uint8_t* w, int64_t K, const S* s, int64_t gs,
+                   __m256 (&out)[MB][NR]) {
+  const int64_t half = K / 2, G = x.G, Kp = x.a.Kp;
+  const __m512i low = _mm512_set1_epi8(15);
+  __m512 acc[MB][NR];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+  const int8_t* xq = x.a.q.data() + m0 * Kp;
+  const float* xdd = x.dd.data() + m0 * x.np * 8;
+  int64_t p = 0;
+  for (; 64 * p + 128 <= K; p += 2) {
+    const int64_t c = 64 * p;
+    __m512i xe[MB], xo[MB];
+    for (int m = 0; m < MB; ++m) {
+      const int8_t* q = xq + m * Kp + c;
+      xe[m] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)q)),
+                                 _mm256_loadu_si256((const __m256i*)(q + 64)), 1);
+      xo[m] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(q + 32))),
+                                 _mm256_loadu_si256((const __m256i*)(q + 96)), 1);
+    }
+    const int64_t g0 = c / gs, g1 = std::min(G - 1, (c + 32) / gs), g2 = std::min(G - 1, (c + 64) / gs),
+                  g3 = std::min(G - 1, (c + 96) / gs);
+    for (int r = 0; r < NR; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + (NR + r) * half + p * 32), _MM_HINT_T0);
+      const __m512i v = _mm512_loadu_si512((const void*)(w + r * half + p * 32));
+      const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      const __m512 sv = g0 == g3 ? _mm512_set1_ps(load1(s + r * G + g0))
+                                 : _mm512_castpd_ps(_mm512_insertf64x4(
+                                       _mm512_castpd256_pd512(_mm256_castps_pd(two(s + r * G, g0, g1))),
+                                       _mm256_castps_pd(two(s + r * G, g2, g3)), 1));
+      for (int m = 0; m < MB; ++m) {
+        const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xe[m]), hi, xo[m]);
+        acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d),
+                                    _mm512_mul_ps(_mm512_loadu_ps(xdd + (m * x.np + p) * 8), sv), acc[m][r]);
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < NR; ++r)
+      out[m][r] = _mm256_add_ps(_mm512_castps512_ps256(acc[m][r]),
+                                _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[m][r]), 1)));
+  return p;
+}
+#endif
+
 template <int MB, int NR, typename S>
 void i4_tile(const Q4Act& x, int64_t m0, const uint8_t* w, int64_t K, const S* s, const S* z, int64_t gs,
              float* y, int64_t ldy) {
@@ -160,7 +212,11 @@ void i4_tile(const Q4Act& x, int64_t m0, const uint8_t* w, int64_t K, const S* s
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
   const int8_t* xq = x.a.q.data() + m0 * Kp;
   const float* xdd = x.dd.data() + m0 * x.np * 8;
-  for (int64_t p = 0; p < x.np; ++p) {
+  int64_t p0 = 0;
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+  if (AVX512_INT4) p0 = i4_tile512<MB, NR>(x, m0, w, K, s, gs, acc);
+#endif
+  for (int64_t p = p0; p < x.np; ++p) {
     const int64_t g0 = 64 * p / gs, g1 = std::min(G - 1, (64 * p + 32) / gs);
     __m256i xe[MB], xo[MB];
     for (int m = 0; m < MB; ++m) {
@@ -247,7 +303,18 @@ at::Tensor int4_q8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor
 
 }  // namespace
 
+// Turns the 512-bit int4 steps on or off (tests compare them with the 256-bit ones); true if this build has them.
+bool set_int4_512(bool on) {
+  AVX512_INT4 = on;
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+  return true;
+#else
+  return false;
+#endif
+}
+
 TORCH_LIBRARY_FRAGMENT(tinymixtral_avx2, m) {
+  m.def("set_int4_512(bool on) -> bool", &set_int4_512);
   m.def("int8_q8_mm(Tensor x, Tensor weight, Tensor scales, Tensor? experts) -> Tensor");
   m.def("int4_q8_mm(Tensor x, Tensor weight, Tensor scales, Tensor zeros, int group_size, Tensor? experts) -> Tensor");
 }
