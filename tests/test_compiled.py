@@ -24,9 +24,11 @@ def fresh_dynamo():
     """Each test compiles from scratch: past dynamo's recompile limit it would fall back to eager silently,
     and the compiled-vs-eager comparisons would compare eager with eager."""
     torch._dynamo.reset()
+    generation._compiled_steps.clear()  # the CPU's ahead-of-time compiled steps (generation._compile_step)
     counters.clear()
     yield
     torch._dynamo.reset()
+    generation._compiled_steps.clear()
 
 
 def teacher_forced(model, prompts, steps):
@@ -44,6 +46,23 @@ def teacher_forced(model, prompts, steps):
             out_c.append(decode_compiled(model, comp, nxt, next_pos))
             nxt, next_pos = out_e[-1][:, -1].argmax(-1, keepdim=True), next_pos + 1
     return torch.cat(out_e, 1), torch.cat(out_c, 1), eager, comp
+
+
+@pytest.mark.slow
+def test_each_generation_finds_the_step_its_guards_accept():
+    """Compiled steps skip their guards within a generation but check them at its start: a second model with the
+    same shapes and weights but another rope theta (a constant of the graph), then a batch of 2, each get a step of
+    their own and decode as they do eagerly; the first model then reuses its own."""
+    a = tiny_model(DECODE)
+    b = tiny_model(DECODE, rope_theta=10.0)
+    b.load_state_dict(a.state_dict())
+    prompt = torch.tensor([[1, 2, 3]])
+    for model, x in ((a, prompt), (b, prompt), (a, prompt.expand(2, 3)), (a, prompt)):
+        eager_e, comp_e, _, _ = teacher_forced(model, x.tolist(), 6)
+        torch.testing.assert_close(comp_e, eager_e, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(teacher_forced(a, [[1, 2, 3]], 6)[0], teacher_forced(b, [[1, 2, 3]], 6)[0])
+    assert len(generation._compiled_steps["cpu"]) == 3
+    assert torch.equal(generate(b, prompt, 8, compile=True), generate(b, prompt, 8))
 
 
 @pytest.mark.slow
@@ -126,7 +145,8 @@ def test_compile_failure_is_one_clear_error(monkeypatch):
     def broken(*args):
         raise RuntimeError("C++ compile error: no compiler found\n...many more lines...")
 
-    monkeypatch.setitem(generation._compiled_steps, "cpu", broken)
+    monkeypatch.setattr(generation, "_compiled_steps", {})
+    monkeypatch.setattr(generation, "_compile_step", broken)
     with pytest.raises(TinyMixtralError, match=r"^torch.compile failed \(C\+\+ compile error: no compiler found\)"):
         generate(tiny_model(DECODE), torch.tensor([[1, 2]]), 3, compile=True)
 
@@ -144,7 +164,9 @@ def test_auto_compiles_long_generations_where_it_pays(monkeypatch):
         m.setattr(cpu_kernels, "avx2_kernels", lambda: False)
         assert not generation.auto_compile(odd, generation.AUTO_COMPILE_TOKENS)
     calls = []
-    monkeypatch.setitem(generation._compiled_steps, "cpu", lambda *a: calls.append(1) or generation._decode_step(*a))
+    monkeypatch.setattr(generation, "_compiled_steps", {})
+    monkeypatch.setattr(generation, "_compile_step", lambda dev, args: generation._Guarded(
+        lambda *a: calls.append(1) or generation._decode_step(*a)))
     monkeypatch.setattr(generation, "AUTO_COMPILE_TOKENS", 6)
     prompt = torch.tensor([[1, 2, 3]])
     eager = generate(model, prompt, 6)
@@ -158,7 +180,8 @@ def test_auto_compile_failure_decodes_eagerly_with_one_warning(monkeypatch, caps
     def broken(*args):
         raise RuntimeError("C++ compile error: no compiler found\n...many more lines...")
 
-    monkeypatch.setitem(generation._compiled_steps, "cpu", broken)
+    monkeypatch.setattr(generation, "_compiled_steps", {})
+    monkeypatch.setattr(generation, "_compile_step", broken)
     monkeypatch.setattr(generation, "AUTO_COMPILE_TOKENS", 4)
     model, prompt = tiny_model(DECODE), torch.tensor([[1, 2, 3], [4, 5, 6]])
     eager = generate(model, prompt, 8)
