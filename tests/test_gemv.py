@@ -117,6 +117,19 @@ def test_route_equals_the_router(dtype, N, E, K, D):
     torch.testing.assert_close(weights, ref_weights / ref_weights.sum(-1, keepdim=True), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("V", [1, 7, 8, 100, 32000])
+def test_argmax_equals_torch(V):
+    """The first maximum (ties), the first NaN where there is one, -inf rows, strided rows (logits[:, -1])."""
+    torch.manual_seed(V)
+    x = torch.randn(4, 3, V)[:, -1]
+    x[1] = x[1].round()  # ties (whole numbers)
+    x[2] = float("-inf")
+    if V > 5:
+        x[3, 5] = float("nan")
+        x[3, V - 1] = float("nan")
+    assert torch.equal(gemv.argmax(x), x.argmax(-1))
+
+
 def test_router_and_attention_take_the_ops_at_inference_only(monkeypatch):
     """Attention takes its op for one-token steps only, the router for a few tokens (<= FEW_ROWS); training neither."""
     calls = []

@@ -24,6 +24,7 @@ import torch
 
 from .cache import KVCache, StaticStep
 from .errors import TinyMixtralError
+from .model import gemv
 from .model.quant import compile_pays
 
 # compile="auto" compiles the decode step from this many new tokens. Compiling costs ~11-16 s in a process that
@@ -36,7 +37,7 @@ def sample(logits_BV: torch.Tensor, temperature: float = 0.0, top_k: int | None 
            top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token ids [B] from logits [B, V]: greedy at temperature 0, else top-k / nucleus sampling."""
     if temperature == 0:
-        return logits_BV.argmax(dim=-1)
+        return gemv.argmax(logits_BV) if gemv.argmax_applies(logits_BV) else logits_BV.argmax(dim=-1)
     logits_BV = logits_BV.float() / temperature
     if top_k is not None and top_k < logits_BV.shape[-1]:
         kth = logits_BV.topk(top_k, dim=-1).values[:, -1:]

@@ -75,6 +75,7 @@ def _register_fakes():
         torch.library.register_fake(f"tinymixtral_avx2::{op}")(lambda x, w, *rest: x.new_empty(x.shape[0], w.shape[-2]))
     torch.library.register_fake("tinymixtral_gemv::mv")(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
     torch.library.register_fake("tinymixtral_gemv::experts_mv")(lambda x, *rest: x.new_empty(x.shape))
+    torch.library.register_fake("tinymixtral_gemv::argmax")(lambda x: x.new_empty(x.shape[0], dtype=torch.long))
     torch.library.register_fake("tinymixtral_gemv::attn_decode")(lambda q, *rest: q.new_empty(q.shape))
     torch.library.register_fake("tinymixtral_gemv::route")(
         lambda x, w, k: (x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32),
