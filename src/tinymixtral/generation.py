@@ -187,13 +187,17 @@ def _compile_step(device_type: str, args: tuple):
     by Dynamo at every step (0.1-0.4 ms a step), with inductor's C++ wrapper calling the graph's kernels from C++
     (0.2 ms a step less than its Python wrapper). b.json fp32: 1.46-1.69 -> 1.12-1.22 ms a step. Elsewhere, or
     where this torch has no aot_compile: plain torch.compile."""
+    options = {"cpp_wrapper": True} if device_type == "cpu" else None
     if device_type == "cpu":
-        compiled = torch.compile(_decode_step, dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
-        if hasattr(compiled, "aot_compile"):
+        compiled = torch.compile(_decode_step, dynamic=False, fullgraph=True, options=options)
+        try:  # an experimental API (torch 2.10+): where it is missing or differs, Dynamo's guards as before
             step = compiled.aot_compile((args, {}))
-            step._guard_check_enabled = False  # decode_compiled checks them once per generation (compiled_step)
-            return step
-    return _Guarded(torch.compile(_decode_step, dynamic=False))
+            if callable(getattr(step, "guard_check", None)) and hasattr(step, "_guard_check_enabled"):
+                step._guard_check_enabled = False  # compiled_step checks them, once per generation
+                return step
+        except Exception:
+            pass
+    return _Guarded(torch.compile(_decode_step, dynamic=False, options=options))
 
 
 # The compiled steps so far, per device type: one per batch size, cache size, model structure and dtype...
