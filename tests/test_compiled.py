@@ -49,7 +49,7 @@ def teacher_forced(model, prompts, steps):
 
 
 @pytest.mark.slow
-def test_each_generation_finds_the_step_its_guards_accept():
+def test_each_generation_finds_the_step_its_guards_accept(monkeypatch):
     """Compiled steps skip their guards within a generation but check them at its start: a second model with the
     same shapes and weights but another rope theta (a constant of the graph), then a batch of 2, each get a step of
     their own and decode as they do eagerly; the first model then reuses its own."""
@@ -63,6 +63,10 @@ def test_each_generation_finds_the_step_its_guards_accept():
     assert not torch.allclose(teacher_forced(a, [[1, 2, 3]], 6)[0], teacher_forced(b, [[1, 2, 3]], 6)[0])
     assert len(generation._compiled_steps["cpu"]) == 3
     assert torch.equal(generate(b, prompt, 8, compile=True), generate(b, prompt, 8))
+    monkeypatch.setattr(generation, "MAX_STEPS", 3)  # a fourth step: the oldest goes
+    oldest = generation._compiled_steps["cpu"][0]
+    assert torch.equal(generate(b, prompt.expand(3, 3), 4, compile=True), generate(b, prompt.expand(3, 3), 4))
+    assert len(generation._compiled_steps["cpu"]) == 3 and oldest not in generation._compiled_steps["cpu"]
 
 
 @pytest.mark.slow

@@ -200,8 +200,10 @@ def _compile_step(device_type: str, args: tuple):
     return _Guarded(torch.compile(_decode_step, dynamic=False, options=options))
 
 
-# The compiled steps so far, per device type: one per batch size, cache size, model structure and dtype...
+# The compiled steps so far, per device type: one per batch size, cache size, model structure and dtype...; at most
+# MAX_STEPS (Dynamo's own recompile limit is 8 per function).
 _compiled_steps: dict[str, list] = {}
+MAX_STEPS = 8
 
 
 def compiled_step(model, cache: KVCache, ids_B1: torch.Tensor, pos_B1: torch.Tensor):
@@ -214,6 +216,7 @@ def compiled_step(model, cache: KVCache, ids_B1: torch.Tensor, pos_B1: torch.Ten
             if step.guard_check(*args):
                 return step
         steps.append(_compile_step(ids_B1.device.type, args))
+        del steps[:-MAX_STEPS]  # the oldest go first (a generation's start checks each kept one: ~0.5 ms)
     except Exception as e:  # no C++ compiler, an unsupported op...: one line, not inductor's pages
         raise _failed(e) from e
     return steps[-1]
