@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
 
 import torch
 
-from .kernel_build import load_avx2, vnni_flags  # noqa: F401  (vnni_flags: re-exported)
+from .kernel_build import cpuinfo, load_avx2, vnni_flags  # noqa: F401  (vnni_flags: re-exported)
 
 GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 CPU kernel accepts
 
@@ -41,7 +40,7 @@ def _avx2_rows() -> int:
     path's time (int4 / int8, 4096 x 4096 to 14336 x 4096; tiny-mixtral prefill of 256 tokens 1.25x faster than
     with 64); at 512 rows the two measured the same. On an Intel Xeon with AVX-512 (full-width FMA) the matmul wins
     from 32 rows: tiny-mixtral prefill of 256 tokens, int8 470 -> 861 tokens/s, int4 365 -> 578 (256 -> 32)."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    info = cpuinfo()
     return 32 if "GenuineIntel" in info and " avx512f" in info else 256
 
 

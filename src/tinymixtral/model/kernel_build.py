@@ -5,6 +5,7 @@ directory under a name that hashes the sources, torch's version and the flags.""
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import shutil
@@ -20,7 +21,7 @@ def load_avx2() -> bool:
         return False
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return False
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = cpuinfo()
     if flags and not all(f" {f}" in flags for f in ("avx2", "fma", "f16c")):
         return False
     try:
@@ -45,6 +46,12 @@ def load_avx2() -> bool:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"tinymixtral: AVX2 kernels unavailable ({first[:200]}); using torch's", file=sys.stderr)
         return False
+
+
+@functools.cache
+def cpuinfo() -> str:
+    """/proc/cpuinfo's text ("" where there is none): the CPU's vendor and instruction-set flags."""
+    return Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
 
 
 def vnni_flags(cpuinfo: str) -> list[str]:
