@@ -39,6 +39,10 @@ def one_thread():
 
 PNG = b"\x89PNG\r\n\x1a\n"  # the first bytes of every PNG file
 
+# Each row's expert, for the kernels that take one expert per row: rows of one expert apart (grouped by the kernel),
+# runs of more than 4 rows of one expert (each read once for 4) with tails, all distinct (a decode step's top-k).
+EXPERT_ROWS = [[3, 0, 3, 1, 2], [1, 1, 0, 1, 2, 1, 1, 0, 1, 1, 2, 0, 0], [2, 2, 2, 2, 2, 2], [3, 1]]
+
 
 # ---- tiny models -----------------------------------------------------------------------------------
 TINY = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, n_experts=4, top_k=2,

@@ -59,7 +59,7 @@ def test_linear_uses_the_kernel_for_a_few_rows_only_and_never_under_autograd(mon
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N,E,K,D,Fd", [(1, 8, 2, 48, 40), (3, 8, 2, 48, 40), (2, 4, 1, 33, 17), (1, 6, 3, 64, 100),
-                                        (16, 4, 2, 16, 8)])
+                                        (16, 4, 2, 16, 8), (11, 3, 2, 40, 24), (9, 1, 1, 24, 16)])
 def test_experts_equal_the_loop_reference(dtype, N, E, K, D, Fd):
     """Σ_k weight_k · expert_k(x): repeated experts across tokens, odd D and F, more tokens than experts."""
     torch.manual_seed(0)
@@ -74,11 +74,13 @@ def test_experts_equal_the_loop_reference(dtype, N, E, K, D, Fd):
     torch.testing.assert_close(y.float(), ref[0], rtol=TOL[dtype] * 3, atol=TOL[dtype] * 3)
 
 
-def test_moe_takes_the_experts_op_at_decode(monkeypatch):
-    """A few tokens under no_grad: one op for all chosen experts, neither experts_few nor the grouped path."""
+@pytest.mark.parametrize("S", [3, 16])
+def test_moe_takes_the_experts_op_at_decode(monkeypatch, S):
+    """A few tokens under no_grad (a decode step, a short prompt's prefill): one op for all chosen experts, neither
+    experts_few nor the grouped path."""
     cfg = moe_cfg(E=8, K=2)
     m = make_moe(cfg).eval()
-    x = torch.randn(1, 3, cfg.d_model)
+    x = torch.randn(1, S, cfg.d_model)
     ref, _ = ref_moe(x, m.router.weight, m.experts.w13, m.experts.w2, 2)
     monkeypatch.setattr(fast, "grouped_mm", no_loop)
     monkeypatch.setattr(fast, "experts_few", no_loop)

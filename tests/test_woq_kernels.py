@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_model
+from conftest import EXPERT_ROWS, tiny_model
 from tinymixtral.model import cpu_kernels, quant
 from tinymixtral.model.quant import QuantExperts, QuantLinear, dequantize, quantize
 from tinymixtral.quantize import quantize_model
@@ -53,11 +53,12 @@ def test_kernel_equals_dequantized_matmul(bits, group_size, N, K, M):
                                rtol=0, atol=2 * 2**-8 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("rows", EXPERT_ROWS)
 @pytest.mark.parametrize("bits,group_size", [(8, None), (4, 32)])
-def test_each_row_its_own_expert(bits, group_size):
+def test_each_row_its_own_expert(bits, group_size, rows):
     g = torch.Generator().manual_seed(1)
-    w, x = torch.randn(4, 24, 96, generator=g), torch.randn(5, 96, generator=g)
-    experts = torch.tensor([3, 0, 3, 1, 2])
+    experts = torch.tensor(rows)
+    w, x = torch.randn(4, 24, 96, generator=g), torch.randn(len(rows), 96, generator=g)
     q = quantize(w, bits, group_size)
     w_hat = dequantize(*q.values())
     ref = torch.stack([w_hat[e] @ x[m] for m, e in enumerate(experts.tolist())])
@@ -65,6 +66,8 @@ def test_each_row_its_own_expert(bits, group_size):
     strided = torch.stack([experts, experts.flip(0)], 1)[:, 0]  # a column of top-k choices, as decode passes it
     _close(cpu_kernels.woq_mm(x, *cpu_kernels.kernel_operands(*q.values(), *([None] if bits == 8 else []),
                                                                 torch.float32, False), group_size or 0, strided), ref)
+    with pytest.raises(RuntimeError, match="expert id out of range"):
+        _op(x, q, bits, group_size, torch.full_like(experts, 4))
 
 
 @pytest.mark.parametrize("bits,group_size", [(8, None), (4, 32)])
@@ -94,6 +97,26 @@ def test_quant_experts_decode_equals_fallback(bits, group_size):
             if hasattr(mod, "use_kernel"):
                 mod.use_kernel = False
         ref = torch.cat([model(row[None]) for row in ids])
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits,group_size", [(8, None), (4, 32)])
+def test_quant_experts_short_prefill_one_call_per_product(bits, group_size, monkeypatch):
+    """A prompt of up to FEW_ROWS tokens (more assignments than experts): each product of a layer's experts is one
+    kernel call with one expert per row (no per-expert loop, no host sync), equal to the dequantized fallback."""
+    model = quantize_model(tiny_model(d_model=64, n_heads=4, n_kv_heads=2, d_ff=96), bits, group_size)
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(0))
+    experts_calls, kernel = [], cpu_kernels.kernel_matmul
+    monkeypatch.setattr(quant, "kernel_matmul", lambda *a: experts_calls.append(a[-1] is not None) or kernel(*a))
+    monkeypatch.setattr(QuantExperts, "grouped_mm", lambda *a: pytest.fail("the per-expert loop ran"))
+    with torch.no_grad():
+        y = model(ids)
+        assert sum(experts_calls) == 2 * len(model.layers)
+        monkeypatch.undo()
+        for mod in model.modules():
+            if hasattr(mod, "use_kernel"):
+                mod.use_kernel = False
+        ref = model(ids)
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
 
 

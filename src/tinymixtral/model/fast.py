@@ -100,13 +100,15 @@ def grouped_mm_loop(x_MI, w_EIO, counts_E):
 
 
 # ---- the MoE for a few tokens at inference ----------------------------------------------------------
-def experts_path(n_tokens: int, top_k: int, n_experts: int, capacity: int | None):
+def experts_path(n_tokens: int, top_k: int, n_experts: int, capacity: int | None, gathers: bool = False):
     """The kernel for one Experts call: experts_gathered, experts_few, or None for the general
-    dispatch -> grouped products -> combine of Experts.forward (training, capacity, prefill)."""
+    dispatch -> grouped products -> combine of Experts.forward (training, capacity, long prefill).
+    gathers: whether the module's products take one expert per row eagerly without copying weights (our
+    kernels: each chosen expert read once for up to 4 of its rows), so a short prompt's prefill goes that way too."""
     if capacity is not None or torch.is_grad_enabled():
         return None
-    if torch.compiler.is_compiling() and n_tokens <= FEW_ROWS:
-        return experts_gathered  # a compiled decode step: no host sync, no data-dependent shape
+    if n_tokens <= FEW_ROWS and (gathers or torch.compiler.is_compiling()):
+        return experts_gathered  # a decode step or a short prefill: no host sync, no data-dependent shape
     if n_tokens * top_k <= n_experts:
         return experts_few  # eager decode: fewer assignments than experts
     return None
@@ -142,11 +144,12 @@ def experts_few(experts, x_ND, weights_NK, experts_NK):
 
 
 def experts_gathered(experts, x_ND, weights_NK, experts_NK):
-    """The same sums with no host sync and no data-dependent shape, for a compiled decode step.
+    """The same sums with no host sync and no data-dependent shape, for a compiled decode step, or eagerly where
+    the products are our kernels (`experts_path`'s `gathers`).
 
     Each row's k-th expert is indexed by a tensor: expert_mm(x, name, e_N) multiplies row n by expert
     e_N[n]'s weight. torch.compile fuses the gather into the product, so only the chosen experts'
-    weights are read (gpt-fast's decode trick). Eager, the gather would copy them first: compiled only.
+    weights are read (gpt-fast's decode trick). Eager, a plain gather would copy them first.
     All K choices go in one product each (row n*K + k: token n and its k-th expert): half the kernel calls
     of a product per choice at top-2, which is what a quantized decode step's time was made of.
     """

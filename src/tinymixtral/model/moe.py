@@ -90,8 +90,9 @@ class Experts(nn.Module):
         """(Σ_k weight_k · expert_k(x) [N, D], assignments dropped over capacity)."""
         N, K = experts_NK.shape
         out_dtype = x_ND.dtype
-        few_tokens = fast.experts_path(N, K, self.n_experts, capacity)  # decode: only the chosen experts
-        if few_tokens is not None and gemv.applies(x_ND, self.w13) and self.w2.is_contiguous():
+        ours = gemv.applies(x_ND, self.w13) and self.w2.is_contiguous()
+        few_tokens = fast.experts_path(N, K, self.n_experts, capacity, ours or self.gathers(x_ND))  # only the chosen
+        if few_tokens is not None and ours:
             return gemv.experts(x_ND, self.w13, self.w2, experts_NK, weights_NK), 0  # one op, both products
         if few_tokens is not None:
             return few_tokens(self, x_ND, weights_NK, experts_NK), 0
@@ -121,6 +122,11 @@ class Experts(nn.Module):
         """Rows grouped by expert (counts_E[e] rows for expert e, in order) times each one's weight `name`."""
         offs_E = counts_E.cumsum(0).to(torch.int32)
         return fast.grouped_mm(x_MI, getattr(self, name).to(x_MI.dtype).transpose(-2, -1), offs_E, counts_E)
+
+    def gathers(self, x_ND) -> bool:
+        """Whether expert_mm with a tensor of experts runs eagerly without copying the chosen weights (QuantExperts
+        on our kernels). Here it would gather them: only compiled code, which fuses the gather, takes it."""
+        return False
 
     def expert_mm(self, x, name: str, e):
         """x times expert e's weight `name`; e an int, or (compiled) a tensor of one expert per row of x."""

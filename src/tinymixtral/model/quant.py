@@ -212,6 +212,12 @@ class QuantExperts(_Quantized, Experts):
     def expert_mm(self, x, name: str, e):
         return self._matmul(x, name, e)
 
+    def gathers(self, x_ND) -> bool:
+        """Our kernels take one expert per row as they are (short prefill: each chosen expert read once for up to 4
+        of its rows, one call for all experts, no host sync)."""
+        return all((ops := self._kernel_ops(name, self._dtype(x_ND), x_ND.device)) is not None
+                   and cpu_kernels.calls_ours(ops, x_ND.shape[0], True) for name in ("w13", "w2"))
+
 
 # ---- which modules, and the swap ------------------------------------------------------------------
 def targets(model: nn.Module, q: dict) -> dict[str, nn.Module]:

@@ -6,7 +6,7 @@
 // experts_mv(x [N, D], w13 [E, 2F, D], w2 [E, D, F], experts [N, K], weights [N, K]) -> y [N, D]: the
 // whole SwiGLU expert sum of a few tokens, Σ_k weights[n,k] * w2_e (silu(w1_e x) * w3_e x) with
 // e = experts[n,k] (w1 the first F rows of w13, w3 the last F), in two parallel passes; only the chosen
-// experts' weights are read.
+// experts' weights are read, each once for up to 4 of the tokens that chose it.
 // Weights fp32 or bf16 (x in the same dtype; the products and sums in fp32, the output in x's dtype).
 #include <torch/library.h>
 
@@ -114,45 +114,68 @@ at::Tensor mv(const at::Tensor& x, const at::Tensor& w) {
 
 inline float silu(float g) { return g / (1.f + std::exp(-g)); }
 
+// The assignments a = n * K + k sorted by expert (stable), cut into runs of up to 4 of one expert: each run
+// reads its expert's weights once (a few tokens' prefill: ~4 tokens an expert; a decode step: one run each).
+struct Runs {
+  std::vector<int64_t> order, first;  // order[i]: the i-th assignment by expert; run c is order[first[c]..first[c+1])
+  Runs(const int64_t* e, int64_t A) : order(A) {
+    for (int64_t a = 0; a < A; ++a) order[a] = a;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t p, int64_t q) { return e[p] < e[q]; });
+    for (int64_t i = 0; i < A; ++i)
+      if (first.empty() || e[order[i]] != e[order[i - 1]] || i - first.back() == 4) first.push_back(i);
+    first.push_back(A);
+  }
+  int64_t size() const { return static_cast<int64_t>(first.size()) - 1; }
+};
+
 template <typename W>
 void experts_impl(const float* x, int64_t N, int64_t D, int64_t F, int64_t K, const W* w13, const W* w2,
-                  const int64_t* e, const float* wt, float* h, float* y, bool round_bf16) {
-  // pass 1: h[n, k, :] = silu(w1_e x_n) * w3_e x_n, over (assignment, block of F rows)
+                  const int64_t* e, const float* wt, float* y, bool round_bf16) {
+  const int64_t A = N * K;
+  const Runs runs(e, A);
+  std::vector<float> xs(A * D), h(A * F), z(A * D);  // by sorted assignment i: its token's x, its h, its w2 h
+  for (int64_t i = 0; i < A; ++i) std::copy(x + runs.order[i] / K * D, x + (runs.order[i] / K + 1) * D, &xs[i * D]);
+  // pass 1: h[i, :] = silu(w1_e x) * w3_e x, over (run, block of F rows)
   const int64_t fb = (F + BLOCK - 1) / BLOCK;
-  at::parallel_for(0, N * K * fb, grain(2 * D * sizeof(W)), [&](int64_t b0, int64_t b1) {
-    float g[BLOCK], u[BLOCK];
+  at::parallel_for(0, runs.size() * fb, grain(2 * D * sizeof(W)), [&](int64_t b0, int64_t b1) {
+    float g[4 * BLOCK], u[4 * BLOCK];
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t a = b / fb, j0 = (b % fb) * BLOCK, j1 = std::min(F, j0 + BLOCK);
-      const W* we = w13 + e[a] * 2 * F * D;
-      const float* xn = x + (a / K) * D;
-      rows<1>(xn, D, we + j0 * D, D, 0, j1 - j0, g, 0);
-      rows<1>(xn, D, we + (F + j0) * D, D, 0, j1 - j0, u, 0);
-      for (int64_t j = j0; j < j1; ++j) {
-        float gj = g[j - j0], uj = u[j - j0];
-        if (round_bf16) {  // as the bf16 model rounds each product, and silu's output, to bf16
-          gj = float(c10::BFloat16(gj));
-          uj = float(c10::BFloat16(uj));
-          h[a * F + j] = float(c10::BFloat16(float(c10::BFloat16(silu(gj))) * uj));
-        } else {
-          h[a * F + j] = silu(gj) * uj;
+      const int64_t c = b / fb, i0 = runs.first[c], mb = runs.first[c + 1] - i0;
+      const int64_t j0 = (b % fb) * BLOCK, j1 = std::min(F, j0 + BLOCK);
+      const W* we = w13 + e[runs.order[i0]] * 2 * F * D;
+      rows_m(mb, &xs[i0 * D], D, we + j0 * D, D, 0, j1 - j0, g, BLOCK);
+      rows_m(mb, &xs[i0 * D], D, we + (F + j0) * D, D, 0, j1 - j0, u, BLOCK);
+      for (int64_t m = 0; m < mb; ++m)
+        for (int64_t j = j0; j < j1; ++j) {
+          float gj = g[m * BLOCK + j - j0], uj = u[m * BLOCK + j - j0];
+          if (round_bf16) {  // as the bf16 model rounds each product, and silu's output, to bf16
+            gj = float(c10::BFloat16(gj));
+            uj = float(c10::BFloat16(uj));
+            h[(i0 + m) * F + j] = float(c10::BFloat16(float(c10::BFloat16(silu(gj))) * uj));
+          } else {
+            h[(i0 + m) * F + j] = silu(gj) * uj;
+          }
         }
-      }
     }
   });
-  // pass 2: y[n, d] = Σ_k wt[n, k] * (w2_e[d] . h[n, k]), over (token, block of D rows)
+  // pass 2: z[i, d] = w2_e[d] . h[i], over (run, block of D rows)
   const int64_t db = (D + BLOCK - 1) / BLOCK;
-  at::parallel_for(0, N * db, grain(K * F * sizeof(W)), [&](int64_t b0, int64_t b1) {
-    float t[BLOCK];
+  at::parallel_for(0, runs.size() * db, grain(F * sizeof(W)), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = b / db, d0 = (b % db) * BLOCK, d1 = std::min(D, d0 + BLOCK);
-      for (int64_t d = d0; d < d1; ++d) y[n * D + d] = 0.f;
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t a = n * K + k;
-        rows<1>(h + a * F, F, w2 + (e[a] * D + d0) * F, F, 0, d1 - d0, t, 0);
-        for (int64_t d = d0; d < d1; ++d) y[n * D + d] += wt[a] * t[d - d0];
-      }
+      const int64_t c = b / db, i0 = runs.first[c], mb = runs.first[c + 1] - i0;
+      const int64_t d0 = (b % db) * BLOCK, d1 = std::min(D, d0 + BLOCK);
+      rows_m(mb, &h[i0 * F], F, w2 + (e[runs.order[i0]] * D + d0) * F, F, 0, d1 - d0, &z[i0 * D + d0], D);
     }
   });
+  // y[n] = Σ_k wt[n, k] z[n, k], in k's order
+  std::vector<int64_t> at(A);  // assignment -> its sorted position
+  for (int64_t i = 0; i < A; ++i) at[runs.order[i]] = i;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t d = 0; d < D; ++d) {
+      float s = 0.f;
+      for (int64_t k = 0; k < K; ++k) s += wt[n * K + k] * z[at[n * K + k] * D + d];
+      y[n * D + d] = s;
+    }
 }
 
 at::Tensor experts_mv(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2, const at::Tensor& experts,
@@ -170,15 +193,15 @@ at::Tensor experts_mv(const at::Tensor& x, const at::Tensor& w13, const at::Tens
   const int64_t* e = experts.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < N * K; ++i) TORCH_CHECK(e[i] >= 0 && e[i] < E, "gemv: expert id out of range");
   const std::vector<float> xf = woq::to_float(x, false, x.size(1));
-  std::vector<float> h(N * K * F), wt(weights.const_data_ptr<float>(), weights.const_data_ptr<float>() + N * K);
+  std::vector<float> wt(weights.const_data_ptr<float>(), weights.const_data_ptr<float>() + N * K);
   at::Tensor y = at::empty({N, D}, x.options().dtype(at::kFloat));
   if (w13.scalar_type() == at::kFloat) {
     experts_impl(xf.data(), N, D, F, K, w13.const_data_ptr<float>(), w2.const_data_ptr<float>(), e, wt.data(),
-                 h.data(), y.mutable_data_ptr<float>(), false);
+                 y.mutable_data_ptr<float>(), false);
   } else {
     for (float& v : wt) v = float(c10::BFloat16(v));  // the model multiplies by the weights cast to its dtype
     experts_impl(xf.data(), N, D, F, K, w13.const_data_ptr<c10::BFloat16>(), w2.const_data_ptr<c10::BFloat16>(), e,
-                 wt.data(), h.data(), y.mutable_data_ptr<float>(), true);
+                 wt.data(), y.mutable_data_ptr<float>(), true);
   }
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }

@@ -100,8 +100,8 @@ void int4_rows(const float* xs, int64_t ldx, const uint8_t* w, int64_t K, const 
   for (; n < n1; ++n) int4_tile<MB, 1>(xs, ldx, w + n * half, K, s + n * G, z + n * G, G, gs, y + n, ldy);
 }
 
-at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
-                   const std::optional<at::Tensor>& experts) {
+at::Tensor int8_mm_rows(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                        const std::optional<at::Tensor>& experts) {
   const int64_t N = w.size(-2), K = w.size(-1);
   check(x, w, K);
   TORCH_CHECK(w.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat && scales.is_contiguous() &&
@@ -119,8 +119,8 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   });
 }
 
-at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
-                   int64_t group_size, const std::optional<at::Tensor>& experts) {
+at::Tensor int4_mm_rows(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
+                        int64_t group_size, const std::optional<at::Tensor>& experts) {
   const int64_t N = w.size(-2), K = 2 * w.size(-1), G = scales.size(-1);
   check(x, w, K);
   TORCH_CHECK(w.scalar_type() == at::kByte && group_size % 16 == 0 && G * group_size == K,
@@ -137,6 +137,22 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
       const uint8_t* we = wp + e * N * half;
       by_rows(mb, [&](auto MB) { int4_rows<decltype(MB)::value>(xm, K, we, K, se, ze, G, group_size, n0, n1, y, N); });
     });
+  });
+}
+
+at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                   const std::optional<at::Tensor>& experts) {
+  const int64_t E = w.dim() == 3 ? w.size(0) : 1;
+  return by_expert(x, experts, E, [&](const at::Tensor& xs, const std::optional<at::Tensor>& es) {
+    return int8_mm_rows(xs, w, scales, es);
+  });
+}
+
+at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
+                   int64_t group_size, const std::optional<at::Tensor>& experts) {
+  const int64_t E = w.dim() == 3 ? w.size(0) : 1;
+  return by_expert(x, experts, E, [&](const at::Tensor& xs, const std::optional<at::Tensor>& es) {
+    return int4_mm_rows(xs, w, scales, zeros, group_size, es);
   });
 }
 

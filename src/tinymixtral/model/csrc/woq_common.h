@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <immintrin.h>
@@ -87,7 +88,8 @@ inline std::vector<float> to_float(const at::Tensor& x, bool split, int64_t ld) 
 }
 
 // Row m of x times the weight of expert experts[m] (or the one weight): output rows [n0, n1) for up to 4
-// rows of x at a time (each weight read once for them), or with experts one row at a time.
+// rows of x at a time, each weight read once for them. With experts, the 4 rows are consecutive rows of one
+// expert (by_expert puts the rows of an expert together).
 template <typename Rows>
 at::Tensor run(const at::Tensor& x, int64_t N, int64_t row_bytes, const std::optional<at::Tensor>& experts,
                Rows rows) {
@@ -100,10 +102,15 @@ at::Tensor run(const at::Tensor& x, int64_t N, int64_t row_bytes, const std::opt
     TORCH_CHECK(experts->dim() == 1 && experts->size(0) == M && experts->scalar_type() == at::kLong,
                 "woq kernels: experts must be int64 [M]");
     const int64_t* e = experts->const_data_ptr<int64_t>();
-    at::parallel_for(0, M * blocks, grain, [&](int64_t b0, int64_t b1) {
+    std::vector<int64_t> first;  // runs of up to 4 rows of one expert: rows first[c] .. first[c + 1] - 1
+    for (int64_t m = 0; m < M; ++m)
+      if (first.empty() || e[m] != e[m - 1] || m - first.back() == 4) first.push_back(m);
+    first.push_back(M);
+    const int64_t runs = static_cast<int64_t>(first.size()) - 1;
+    at::parallel_for(0, runs * blocks, grain, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        const int64_t m = b / blocks, n0 = (b % blocks) * R;
-        rows(1, m, e[m], n0, std::min(N, n0 + R), yp + m * N);
+        const int64_t c = b / blocks, m = first[c], n0 = (b % blocks) * R;
+        rows(first[c + 1] - m, m, e[m], n0, std::min(N, n0 + R), yp + m * N);
       }
     });
   } else {
@@ -112,6 +119,38 @@ at::Tensor run(const at::Tensor& x, int64_t N, int64_t row_bytes, const std::opt
     });
   }
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+// The stable order of M rows by expert e[m], or an empty vector where every run of one expert is already
+// together (a decode step's distinct experts; rows already grouped).
+inline std::vector<int64_t> expert_order(const int64_t* e, int64_t M) {
+  std::vector<int64_t> order(M);
+  for (int64_t m = 0; m < M; ++m) order[m] = m;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return e[a] < e[b]; });
+  bool repeats_apart = false;  // an expert met again after another one
+  for (int64_t i = 1; i < M && !repeats_apart; ++i)
+    repeats_apart = e[order[i]] == e[order[i - 1]] && order[i] != order[i - 1] + 1;
+  return repeats_apart ? order : std::vector<int64_t>{};
+}
+
+// f(x, experts) -> y [M, N] with the rows of one expert next to each other, so that `run` reads each expert's
+// weight once for up to 4 of its rows (a few tokens' prefill: ~4 rows an expert) instead of once a row. Checks
+// the expert ids against the stack's E; y's rows come back in x's order.
+template <typename F>
+at::Tensor by_expert(const at::Tensor& x, const std::optional<at::Tensor>& experts, int64_t E, F f) {
+  if (!experts) return f(x, experts);
+  TORCH_CHECK(experts->dim() == 1 && experts->size(0) == x.size(0) && experts->scalar_type() == at::kLong,
+              "woq kernels: experts must be int64 [M]");
+  const at::Tensor ex = experts->contiguous();
+  const int64_t* e = ex.const_data_ptr<int64_t>();
+  const int64_t M = ex.size(0);
+  for (int64_t m = 0; m < M; ++m) TORCH_CHECK(e[m] >= 0 && e[m] < E, "woq kernels: expert id out of range");
+  const std::vector<int64_t> order = expert_order(e, M);
+  if (order.empty()) return f(x, std::optional<at::Tensor>(ex));
+  at::Tensor perm = at::empty({M}, ex.options());
+  std::copy(order.begin(), order.end(), perm.mutable_data_ptr<int64_t>());
+  const at::Tensor ys = f(x.index_select(0, perm), std::optional<at::Tensor>(ex.index_select(0, perm)));
+  return at::empty_like(ys).index_copy_(0, perm, ys);
 }
 
 inline void check(const at::Tensor& x, const at::Tensor& w, int64_t K) {

@@ -263,8 +263,8 @@ void i4_rows(const Q4Act& x, int64_t m0, const uint8_t* w, int64_t K, const S* s
 }
 
 // ---- the ops ---------------------------------------------------------------------------------------
-at::Tensor int8_q8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
-                      const std::optional<at::Tensor>& experts) {
+at::Tensor int8_q8_mm_rows(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                           const std::optional<at::Tensor>& experts) {
   const int64_t N = w.size(-2), K = w.size(-1);
   check(x, w, K);
   TORCH_CHECK(K % 32 == 0, "woq kernels: int8 activations need K % 32 == 0, got ", K);
@@ -282,8 +282,8 @@ at::Tensor int8_q8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   });
 }
 
-at::Tensor int4_q8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
-                      int64_t group_size, const std::optional<at::Tensor>& experts) {
+at::Tensor int4_q8_mm_rows(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
+                           int64_t group_size, const std::optional<at::Tensor>& experts) {
   const int64_t N = w.size(-2), K = 2 * w.size(-1), G = scales.size(-1);
   check(x, w, K);
   TORCH_CHECK(w.scalar_type() == at::kByte && group_size % 32 == 0 && G * group_size == K,
@@ -298,6 +298,22 @@ at::Tensor int4_q8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor
       const uint8_t* we = wp + e * N * half;
       by_rows(mb, [&](auto MB) { i4_rows<decltype(MB)::value>(a, m, we, K, se, ze, group_size, n0, n1, y, N); });
     });
+  });
+}
+
+at::Tensor int8_q8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                      const std::optional<at::Tensor>& experts) {
+  const int64_t E = w.dim() == 3 ? w.size(0) : 1;
+  return by_expert(x, experts, E, [&](const at::Tensor& xs, const std::optional<at::Tensor>& es) {
+    return int8_q8_mm_rows(xs, w, scales, es);
+  });
+}
+
+at::Tensor int4_q8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
+                      int64_t group_size, const std::optional<at::Tensor>& experts) {
+  const int64_t E = w.dim() == 3 ? w.size(0) : 1;
+  return by_expert(x, experts, E, [&](const at::Tensor& xs, const std::optional<at::Tensor>& es) {
+    return int4_q8_mm_rows(xs, w, scales, zeros, group_size, es);
   });
 }
 
