@@ -20,6 +20,8 @@
 // With `experts` [M] the weights are stacks [E, ...] and row m of x is multiplied by expert experts[m].
 #include <torch/library.h>
 
+#include <cstring>
+
 #include "woq_common.h"
 
 namespace {
@@ -150,6 +152,17 @@ inline __m256 two(const c10::BFloat16* s, int64_t g0, int64_t g1) {
   return _mm256_setr_m128(_mm_set1_ps(load1(s + g0)), _mm_set1_ps(load1(s + g1)));
 }
 
+// n (2 or 4) scales from p in the low lanes of a 512-bit register (the others unset), as fp32
+inline __m512 load4(const float* p, int n) {
+  return _mm512_castps128_ps512(n == 4 ? _mm_loadu_ps(p) : _mm_castsi128_ps(_mm_loadl_epi64((const __m128i*)p)));
+}
+inline __m512 load4(const c10::BFloat16* p, int n) {
+  int32_t two_bf16;
+  std::memcpy(&two_bf16, p, sizeof two_bf16);
+  const __m128i v = n == 4 ? _mm_loadl_epi64((const __m128i*)p) : _mm_cvtsi32_si128(two_bf16);
+  return _mm512_castps128_ps512(_mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(v), 16)));
+}
+
 bool AVX512_INT4 = true;  // set_int4_512(false): the 256-bit steps alone (tests compare the two)
 
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -166,6 +179,9 @@ int64_t i4_tile512(const Q4Act& x, int64_t m0, const uint8_t* w, int64_t K, cons
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
   const int8_t* xq = x.a.q.data() + m0 * Kp;
   const float* xdd = x.dd.data() + m0 * x.np * 8;
+  // groups of 32 or 64: a step's 4 blocks take groups g0 + [0, 1, 2, 3] or g0 + [0, 0, 1, 1], one load and one permute
+  const __m512i spread = gs == 32 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
+                                  : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
   int64_t p = 0;
   for (; 64 * p + 128 <= K; p += 2) {
     const int64_t c = 64 * p;
@@ -183,8 +199,9 @@ int64_t i4_tile512(const Q4Act& x, int64_t m0, const uint8_t* w, int64_t K, cons
       _mm_prefetch(reinterpret_cast<const char*>(w + (NR + r) * half + p * 32), _MM_HINT_T0);
       const __m512i v = _mm512_loadu_si512((const void*)(w + r * half + p * 32));
       const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-      const __m512 sv = g0 == g3 ? _mm512_set1_ps(load1(s + r * G + g0))
-                                 : _mm512_castpd_ps(_mm512_insertf64x4(
+      const __m512 sv = g0 == g3                ? _mm512_set1_ps(load1(s + r * G + g0))
+                        : gs == 32 || gs == 64 ? _mm512_permutexvar_ps(spread, load4(s + r * G + g0, gs == 32 ? 4 : 2))
+                                               : _mm512_castpd_ps(_mm512_insertf64x4(
                                        _mm512_castpd256_pd512(_mm256_castps_pd(two(s + r * G, g0, g1))),
                                        _mm256_castps_pd(two(s + r * G, g2, g3)), 1));
       for (int m = 0; m < MB; ++m) {
