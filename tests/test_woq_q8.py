@@ -120,8 +120,12 @@ def test_odd_shapes_keep_exact_activations(bits, group_size, K):
 
 
 @pytest.mark.parametrize("bits,group_size", [(8, None), (4, 32)])
-def test_quant_linear_rows(bits, group_size, monkeypatch):
-    """Up to Q8_ROWS rows: int8 activations; more: exact ones; QUANT_ACTIVATIONS False: exact at any count."""
+@pytest.mark.parametrize("bf16", [True, False])
+def test_quant_linear_rows(bits, group_size, bf16, monkeypatch):
+    """Up to Q8_ROWS rows: int8 activations; up to AVX2_ROWS: exact ones; more (a long prefill): one matmul on the
+    dequantized weight, in bf16 where the CPU multiplies bf16 natively (within bf16 rounding), else fp32 (exact);
+    QUANT_ACTIVATIONS False: exact at any count."""
+    monkeypatch.setattr(cpu_kernels, "native_bf16", lambda: bf16)
     torch.manual_seed(0)
     w = torch.randn(40, 96)
     m = QuantLinear(96, 40, bits, group_size)
@@ -130,10 +134,40 @@ def test_quant_linear_rows(bits, group_size, monkeypatch):
     for M in (1, cpu_kernels.Q8_ROWS):
         x = torch.randn(M, 96)
         _check(m(x), x, w_hat)
-    x = torch.randn(cpu_kernels.Q8_ROWS + 1, 96)
-    torch.testing.assert_close(m(x), x @ w_hat.T, rtol=1e-5, atol=1e-5 * (x @ w_hat.T).abs().max())
+    x = torch.randn(max(cpu_kernels.Q8_ROWS, cpu_kernels.AVX2_ROWS) + 1, 96)
+    ref = x @ w_hat.T
+    if cpu_kernels.Q8_ROWS < cpu_kernels.AVX2_ROWS:
+        torch.testing.assert_close(m(x[:cpu_kernels.Q8_ROWS + 1]), ref[:cpu_kernels.Q8_ROWS + 1], rtol=1e-5,
+                                   atol=1e-5 * ref.abs().max())
+    tol = 2 * 2**-8 if bf16 else 1e-5  # bf16: x and w each rounded to 8 bits of mantissa
+    torch.testing.assert_close(m(x), ref, rtol=tol, atol=tol * ref.abs().max())
     monkeypatch.setattr(cpu_kernels, "QUANT_ACTIVATIONS", False)
-    torch.testing.assert_close(m(x[:1]), x[:1] @ w_hat.T, rtol=1e-5, atol=1e-5 * (x @ w_hat.T).abs().max())
+    for rows in (x[:1], x):
+        torch.testing.assert_close(m(rows), rows @ w_hat.T, rtol=1e-5, atol=1e-5 * ref.abs().max())
+
+
+@pytest.mark.parametrize("bits,group_size", [(8, None), (4, 16), (4, 32), (4, 48), (4, 64)])
+@pytest.mark.parametrize("bf16", [True, False])
+def test_dequant_op_equals_dequantize(bits, group_size, bf16):
+    """The long prefill's weights: the C++ dequant equals quant.dequantize (fp32 exactly up to FMA rounding; bf16 as
+    that rounded), for a stack of experts too, and with int4 scales in bf16 as a bf16 model holds them."""
+    g = torch.Generator().manual_seed(3)
+    q = quantize(torch.randn(3, 24, 144 if group_size == 48 else 128, generator=g), bits, group_size)
+    ref = dequantize(*q.values())
+    if bits == 8:
+        operands = [(q["weight"], q["scales"][..., 0].contiguous(), None)]
+    else:
+        operands = [(q["weight"], q["scales"], q["zeros"]),
+                    (q["weight"], q["scales"].bfloat16(), q["zeros"].bfloat16())]
+        ref_bf16_scales = dequantize(q["weight"], q["scales"].bfloat16(), q["zeros"].bfloat16())
+    for i, (w, s, z) in enumerate(operands):
+        out = OPS.dequant(w, s, z, group_size or 0, bf16)
+        want = ref if i == 0 else ref_bf16_scales
+        assert out.shape == want.shape and out.dtype == (torch.bfloat16 if bf16 else torch.float32)
+        if bf16:
+            torch.testing.assert_close(out.float(), want.bfloat16().float(), rtol=2**-8, atol=1e-6)
+        else:
+            torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
 
 
 @pytest.mark.slow

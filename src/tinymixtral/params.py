@@ -13,6 +13,7 @@ import torch
 
 from .build import skeleton
 from .config import ModelConfig
+from .model.kernel_build import native_bf16
 
 COMPONENTS = ("embedding", "attention", "router", "experts", "ffn", "norms", "head")
 BYTES = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5}
@@ -66,10 +67,7 @@ def fast_bf16(device) -> bool:
     dev = torch.device(device)
     if dev.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if dev.type != "cpu":
-        return False
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own CPUID checks
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return dev.type == "cpu" and native_bf16()
 
 
 def measure_matmul_flops(device, dtype=torch.float32, n: int = 1024) -> float:

@@ -1,17 +1,17 @@
 """The CPU weight-only kernels for int8 / int4 weights: when they apply, their operands, the call, and
 the layout of torch's int4 kernel (so the model can hold its int4 weights in that layout, once).
 
-Two sets of kernels. Where the CPU has AVX2 + FMA, tinymixtral's own (`csrc/*.cpp`, built on first use with
-torch's cpp_extension and cached in torch's extensions directory). They read each weight once and int4 in our
-storage layout. For up to `Q8_ROWS` rows (decode) `csrc/woq_q8.cpp` quantizes the activations to int8 in
-blocks of 32 (one fp32 scale each, once per call) and multiplies in integers, as llama.cpp's Q8_0 / Q4_0
-dot products do (in one VNNI instruction per 32 bytes where the CPU has AVX512-VNNI or AVX-VNNI, and with
-the next rows' weights prefetched): the result is that of the activations rounded to 8 bits per block (relative error ~5e-3
-of the output's scale on random data). QUANT_ACTIVATIONS = False, or TINYMIXTRAL_KERNELS=exact, keeps the
-activations exact: `csrc/woq_avx2.cpp` dequantizes the weight in registers and sums fp32 products, as it
-does for Q8_ROWS < rows <= `AVX2_ROWS`. More rows (prefill) dequantize and run one fp32 matmul. Elsewhere, or with
-TINYMIXTRAL_KERNELS=torch, or if the build fails (one warning line): torch's `_weight_int8pack_mm` and
-`_weight_int4pack_mm_for_cpu`, vectorised for bf16 activations.
+Two sets of kernels. Where the CPU has AVX2 + FMA, tinymixtral's own (`csrc/*.cpp`, built on first use with torch's
+cpp_extension and cached in torch's extensions directory). They read each weight once and int4 in our storage
+layout. For up to `Q8_ROWS` rows (decode; where the CPU has VNNI, every row count they take) `csrc/woq_q8.cpp`
+quantizes the activations to int8 in blocks of 32 (one fp32 scale each, once per call) and multiplies in integers,
+as llama.cpp's Q8_0 / Q4_0 dot products do (in one VNNI instruction per 32 bytes where the CPU has AVX512-VNNI or
+AVX-VNNI, and with the next rows' weights prefetched): the result is that of the activations rounded to 8 bits per
+block (relative error ~5e-3 of the output's scale on random data). QUANT_ACTIVATIONS = False, or
+TINYMIXTRAL_KERNELS=exact, keeps the activations exact: `csrc/woq_avx2.cpp` dequantizes the weight in registers and
+sums fp32 products, as it does for Q8_ROWS < rows <= `AVX2_ROWS`. More rows (prefill) dequantize and run one fp32
+matmul. Elsewhere, or with TINYMIXTRAL_KERNELS=torch, or if the build fails (one warning line): torch's
+`_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu`, vectorised for bf16 activations.
 
 `_weight_int4pack_mm_for_cpu` reads an int4 weight [N, K] re-packed by `_convert_weight_to_int4pack_for_cpu`:
 rows in blocks of B (32 on this AVX2 machine; the block depends on the CPU build), and in each block, for
@@ -29,25 +29,31 @@ import os
 
 import torch
 
-from .kernel_build import cpuinfo, load_avx2, vnni_flags  # noqa: F401  (vnni_flags: re-exported)
+from .kernel_build import cpuinfo, load_avx2, native_bf16, vnni_flags  # noqa: F401  (vnni_flags: re-exported)
 
 GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 CPU kernel accepts
 
 
 def _avx2_rows() -> int:
-    """Up to this many rows the AVX2 kernels; more (long prefill chunks): dequantize, then one fp32 matmul (torch's,
-    AVX-512 where the CPU has it). On an AMD EPYC with AVX-512, at 256 rows the kernels took 0.43-0.80x of that
-    path's time (int4 / int8, 4096 x 4096 to 14336 x 4096; tiny-mixtral prefill of 256 tokens 1.25x faster than
-    with 64); at 512 rows the two measured the same. On an Intel Xeon with AVX-512 (full-width FMA) the matmul wins
-    from 32 rows: tiny-mixtral prefill of 256 tokens, int8 470 -> 861 tokens/s, int4 365 -> 578 (256 -> 32)."""
+    """Up to this many rows the AVX2 kernels; more (long prefill chunks): dequantize (`dequant`), then one matmul,
+    in bf16 where the CPU multiplies bf16 natively (`native_bf16`), else fp32 (torch's, AVX-512 where the CPU has
+    it). On an AMD EPYC with AVX-512 but no bf16, at 256 rows the kernels took 0.43-0.80x of the fp32 path's time
+    (int4 / int8, 4096 x 4096 to 14336 x 4096; tiny-mixtral prefill of 256 tokens 1.25x faster than with 64); at 512
+    rows the two measured the same. On an Intel Xeon with AVX-512 (full-width FMA) the fp32 matmul wins from 32 rows:
+    tiny-mixtral prefill of 256 tokens, int8 470 -> 861 tokens/s, int4 365 -> 578 (256 -> 32). On an AMD EPYC with
+    AVX512-BF16 the bf16 matmul wins from 64 rows (4096 x 1024: 2.7 against 3.6 ms at 64 rows, 4.3 against 11.8 at
+    256; 1536 x 256: 0.20 against 0.31 ms at 64)."""
     info = cpuinfo()
-    return 32 if "GenuineIntel" in info and " avx512f" in info else 256
+    return 32 if "GenuineIntel" in info and " avx512f" in info else 64 if native_bf16() else 256
 
 
 AVX2_ROWS = _avx2_rows()
 # Up to this many rows, int8 activations (woq_q8.cpp; a K or group size that is not a multiple of 32 keeps them
-# exact). 1 thread, 4096 x 4096: int8 1.25x the exact kernel at 1 row, 1.2x at 2, 0.95x at 4-8; int4 1.5-2.5x.
-Q8_ROWS = 8
+# exact). Without VNNI (maddubs + madd), 1 thread, 4096 x 4096: int8 1.25x the exact kernel at 1 row, 1.2x at 2,
+# 0.95x at 4-8; int4 1.5-2.5x: 8 rows. With VNNI (one instruction per 4 bytes) at every row count our kernels take:
+# AMD EPYC with AVX512-VNNI, 2 threads, 4096 x 1024, int8 2.3x the exact kernel at 32 rows, 1.7x at 256, int4
+# 1.6x and 1.3x, and faster than the fp32 matmul on the dequantized weight (1.6-2.8x at 32-256 rows).
+Q8_ROWS = AVX2_ROWS if vnni_flags(cpuinfo()) else 8
 QUANT_ACTIVATIONS = os.environ.get("TINYMIXTRAL_KERNELS", "").lower() != "exact"
 
 
@@ -72,6 +78,9 @@ def _register_fakes():
     step's `attn_decode` (q's shape) and `route` (logits [N, E], weights and experts [N, k])."""
     for op in ("int8_mm", "int8_q8_mm", "int4_mm", "int4_q8_mm"):
         torch.library.register_fake(f"tinymixtral_avx2::{op}")(lambda x, w, *rest: x.new_empty(x.shape[0], w.shape[-2]))
+    torch.library.register_fake("tinymixtral_avx2::dequant")(
+        lambda w, s, z, g, bf16: w.new_empty(*w.shape[:-1], w.shape[-1] * (1 if z is None else 2),
+                                             dtype=torch.bfloat16 if bf16 else torch.float32))
     torch.library.register_fake("tinymixtral_gemv::mv")(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
     torch.library.register_fake("tinymixtral_gemv::experts_mv")(lambda x, *rest: x.new_empty(x.shape))
     torch.library.register_fake("tinymixtral_gemv::argmax")(lambda x: x.new_empty(x.shape[0], dtype=torch.long))
@@ -108,8 +117,9 @@ def kernel_matmul(x_MK, weight, scales, zeros, group_size: int | None, experts_M
     With experts_M [M], weight, scales and zeros are stacks [E, ...] and row m uses expert experts_M[m]."""
     if _for_ours(weight, scales, zeros):
         if not calls_ours((weight, scales, zeros), x_MK.shape[0], experts_M is not None):  # long prefill: one gemm
-            w = weight.float() * scales[:, None] if zeros is None else _dequantize4(weight, scales, zeros)
-            return torch.nn.functional.linear(x_MK.float(), w).to(x_MK.dtype)
+            dtype = torch.bfloat16 if QUANT_ACTIVATIONS and native_bf16() else torch.float32  # "exact": fp32
+            w = torch.ops.tinymixtral_avx2.dequant(weight, scales, zeros, group_size or 0, dtype == torch.bfloat16)
+            return torch.nn.functional.linear(x_MK.to(dtype), w).to(x_MK.dtype)
         experts_M = None if experts_M is None else experts_M.contiguous()  # the kernels read it as a plain array
         ops, q8 = torch.ops.tinymixtral_avx2, q8_applies(x_MK.shape[0], weight.shape[-1], group_size)
         if zeros is None:
@@ -137,11 +147,6 @@ def calls_ours(operands: tuple, rows: int, experts: bool) -> bool:
 def q8_applies(M: int, K: int, group_size: int | None) -> bool:
     """Whether our kernel quantizes the activations of an [M, K] product (int8 weights: group_size None)."""
     return QUANT_ACTIVATIONS and M <= Q8_ROWS and (K if group_size is None else group_size) % 32 == 0
-
-
-def _dequantize4(packed, scales, zeros):
-    q = unpack_nibbles(packed).reshape(*scales.shape, -1).float()
-    return ((q - 8) * scales[..., None] + zeros[..., None]).flatten(-2)
 
 
 @torch.library.custom_op("tinymixtral::woq_mm", mutates_args=(), schema=(

@@ -61,3 +61,10 @@ def vnni_flags(cpuinfo: str) -> list[str]:
     if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= has:
         return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
     return ["-mavxvnni"] if "avx_vnni" in has else []
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX: torch.cpu's own CPUID probes), so that a bf16
+    matmul beats an fp32 one (2-4x the rate; on CPUs without them about half)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)

@@ -15,9 +15,9 @@ Full precision: the router (a quantized router changes which experts are chosen)
 head tied to the embedding.
 
 Runtime (cpu_kernels.py): on CPU, our AVX2 kernels for int8 (int4 too with INT4_OURS; activations quantized to
-int8 per block of 32 for up to Q8_ROWS rows, else fp32), else torch's (bf16 activations, their fast ones; int4
-re-packed into their layout at first use, held only so; `state_dict()` gives the storage layout), compiled too
-as one opaque op. Elsewhere, or for shapes a kernel refuses, dequantize then matmul (compiled: a fused reduction).
+int8 per block of 32 for up to Q8_ROWS rows, else fp32; past AVX2_ROWS one matmul, bf16 where native), else torch's
+(bf16 activations; int4 re-packed into their layout at first use, held only so; `state_dict()` gives the storage
+layout), compiled too as one opaque op. Elsewhere, or for shapes a kernel refuses, dequantize then matmul.
 """
 
 from __future__ import annotations
@@ -67,11 +67,7 @@ def dequantize(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor |
 
 def quantize(w: torch.Tensor, bits: int, group_size: int | None = None) -> dict[str, torch.Tensor]:
     """{'weight', 'scales'[, 'zeros']} for a weight [..., N, K]."""
-    if bits == 8:
-        q, s = quantize_int8(w)
-        return {"weight": q, "scales": s}
-    q, s, z = quantize_int4(w, group_size)
-    return {"weight": q, "scales": s, "zeros": z}
+    return dict(zip(("weight", "scales", "zeros"), quantize_int8(w) if bits == 8 else quantize_int4(w, group_size)))
 
 
 # ---- modules -------------------------------------------------------------------------------------
@@ -212,9 +208,7 @@ class QuantExperts(_Quantized, Experts):
     def expert_mm(self, x, name: str, e):
         return self._matmul(x, name, e)
 
-    def gathers(self, x_ND) -> bool:
-        """Our kernels take one expert per row as they are (short prefill: each chosen expert read once for up to 4
-        of its rows, one call for all experts, no host sync)."""
+    def gathers(self, x_ND) -> bool:  # our kernels: each chosen expert read once for up to 4 of its rows, no sync
         return all((ops := self._kernel_ops(name, self._dtype(x_ND), x_ND.device)) is not None
                    and cpu_kernels.calls_ours(ops, x_ND.shape[0], True) for name in ("w13", "w2"))
 

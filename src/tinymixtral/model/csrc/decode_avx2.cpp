@@ -59,29 +59,31 @@ void attn_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   T* yp = y.mutable_data_ptr<T>();
   const int64_t kb = k.stride(0), kg = k.stride(1), kt = k.stride(2), vb = v.stride(0), vg = v.stride(1),
                 vt = v.stride(2);
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, 2 * T_ * C * sizeof(T)));
-  at::parallel_for(0, B * H, grain, [&](int64_t i0, int64_t i1) {
+  std::vector<int64_t> keys, start(B + 1, 0);  // row b's visible slots: keys[start[b] .. start[b + 1])
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t t = 0; t < T_; ++t)
+      if (allowed[b * T_ + t]) keys.push_back(t);
+    start[b + 1] = static_cast<int64_t>(keys.size());
+  }
+  // threads only for ~256 KB of keys and values a task: a short context's heads cost less than waking the pool
+  const int64_t per_head = std::max<int64_t>(1, 2 * C * int64_t(sizeof(T)) * int64_t(keys.size()) / std::max<int64_t>(1, B));
+  at::parallel_for(0, B * H, std::max<int64_t>(1, (256 << 10) / per_head), [&](int64_t i0, int64_t i1) {
     std::vector<float> s(T_), qf(C), acc(C);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, h = i % H, g = h / (H / G);
       for (int64_t c = 0; c < C; ++c) qf[c] = load1(qp + i * C + c) * scale;
       const T* kbg = kp + b * kb + g * kg;
       const T* vbg = vp + b * vb + g * vg;
-      const bool* ok = allowed + b * T_;
+      const int64_t j0 = start[b], j1 = start[b + 1];
       float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t t = 0; t < T_; ++t)
-        if (ok[t]) {
-          s[t] = dot(qf.data(), kbg + t * kt, C);
-          mx = std::max(mx, s[t]);
-        }
+      for (int64_t j = j0; j < j1; ++j) mx = std::max(mx, s[j - j0] = dot(qf.data(), kbg + keys[j] * kt, C));
       std::fill(acc.begin(), acc.end(), 0.f);
       float sum = 0.f;
-      for (int64_t t = 0; t < T_; ++t)
-        if (ok[t]) {
-          const float p = std::exp(s[t] - mx);
-          sum += p;
-          axpy(p, vbg + t * vt, acc.data(), C);
-        }
+      for (int64_t j = j0; j < j1; ++j) {
+        const float p = std::exp(s[j - j0] - mx);
+        sum += p;
+        axpy(p, vbg + keys[j] * vt, acc.data(), C);
+      }
       const float inv = sum > 0.f ? 1.f / sum : 0.f;  // no key at all: zeros (never so for a planned step)
       for (int64_t c = 0; c < C; ++c) store(acc[c] * inv, yp + i * C + c);
     }

@@ -156,14 +156,82 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   });
 }
 
+// dequant(weight, scales, zeros, group_size, bf16) -> [.., N, K] fp32 or bf16: the weights themselves (int8:
+// q s; int4, zeros given: (q - 8) s + z), for a long prefill's one matmul. Row by row on all threads.
+template <typename O>
+inline void put(float v, O* p) { *p = O(v); }
+
+template <typename O>
+at::Tensor dequant_as(const at::Tensor& w, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                      int64_t gs, at::Tensor& out) {
+  const bool int4 = zeros.has_value();
+  const int64_t K = out.size(-1), rows = out.numel() / std::max<int64_t>(1, K);
+  O* op = out.mutable_data_ptr<O>();
+  if (!int4) {
+    TORCH_CHECK(w.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat && scales.is_contiguous() &&
+                    scales.numel() == rows,
+                "dequant: int8 weight [.., N, K] and fp32 scales [.., N]");
+    const int8_t* wp = w.const_data_ptr<int8_t>();
+    const float* sp = scales.const_data_ptr<float>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, K)), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t k = 0; k < K; ++k) put(float(wp[r * K + k]) * sp[r], op + r * K + k);
+    });
+    return out;
+  }
+  TORCH_CHECK(w.scalar_type() == at::kByte && gs > 0 && gs % 16 == 0 && K % gs == 0,
+              "dequant: int4 weight [.., N, K/2], groups of a multiple of 16 that divide K");
+  const int64_t G = K / gs;
+  const uint8_t* wp = w.const_data_ptr<uint8_t>();
+  with_scales(scales, *zeros, rows * G, [&](const auto* sp, const auto* zp) {
+    at::parallel_for(0, rows, std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, K)), [&](int64_t r0, int64_t r1) {
+      std::vector<float> row(K);
+      const __m128i low = _mm_set1_epi8(15);
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t g = 0; g < G; ++g) {
+          const float sc = load1(sp + r * G + g);
+          const __m256 s8 = _mm256_set1_ps(sc), z8 = _mm256_set1_ps(load1(zp + r * G + g) - 8.f * sc);
+          for (int64_t j = g * gs; j < (g + 1) * gs; j += 32) {  // 16 bytes: columns j .. j + 31, low nibble first
+            const int64_t left = (g + 1) * gs - j;  // 16 (8 bytes) at the end of a group of 16 * odd
+            const __m128i* src = (const __m128i*)(wp + (r * K + j) / 2);
+            const __m128i b = left >= 32 ? _mm_loadu_si128(src) : _mm_loadl_epi64(src);
+            const __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+            const __m128i a = _mm_unpacklo_epi8(lo, hi), c = _mm_unpackhi_epi8(lo, hi);
+            const __m128i parts[4] = {a, _mm_srli_si128(a, 8), c, _mm_srli_si128(c, 8)};
+            for (int i = 0; i < 4 && 8 * i < left; ++i) {
+              const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i]));
+              _mm256_storeu_ps(&row[j + 8 * i], _mm256_fmadd_ps(q, s8, z8));
+            }
+          }
+        }
+        for (int64_t k = 0; k < K; ++k) put(row[k], op + r * K + k);
+      }
+    });
+    return 0;
+  });
+  return out;
+}
+
+at::Tensor dequant(const at::Tensor& w, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                   int64_t group_size, bool bf16) {
+  TORCH_CHECK(w.device().is_cpu() && w.is_contiguous() && w.dim() >= 2, "dequant: a contiguous CPU weight [.., N, K]");
+  std::vector<int64_t> shape(w.sizes().begin(), w.sizes().end());
+  if (zeros) shape.back() *= 2;
+  at::Tensor out = at::empty(shape, w.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  return bf16 ? dequant_as<c10::BFloat16>(w, scales, zeros, group_size, out)
+              : dequant_as<float>(w, scales, zeros, group_size, out);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tinymixtral_avx2, m) {
   m.def("int8_mm(Tensor x, Tensor weight, Tensor scales, Tensor? experts) -> Tensor");
   m.def("int4_mm(Tensor x, Tensor weight, Tensor scales, Tensor zeros, int group_size, Tensor? experts) -> Tensor");
+  m.def("dequant(Tensor weight, Tensor scales, Tensor? zeros, int group_size, bool bf16) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tinymixtral_avx2, CPU, m) {
   m.impl("int8_mm", &int8_mm);
   m.impl("int4_mm", &int4_mm);
+  m.impl("dequant", &dequant);
 }
