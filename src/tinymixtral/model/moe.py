@@ -92,10 +92,9 @@ class Experts(nn.Module):
         out_dtype = x_ND.dtype
         ours = gemv.applies(x_ND, self.w13) and self.w2.is_contiguous()
         few_tokens = fast.experts_path(N, K, self.n_experts, capacity, ours or self.gathers(x_ND))  # only the chosen
-        if few_tokens is not None and ours:
-            return gemv.experts(x_ND, self.w13, self.w2, experts_NK, weights_NK), 0  # one op, both products
-        if few_tokens is not None:
-            return few_tokens(self, x_ND, weights_NK, experts_NK), 0
+        if few_tokens is not None:  # ours: one op, both products
+            return (gemv.experts(x_ND, self.w13, self.w2, experts_NK, weights_NK) if ours
+                    else few_tokens(self, x_ND, weights_NK, experts_NK)), 0
         order_M, counts_E, n_dropped = dispatch(experts_NK, self.n_experts, capacity)
         dev = x_ND.device.type
         if torch.is_autocast_enabled(dev):  # autocast skips grouped_mm: move in its dtype, as a linear would
