@@ -53,12 +53,17 @@ inline void tile(const float* x, int64_t ldx, const W* w, int64_t K, float* y, i
       __m256 xv = load8(x + m * ldx + k);
       for (int r = 0; r < NR; ++r) acc[m][r][0] = _mm256_fmadd_ps(load8(w + r * K + k), xv, acc[m][r][0]);
     }
-  for (int m = 0; m < MB; ++m)
+  for (int m = 0; m < MB; ++m) {
+    __m256 v[NR];
+    float tail[NR], t[NR];
     for (int r = 0; r < NR; ++r) {
-      float t = hsum(A == 2 ? _mm256_add_ps(acc[m][r][0], acc[m][r][A - 1]) : acc[m][r][0]);
-      for (int64_t kk = k; kk < K; ++kk) t += load1(w + r * K + kk) * x[m * ldx + kk];
-      y[m * ldy + r] = t;
+      v[r] = A == 2 ? _mm256_add_ps(acc[m][r][0], acc[m][r][A - 1]) : acc[m][r][0];
+      tail[r] = 0.f;
+      for (int64_t kk = k; kk < K; ++kk) tail[r] += load1(w + r * K + kk) * x[m * ldx + kk];
     }
+    woq::hsums<NR>(v, tail, t);
+    for (int r = 0; r < NR; ++r) y[m * ldy + r] = t[r];
+  }
 }
 
 // Output rows [n0, n1) of w (stride K) for MB rows of x.

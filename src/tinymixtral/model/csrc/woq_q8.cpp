@@ -102,8 +102,12 @@ void i8_tile(const Q8& a, int64_t m0, const int8_t* w, int64_t K, const float* s
       }
     }
   }
-  for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < NR; ++r) y[m * ldy + r] = hsum(acc[m][r]) * s[r];
+  const float zero[NR] = {};
+  for (int m = 0; m < MB; ++m) {
+    float t[NR];
+    hsums<NR>(acc[m], zero, t);
+    for (int r = 0; r < NR; ++r) y[m * ldy + r] = t[r] * s[r];
+  }
 }
 
 template <int MB>
@@ -256,16 +260,18 @@ void i4_tile(const Q4Act& x, int64_t m0, const uint8_t* w, int64_t K, const S* s
   const __m256 eight = _mm256_set1_ps(8.f);
   for (int m = 0; m < MB; ++m) {
     const float* xg = x.xg.data() + (m0 + m) * G;
-    for (int r = 0; r < NR; ++r) {
+    float tail[NR], t[NR];
+    for (int r = 0; r < NR; ++r) {  // + Σ_g (z - 8 s) xg: the zero point, through each group's sum of x
       const S *sr = s + r * G, *zr = z + r * G;
-      __m256 za = _mm256_setzero_ps();
       int64_t g = 0;
       for (; g + 8 <= G; g += 8)
-        za = _mm256_fmadd_ps(_mm256_fnmadd_ps(eight, load8(sr + g), load8(zr + g)), _mm256_loadu_ps(xg + g), za);
-      float t = hsum(acc[m][r]) + hsum(za);
-      for (; g < G; ++g) t += (load1(zr + g) - 8.f * load1(sr + g)) * xg[g];
-      y[m * ldy + r] = t;
+        acc[m][r] = _mm256_fmadd_ps(_mm256_fnmadd_ps(eight, load8(sr + g), load8(zr + g)), _mm256_loadu_ps(xg + g),
+                                    acc[m][r]);
+      tail[r] = 0.f;
+      for (; g < G; ++g) tail[r] += (load1(zr + g) - 8.f * load1(sr + g)) * xg[g];
     }
+    hsums<NR>(acc[m], tail, t);
+    for (int r = 0; r < NR; ++r) y[m * ldy + r] = t[r];
   }
 }
 
