@@ -66,7 +66,8 @@ void attn_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
     start[b + 1] = static_cast<int64_t>(keys.size());
   }
   // threads only for ~256 KB of keys and values a task: a short context's heads cost less than waking the pool
-  const int64_t per_head = std::max<int64_t>(1, 2 * C * int64_t(sizeof(T)) * int64_t(keys.size()) / std::max<int64_t>(1, B));
+  const int64_t bytes = 2 * C * int64_t(sizeof(T)) * int64_t(keys.size());  // all rows' visible keys and values
+  const int64_t per_head = std::max<int64_t>(1, bytes / std::max<int64_t>(1, B));
   at::parallel_for(0, B * H, std::max<int64_t>(1, (256 << 10) / per_head), [&](int64_t i0, int64_t i1) {
     std::vector<float> s(T_), qf(C), acc(C);
     for (int64_t i = i0; i < i1; ++i) {

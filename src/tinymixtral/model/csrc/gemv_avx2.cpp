@@ -177,12 +177,12 @@ void experts_impl(const float* x, int64_t N, int64_t D, int64_t F, int64_t K, co
     }
   });
   // y[n] = Σ_k wt[n, k] z[n, k], in k's order
-  std::vector<int64_t> at(A);  // assignment -> its sorted position
-  for (int64_t i = 0; i < A; ++i) at[runs.order[i]] = i;
+  std::vector<int64_t> sorted_at(A);  // assignment -> its position in runs.order
+  for (int64_t i = 0; i < A; ++i) sorted_at[runs.order[i]] = i;
   for (int64_t n = 0; n < N; ++n)
     for (int64_t d = 0; d < D; ++d) {
       float s = 0.f;
-      for (int64_t k = 0; k < K; ++k) s += wt[n * K + k] * z[at[n * K + k] * D + d];
+      for (int64_t k = 0; k < K; ++k) s += wt[n * K + k] * z[sorted_at[n * K + k] * D + d];
       y[n * D + d] = s;
     }
 }
