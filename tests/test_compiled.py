@@ -84,6 +84,21 @@ def test_compiled_steps_equal_eager_steps():
     torch.testing.assert_close(comp.v, eager.v, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_compiled_inference_records_no_routing():
+    """model.routing(), which losses and analysis read, is set by eager forwards and by compiled training ones (the
+    training tests below), not by a compiled forward at inference: replaying it cost ~4 % of a decode step."""
+    model = tiny_model(DECODE).eval()
+    ids = torch.randint(0, 96, (1, 5))
+    with torch.no_grad():
+        model(ids)
+        before = model.routing()
+        torch.compile(model, fullgraph=True)(ids[:, :3])
+        assert all(a is b for a, b in zip(model.routing(), before)) and len(model.routing()) == len(before) > 0
+        model(ids[:, :3])
+        assert model.routing()[0].experts_NK.shape[0] == 3  # eager again: recorded
+
+
 def test_compiled_generate_equals_eager_dense_model():
     """A dense (Mistral-style) model without a window: a static cache of prompt + new tokens."""
     model = tiny_model(DECODE, seed=1, n_experts=0, sliding_window=None)

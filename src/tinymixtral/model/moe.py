@@ -184,7 +184,9 @@ class MoE(nn.Module):
         self.cfg = cfg
         self.router = Router(cfg)
         self.experts = Experts(cfg)
-        self.routing: Routing | None = None  # set by every forward; read by losses and analysis
+        # set by every forward but a compiled one at inference (a decode step: 3 more outputs a layer and their
+        # Python replay, for nothing); read by losses and analysis
+        self.routing: Routing | None = None
 
     def forward(self, x_BSD):
         B, S, D = x_BSD.shape
@@ -192,7 +194,8 @@ class MoE(nn.Module):
         logits_NE, weights_NK, experts_NK = self.router(x_ND)
         cap = capacity(x_ND.shape[0], self.cfg) if self.training and self.cfg.capacity_factor is not None else None
         y_ND, n_dropped = self.experts(x_ND, weights_NK, experts_NK, capacity=cap)
-        self.routing = Routing(logits_NE, weights_NK, experts_NK, n_dropped)
+        if self.training or not torch.compiler.is_compiling():
+            self.routing = Routing(logits_NE, weights_NK, experts_NK, n_dropped)
         return y_ND.view(B, S, D)
 
 
