@@ -63,6 +63,7 @@ def vnni_flags(cpuinfo: str) -> list[str]:
     return ["-mavxvnni"] if "avx_vnni" in has else []
 
 
+@functools.cache
 def native_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX: torch.cpu's own CPUID probes), so that a bf16
     matmul beats an fp32 one (2-4x the rate; on CPUs without them about half)."""

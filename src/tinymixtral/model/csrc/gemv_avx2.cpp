@@ -127,13 +127,7 @@ inline float silu(float g) { return g / (1.f + std::exp(-g)); }
 // reads its expert's weights once (a few tokens' prefill: ~4 tokens an expert; a decode step: one run each).
 struct Runs {
   std::vector<int64_t> order, first;  // order[i]: the i-th assignment by expert; run c is order[first[c]..first[c+1])
-  Runs(const int64_t* e, int64_t A) : order(A) {
-    for (int64_t a = 0; a < A; ++a) order[a] = a;
-    std::stable_sort(order.begin(), order.end(), [&](int64_t p, int64_t q) { return e[p] < e[q]; });
-    for (int64_t i = 0; i < A; ++i)
-      if (first.empty() || e[order[i]] != e[order[i - 1]] || i - first.back() == 4) first.push_back(i);
-    first.push_back(A);
-  }
+  Runs(const int64_t* e, int64_t A) : order(woq::order_by_expert(e, A)), first(woq::runs_of_four(e, order.data(), A)) {}
   int64_t size() const { return static_cast<int64_t>(first.size()) - 1; }
 };
 

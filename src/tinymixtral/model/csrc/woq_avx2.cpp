@@ -166,6 +166,7 @@ at::Tensor dequant_as(const at::Tensor& w, const at::Tensor& scales, const std::
                       int64_t gs, at::Tensor& out) {
   const bool int4 = zeros.has_value();
   const int64_t K = out.size(-1), rows = out.numel() / std::max<int64_t>(1, K);
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, K));  // ~64 K weights a task
   O* op = out.mutable_data_ptr<O>();
   if (!int4) {
     TORCH_CHECK(w.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat && scales.is_contiguous() &&
@@ -173,7 +174,7 @@ at::Tensor dequant_as(const at::Tensor& w, const at::Tensor& scales, const std::
                 "dequant: int8 weight [.., N, K] and fp32 scales [.., N]");
     const int8_t* wp = w.const_data_ptr<int8_t>();
     const float* sp = scales.const_data_ptr<float>();
-    at::parallel_for(0, rows, std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, K)), [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r)
         for (int64_t k = 0; k < K; ++k) put(float(wp[r * K + k]) * sp[r], op + r * K + k);
     });
@@ -184,7 +185,7 @@ at::Tensor dequant_as(const at::Tensor& w, const at::Tensor& scales, const std::
   const int64_t G = K / gs;
   const uint8_t* wp = w.const_data_ptr<uint8_t>();
   with_scales(scales, *zeros, rows * G, [&](const auto* sp, const auto* zp) {
-    at::parallel_for(0, rows, std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, K)), [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
       std::vector<float> row(K);
       const __m128i low = _mm_set1_epi8(15);
       for (int64_t r = r0; r < r1; ++r) {

@@ -102,6 +102,25 @@ inline std::vector<float> to_float(const at::Tensor& x, bool split, int64_t ld) 
   return out;
 }
 
+// The stable order of M rows (or assignments) by their expert e[m].
+inline std::vector<int64_t> order_by_expert(const int64_t* e, int64_t M) {
+  std::vector<int64_t> order(M);
+  for (int64_t m = 0; m < M; ++m) order[m] = m;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return e[a] < e[b]; });
+  return order;
+}
+
+// Runs of up to 4 consecutive rows of one expert, the rows taken in `order` (nullptr: 0, 1, ...): run c is
+// rows order[first[c]] .. order[first[c + 1] - 1]; returns first, M at its end. A run's weight is read once.
+inline std::vector<int64_t> runs_of_four(const int64_t* e, const int64_t* order, int64_t M) {
+  std::vector<int64_t> first;
+  auto row = [&](int64_t i) { return order ? order[i] : i; };
+  for (int64_t i = 0; i < M; ++i)
+    if (first.empty() || e[row(i)] != e[row(i - 1)] || i - first.back() == 4) first.push_back(i);
+  first.push_back(M);
+  return first;
+}
+
 // Row m of x times the weight of expert experts[m] (or the one weight): output rows [n0, n1) for up to 4
 // rows of x at a time, each weight read once for them. With experts, the 4 rows are consecutive rows of one
 // expert (by_expert puts the rows of an expert together).
@@ -117,10 +136,7 @@ at::Tensor run(const at::Tensor& x, int64_t N, int64_t row_bytes, const std::opt
     TORCH_CHECK(experts->dim() == 1 && experts->size(0) == M && experts->scalar_type() == at::kLong,
                 "woq kernels: experts must be int64 [M]");
     const int64_t* e = experts->const_data_ptr<int64_t>();
-    std::vector<int64_t> first;  // runs of up to 4 rows of one expert: rows first[c] .. first[c + 1] - 1
-    for (int64_t m = 0; m < M; ++m)
-      if (first.empty() || e[m] != e[m - 1] || m - first.back() == 4) first.push_back(m);
-    first.push_back(M);
+    const std::vector<int64_t> first = runs_of_four(e, nullptr, M);  // rows first[c] .. first[c + 1] - 1
     const int64_t runs = static_cast<int64_t>(first.size()) - 1;
     at::parallel_for(0, runs * blocks, grain, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
@@ -139,9 +155,7 @@ at::Tensor run(const at::Tensor& x, int64_t N, int64_t row_bytes, const std::opt
 // The stable order of M rows by expert e[m], or an empty vector where every run of one expert is already
 // together (a decode step's distinct experts; rows already grouped).
 inline std::vector<int64_t> expert_order(const int64_t* e, int64_t M) {
-  std::vector<int64_t> order(M);
-  for (int64_t m = 0; m < M; ++m) order[m] = m;
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return e[a] < e[b]; });
+  const std::vector<int64_t> order = order_by_expert(e, M);
   bool repeats_apart = false;  // an expert met again after another one
   for (int64_t i = 1; i < M && !repeats_apart; ++i)
     repeats_apart = e[order[i]] == e[order[i - 1]] && order[i] != order[i - 1] + 1;
