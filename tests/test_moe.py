@@ -147,12 +147,44 @@ def test_gather_rows_equals_indexing_both_ways(k):
     order = torch.randperm(N * k)
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(N * k))
     x = torch.randn(N, D, requires_grad=True)
-    y = gather_rows(x, order, inverse, k)
+    y = gather_rows(x, order // k, inverse, k)
     y_ref = x.repeat_interleave(k, dim=0)[order]
     assert torch.equal(y, y_ref)
     (g,) = torch.autograd.grad(y, x, torch.randn(N * k, D, generator=torch.Generator().manual_seed(0)))
     (g_ref,) = torch.autograd.grad(y_ref, x, torch.randn(N * k, D, generator=torch.Generator().manual_seed(0)))
     torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("multiple", [1, 4, 8])
+def test_pad_groups_rows(multiple):
+    """Each expert's rows start at a multiple of `multiple`, in sorted order; padding rows point past the end."""
+    from tinymixtral.model.moe import dispatch, pad_groups
+
+    experts_NK = torch.tensor([[2, 0], [2, 3], [0, 2], [2, 0], [3, 2]])
+    order_M, counts_E, _ = dispatch(experts_NK, 5)
+    slot_M, src_P, padded_E = pad_groups(order_M, counts_E, multiple)
+    assert torch.equal(padded_E % multiple, torch.zeros(5, dtype=padded_E.dtype)) and (padded_E >= counts_E).all()
+    assert len(src_P) == int(padded_E.sum()) and torch.equal(src_P[slot_M], torch.arange(10))
+    start = (padded_E.cumsum(0) - padded_E).tolist()
+    for e in range(5):  # expert e's rows: its assignments in sorted order, then padding (10: none)
+        rows = src_P[start[e]:start[e] + int(padded_E[e])].tolist()
+        mine = order_M[(experts_NK.reshape(-1)[order_M] == e)].tolist()
+        assert rows == mine + [10] * (int(padded_E[e]) - len(mine))
+
+
+def test_padded_groups_equal_unpadded(monkeypatch):
+    """Experts' forward and gradients are the same with every group padded (as for a CPU's bf16 products)."""
+    from tinymixtral.model import fast
+
+    m = make_moe(moe_cfg(E=4, K=2)).train()
+    x = torch.randn(2, 11, 16, requires_grad=True)
+    out = {}
+    for multiple in (1, 8):
+        monkeypatch.setattr(fast, "group_rows", lambda x, n=multiple: n)
+        y = m(x)
+        out[multiple] = (y, *torch.autograd.grad(y, [x, *m.parameters()], torch.ones_like(y)))
+    for a, b in zip(out[1], out[8]):
+        torch.testing.assert_close(a, b)
 
 
 # ---- 2. grouped matmul --------------------------------------------------------------------------

@@ -104,11 +104,11 @@ class Experts(nn.Module):
             y_MD = self.experts_mlp(x_ND[token_M], counts_E)
             y_MD = y_MD * weights_NK.reshape(-1)[order_M, None].to(y_MD.dtype)
             return torch.zeros_like(x_ND).index_add_(0, token_M, y_MD).to(out_dtype), n_dropped
-        # Every assignment kept: order_M is a permutation of the N*K rows, so both moves are row permutations
-        # whose backward is the inverse permutation (no scatter-add, which costs more than a product here).
-        inverse_M = torch.empty_like(order_M).scatter_(0, order_M, torch.arange(N * K, device=order_M.device))
-        x_MD = gather_rows(x_ND, order_M, inverse_M, K)
-        y_NKD = gather_rows(self.experts_mlp(x_MD, counts_E), inverse_M, order_M).view(N, K, -1)
+        # Every assignment kept: both moves are gathers of rows whose backward is a gather too (no scatter-add,
+        # which costs more than a product here). Each expert's rows may be padded (fast.group_rows).
+        slot_M, src_P, counts_E = pad_groups(order_M, counts_E, fast.group_rows(x_ND))
+        x_PD = gather_rows(x_ND, (src_P // K).clamp_(max=N - 1), slot_M, K)  # padding rows: any row (discarded)
+        y_NKD = gather_rows(self.experts_mlp(x_PD, counts_E), slot_M, src_P).view(N, K, -1)
         y_ND = (y_NKD * weights_NK.to(y_NKD.dtype).unsqueeze(-1)).sum(1)  # Σ_k weight_k · y_k
         return y_ND.to(out_dtype), 0
 
@@ -134,9 +134,9 @@ class Experts(nn.Module):
 
 
 class _Gather(torch.autograd.Function):
-    """Row m of the output is row rows[m] = order[m] // k of x, where order is a permutation of x's rows repeated k times
-    each (x [N, D], order [N*k]). Its gradient gathers too: row n sums grad[inverse[n*k + j]] over j, where
-    indexing's own backward would scatter-add (slower than a product at these sizes)."""
+    """Row m of the output is row rows[m] of x, and inverse says where each row's copies went: row n of the
+    gradient sums grad[inverse[n*k + j]] over j (inverse[i] == len(grad): no copy, a zero). A gather both ways,
+    where indexing's own backward would scatter-add (slower than a product at these sizes)."""
 
     @staticmethod
     def forward(ctx, x, rows, inverse, k: int):
@@ -147,13 +147,15 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
+        if inverse.numel() > grad.shape[0]:  # more rows than copies: padding rows, whose gradient is zero
+            grad = torch.cat([grad, grad.new_zeros(1, grad.shape[-1])])
         g = grad.index_select(0, inverse)
         return (g.view(-1, ctx.k, g.shape[-1]).sum(1) if ctx.k > 1 else g), None, None, None
 
 
-def gather_rows(x, order, inverse, k: int = 1):
-    """x.repeat_interleave(k, 0)[order] (inverse: the inverse permutation of order), with a gather as backward."""
-    rows = order // k if k > 1 else order
+def gather_rows(x, rows, inverse, k: int = 1):
+    """x[rows], where each of x's rows is taken k times: x.repeat_interleave(k, 0)[order] is
+    gather_rows(x, order // k, inverse, k) with inverse the inverse permutation of order; a gather as backward."""
     if torch.is_grad_enabled() and x.requires_grad:
         return _Gather.apply(x, rows, inverse, k)
     return x.index_select(0, rows)
@@ -176,6 +178,22 @@ def dispatch(experts_NK, n_experts: int, capacity: int | None = None):
     rank_M = torch.arange(flat_M.numel(), device=flat_M.device) - start_E[expert_sorted_M]
     order_M = order_M[rank_M < capacity]
     return order_M, counts_E.clamp(max=capacity), flat_M.numel() - order_M.numel()
+
+
+def pad_groups(order_M, counts_E, multiple: int = 1):
+    """Rows for the assignments in `order_M` (sorted by expert; counts_E each) when each expert's group is
+    padded to a multiple of `multiple` rows: (slot_M, src_P, padded counts_E). slot_M[m] is assignment m's
+    row; src_P[p] is row p's assignment, M for a padding row. multiple 1: slot_M is order_M's inverse."""
+    M = order_M.numel()
+    padded_E = (counts_E + multiple - 1) // multiple * multiple if multiple > 1 else counts_E
+    pos_M = torch.arange(M, device=order_M.device)  # sorted position -> row
+    if multiple > 1:
+        shift_E = (padded_E.cumsum(0) - padded_E) - (counts_E.cumsum(0) - counts_E)
+        pos_M = pos_M + shift_E.repeat_interleave(counts_E, output_size=M)
+    P = int(padded_E.sum()) if multiple > 1 else M
+    slot_M = torch.empty_like(order_M).scatter_(0, order_M, pos_M)
+    src_P = torch.full((P,), M, dtype=order_M.dtype, device=order_M.device).scatter_(0, pos_M, order_M)
+    return slot_M, src_P, padded_E
 
 
 class MoE(nn.Module):
