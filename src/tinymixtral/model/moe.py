@@ -185,15 +185,15 @@ def pad_groups(order_M, counts_E, multiple: int = 1):
     padded to a multiple of `multiple` rows: (slot_M, src_P, padded counts_E). slot_M[m] is assignment m's
     row; src_P[p] is row p's assignment, M for a padding row. multiple 1: slot_M is order_M's inverse."""
     M = order_M.numel()
-    padded_E = (counts_E + multiple - 1) // multiple * multiple if multiple > 1 else counts_E
     pos_M = torch.arange(M, device=order_M.device)  # sorted position -> row
-    if multiple > 1:
-        shift_E = (padded_E.cumsum(0) - padded_E) - (counts_E.cumsum(0) - counts_E)
-        pos_M = pos_M + shift_E.repeat_interleave(counts_E, output_size=M)
-    P = int(padded_E.sum()) if multiple > 1 else M
+    if multiple == 1:
+        return torch.empty_like(order_M).scatter_(0, order_M, pos_M), order_M, counts_E
+    padded_E = (counts_E + multiple - 1) // multiple * multiple
+    shift_E = (padded_E.cumsum(0) - padded_E) - (counts_E.cumsum(0) - counts_E)
+    pos_M = pos_M + shift_E.repeat_interleave(counts_E, output_size=M)
     slot_M = torch.empty_like(order_M).scatter_(0, order_M, pos_M)
-    src_P = torch.full((P,), M, dtype=order_M.dtype, device=order_M.device).scatter_(0, pos_M, order_M)
-    return slot_M, src_P, padded_E
+    src_P = torch.full((int(padded_E.sum()),), M, dtype=order_M.dtype, device=order_M.device)
+    return slot_M, src_P.scatter_(0, pos_M, order_M), padded_E
 
 
 class MoE(nn.Module):
