@@ -529,8 +529,8 @@ def test_large_capacity_factor_is_dropless():
     m.train()
     dropless.train()
     y = m(x)
-    assert m.routing.n_dropped == 0
-    torch.testing.assert_close(y, dropless(x), atol=0, rtol=0)
+    assert m.routing.n_dropped == 0  # the same sums, but index_add rounds each term and embedding_bag does not
+    torch.testing.assert_close(y, dropless(x), atol=1e-6, rtol=1e-6)
 
 
 def test_capacity_not_applied_in_eval():

@@ -104,12 +104,12 @@ class Experts(nn.Module):
             y_MD = self.experts_mlp(x_ND[token_M], counts_E)
             y_MD = y_MD * weights_NK.reshape(-1)[order_M, None].to(y_MD.dtype)
             return torch.zeros_like(x_ND).index_add_(0, token_M, y_MD).to(out_dtype), n_dropped
-        # Every assignment kept: both moves are gathers of rows whose backward is a gather too (no scatter-add,
-        # which costs more than a product here). Each expert's rows may be padded (fast.group_rows).
+        # Every assignment kept: out by a gather whose backward gathers (no scatter-add), padded per expert
+        # (fast.group_rows); back weighted and summed over k in one op (fp32 sums; padding rows get no gradient).
         slot_M, src_P, counts_E = pad_groups(order_M, counts_E, fast.group_rows(x_ND))
         x_PD = gather_rows(x_ND, (src_P // K).clamp_(max=N - 1), slot_M, K)  # padding rows: any row (discarded)
-        y_NKD = gather_rows(self.experts_mlp(x_PD, counts_E), slot_M, src_P).view(N, K, -1)
-        y_ND = (y_NKD * weights_NK.to(y_NKD.dtype).unsqueeze(-1)).sum(1)  # Σ_k weight_k · y_k
+        y_PD = self.experts_mlp(x_PD, counts_E)
+        y_ND = F.embedding_bag(slot_M.view(N, K), y_PD, mode="sum", per_sample_weights=weights_NK.to(y_PD.dtype))
         return y_ND.to(out_dtype), 0
 
     def experts_mlp(self, x_MD, counts_E):
@@ -135,8 +135,8 @@ class Experts(nn.Module):
 
 class _Gather(torch.autograd.Function):
     """Row m of the output is row rows[m] of x, and inverse says where each row's copies went: row n of the
-    gradient sums grad[inverse[n*k + j]] over j (inverse[i] == len(grad): no copy, a zero). A gather both ways,
-    where indexing's own backward would scatter-add (slower than a product at these sizes)."""
+    gradient sums grad[inverse[n*k + j]] over j. A gather both ways, where indexing's own backward would
+    scatter-add (slower than a product at these sizes)."""
 
     @staticmethod
     def forward(ctx, x, rows, inverse, k: int):
@@ -147,8 +147,6 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        if inverse.numel() > grad.shape[0]:  # more rows than copies: padding rows, whose gradient is zero
-            grad = torch.cat([grad, grad.new_zeros(1, grad.shape[-1])])
         g = grad.index_select(0, inverse)
         return (g.view(-1, ctx.k, g.shape[-1]).sum(1) if ctx.k > 1 else g), None, None, None
 
