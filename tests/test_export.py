@@ -259,3 +259,8 @@ def test_bad_input_one_line_no_file(capsys, mistral_moe, tmp_path):
         proc = call_cli(capsys, "export", "--model", src, "--gguf", out, *flags)
         assert msg in assert_one_line_error(proc, "export", 2)
         assert list(tmp_path.glob("*.gguf*")) == [] and list(tmp_path.glob(".x.gguf*")) == []
+    taken = tmp_path / "taken.gguf"  # an existing directory as the output: refused before anything is written
+    taken.mkdir()
+    proc = call_cli(capsys, "export", "--model", d, "--gguf", taken)
+    assert "is a directory" in assert_one_line_error(proc, "export", 2)
+    assert list(taken.iterdir()) == [] and list(tmp_path.glob(".taken.gguf*")) == []

@@ -40,6 +40,31 @@ def test_forward_shapes(n_experts):
     assert all(r.logits_NE.shape == (2, cfg.n_experts) for r in model.routing())
 
 
+@pytest.mark.parametrize("n_experts", [0, 4])
+def test_dropout_in_training_only(n_experts):
+    """set_dropout drops the embeddings and each branch's output in training, as a plain reference does with the
+    same draws; eval mode and p = 0 are the model without dropout."""
+    model = tiny_model(MODEL, n_experts=n_experts)
+    ids = seeded_ids(2, 9, 64)
+    with torch.no_grad():
+        plain = model(ids)
+        model.set_dropout(0.3)
+        assert torch.equal(model(ids), plain)  # eval mode: nothing dropped
+        model.train()
+        torch.manual_seed(5)
+        dropped = model(ids)
+        torch.manual_seed(5)  # the reference: the same draws in the same order
+        x = F.dropout(model.embed(ids), 0.3)
+        cos, sin = rope_cos_sin(torch.arange(9), model.cfg.head_dim, model.cfg.rope_theta, x.dtype)
+        for layer in model.layers:
+            x = x + F.dropout(layer.attn(layer.attn_norm(x), cos, sin, None), 0.3)
+            x = x + F.dropout(layer.ffn(layer.ffn_norm(x)), 0.3)
+        torch.testing.assert_close(dropped, model.lm_head(model.norm(x)), atol=0, rtol=0)
+        assert not torch.allclose(dropped, plain)
+        model.set_dropout(0.0)
+        torch.testing.assert_close(model(ids), plain, atol=0, rtol=0)
+
+
 def test_routing_empty_before_forward():
     assert tiny_model(MODEL).routing() == []
 

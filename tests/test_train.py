@@ -138,8 +138,9 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("recipe", [{}, {"optimizer": "muon", "schedule": "wsd", "decay_fraction": 0.5},
-                                    {"max_steps": None, "max_tokens": 12 * 2 * 4 * 32, "schedule": "wsd"}],
-                         ids=["adamw-cosine", "muon-wsd", "token-limit-no-step-limit"])
+                                    {"max_steps": None, "max_tokens": 12 * 2 * 4 * 32, "schedule": "wsd"},
+                                    {"optimizer": "muon", "schedule": "wsd", "dropout": 0.2}],
+                         ids=["adamw-cosine", "muon-wsd", "token-limit-no-step-limit", "dropout"])
 def test_resume_is_exact(tmp_path, data_dir, monkeypatch, recipe):
     n, accum = 6, 2
     mcfg = TRAIN_CFG.replace(router_jitter_noise=0.1, router_z_loss_coef=1e-3)
@@ -175,6 +176,27 @@ def test_resume_is_exact(tmp_path, data_dir, monkeypatch, recipe):
     opt_a = load_file(tmp_path / "A" / "latest" / "trainer_state.safetensors")
     opt_b = load_file(b / "latest" / "trainer_state.safetensors")
     assert opt_a.keys() == opt_b.keys() and all(torch.equal(opt_a[k], opt_b[k]) for k in opt_a)
+
+
+def test_dropout_starts_after_the_given_passes_over_the_data(tmp_path, data_dir, monkeypatch):
+    """--dropout-after: the training forwards drop nothing until the run has trained on that many passes over the
+    training split, then drop with --dropout; evaluation never drops."""
+    from tinymixtral.model.transformer import Transformer
+
+    seen, real = [], Transformer.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append((self.training, self.dropout, all(layer.dropout == self.dropout for layer in self.layers)))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Transformer, "forward", spy)
+    train_len = len(load_split(data_dir, "train")[0])
+    per_step = 8 * 32
+    train(tcfg_for(data_dir, tmp_path / "run", max_steps=8, eval_interval=100, dropout=0.25,
+                   dropout_after=4.5 * per_step / train_len), TRAIN_CFG)
+    trained = [p for training, p, same in seen if training and same]
+    assert len(trained) == 8 and trained == [0.0] * 5 + [0.25] * 3  # steps 1-5 start at < 4.5 steps' tokens
+    assert all(p in (0.0, 0.25) for _, p, _ in seen) and any(not training for training, _, _ in seen)
 
 
 def test_fp16_autocast_trains_with_a_grad_scaler_and_resumes(tmp_path, data_dir):

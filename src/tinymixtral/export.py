@@ -45,6 +45,7 @@ def _gguf():
 def export_gguf(model_dir: str | Path, out: str | Path, type: str = "f32", full_context: bool = False) -> dict:
     """Write the model directory `model_dir` (with its tokenizer) as a GGUF file; returns what write_gguf says."""
     check_type(type)
+    _check_out(out)
     src = Path(model_dir)
     if not src.is_dir():
         raise TinyMixtralError(f"model directory not found: {src}")
@@ -54,6 +55,11 @@ def export_gguf(model_dir: str | Path, out: str | Path, type: str = "f32", full_
     tokenizer = _tokenizer_of(src)
     model = load_model(src)  # weights as stored; each is made f32/f16/quantized as it is written
     return write_gguf(model, tokenizer, out, type, full_context, name=src.resolve().name)
+
+
+def _check_out(out: str | Path) -> None:
+    if Path(out).is_dir():
+        raise TinyMixtralError(f"{out} is a directory; the GGUF output is a file path (e.g. {Path(out) / 'model.gguf'})")
 
 
 def check_type(type: str):
@@ -88,6 +94,7 @@ def write_gguf(model, tokenizer: Tokenizer, out: str | Path, type: str = "f32", 
     Returns {"path", "type", "context_length", "capped" (the window cut the context), "tensors", "bytes"}.
     """
     check_type(type)
+    _check_out(out)
     gguf = _gguf()
     cfg = model.cfg
     _check_full_precision(cfg, "the model")

@@ -138,6 +138,8 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> dict:
                     last.update(eval_and_log(r))
                 if r.best_step == r.step or r.step % tcfg.ckpt_interval == 0:
                     save(r)
+            # dropout once the run repeats its data (a first pass cannot overfit): a function of the tokens trained
+            r.raw.set_dropout(tcfg.dropout if r.tokens >= tcfg.dropout_after * len(r.train_data) else 0.0)
             parts_sum = {}
             for micro in range(tcfg.grad_accum):
                 x, y = get_batch(r.train_data, tcfg.batch_size, tcfg.seq_len, r.data_gen, r.device, r.rank, r.world,

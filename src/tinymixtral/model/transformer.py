@@ -24,10 +24,14 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = MoE(cfg) if cfg.is_moe else FeedForward(cfg.d_model, cfg.d_ff)
+        self.dropout = 0.0  # training only, on each branch's output (Transformer.set_dropout)
 
     def forward(self, x_BSD, cos, sin, mask, kv=None):
-        h_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin, mask, kv)
-        return h_BSD + self.ffn(self.ffn_norm(h_BSD))
+        h_BSD = x_BSD + self._drop(self.attn(self.attn_norm(x_BSD), cos, sin, mask, kv))
+        return h_BSD + self._drop(self.ffn(self.ffn_norm(h_BSD)))
+
+    def _drop(self, y):
+        return F.dropout(y, self.dropout) if self.training and self.dropout else y
 
 
 class TiedHead(nn.Module):
@@ -54,7 +58,16 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = TiedHead(self.embed) if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size)
+        self.dropout = 0.0
         self.reset_parameters()
+
+    def set_dropout(self, p: float) -> None:
+        """Dropout with probability p, in training mode only, on the embeddings and on each block's attention
+        and FFN outputs (GPT-2's residual dropout). A training option: it adds no weight and leaves the
+        checkpoint a plain Mixtral, and eval mode (evaluation, generation) never drops."""
+        self.dropout = p
+        for layer in self.layers:
+            layer.dropout = p
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -76,6 +89,8 @@ class Transformer(nn.Module):
         """
         B, S = input_ids_BS.shape
         x_BSD = self.embed(input_ids_BS)
+        if self.training and self.dropout:
+            x_BSD = F.dropout(x_BSD, self.dropout)
         window = self.cfg.sliding_window
         if cache is None:
             positions = torch.arange(S, device=input_ids_BS.device)
