@@ -59,7 +59,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, type: str = "f32", full_
 
 def _check_out(out: str | Path) -> None:
     if Path(out).is_dir():
-        raise TinyMixtralError(f"{out} is a directory; the GGUF output is a file path (e.g. {Path(out) / 'model.gguf'})")
+        raise TinyMixtralError(f"{out} is a directory; the GGUF output is a file (e.g. {Path(out) / 'model.gguf'})")
 
 
 def check_type(type: str):

@@ -138,7 +138,7 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> dict:
                     last.update(eval_and_log(r))
                 if r.best_step == r.step or r.step % tcfg.ckpt_interval == 0:
                     save(r)
-            # dropout once the run repeats its data (a first pass cannot overfit): a function of the tokens trained
+            # dropout once the run repeats its data (nothing unseen can be memorised); a function of the tokens trained
             r.raw.set_dropout(tcfg.dropout if r.tokens >= tcfg.dropout_after * len(r.train_data) else 0.0)
             parts_sum = {}
             for micro in range(tcfg.grad_accum):
