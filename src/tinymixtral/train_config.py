@@ -74,8 +74,8 @@ class TrainConfig:
 # batch 16 x 256, a short warmup, bf16 autocast where the device has native bf16 products: on War and Peace after 8
 # minutes on 2 cores (an AVX512-BF16 CPU), 15.8 % lower val bits per byte than the earlier AdamW + cosine, batch 8
 # fp32 recipe (9.7 % with the new recipe in fp32, on a slower day). Dropout 0.1 once the run repeats its data
-# (War and Peace's 837K tokens are seen ~4.5 times in 8 minutes, and the model overfits them): the MoE 2.4 % lower
-# val bits per byte, its dense twin 2.2 %. A run that never finishes a pass (the demo) trains as without it.
+# (War and Peace's 837K tokens are seen ~4.5 times in 8 minutes, and the model overfits them): the MoE 2.3 % lower
+# val bits per byte, its dense twin 2.2 % (3 seeds each). A run that never finishes a pass (the demo) trains as without it.
 TUNED = dict(optimizer="muon", muon_lr=0.02, schedule="wsd", batch_size=16, seq_len=256, lr=4e-3, warmup_steps=20,
              autocast="auto", dropout=0.1, dropout_after=1.0)
 RECIPES = {
