@@ -13,16 +13,18 @@ from tinymixtral import generation
 from tinymixtral.cache import KVCache
 from tinymixtral.errors import TinyMixtralError
 from tinymixtral.generation import decode_compiled, generate, left_pad
-from tinymixtral.model import cpu_kernels, quant
+from tinymixtral.model import cpu_kernels, fused, quant
 from tinymixtral.model.quant import _Quantized
 from tinymixtral.quantize import quantize_model
 
 
 
 @pytest.fixture(autouse=True)
-def fresh_dynamo():
+def fresh_dynamo(monkeypatch):
     """Each test compiles from scratch: past dynamo's recompile limit it would fall back to eager silently,
-    and the compiled-vs-eager comparisons would compare eager with eager."""
+    and the compiled-vs-eager comparisons would compare eager with eager. The fused CPU step (test_fused.py) is
+    off here, so that generation compiles and its eager steps are the modules'."""
+    monkeypatch.setattr(fused, "ENABLED", False)
     torch._dynamo.reset()
     generation._compiled_steps.clear()  # the CPU's ahead-of-time compiled steps (generation._compile_step)
     counters.clear()

@@ -24,6 +24,7 @@ from .cache import KVCache
 from .errors import TinyMixtralError
 from .export import write_gguf
 from .generation import generate
+from .model import fused
 from .quantize import quantize_model
 from .tokenizer import load_tokenizer, train_bpe
 
@@ -148,6 +149,8 @@ def run_vs_llama(cfg, pairs=tuple(PAIRS), what=("prefill", "decode"), seq: int =
                     {"ours": _prefill_on(ours, x_prefill), "llama.cpp": theirs_prefill}, seq)
             if "decode" in what:
                 prompt = x_decode[0].tolist()
+                result.setdefault("ours_decode", {})[name] = ("one op a step (fused)" if fused.plan(ours, 1) is not None
+                                                              else "compiled" if compile else "eager")
                 phases[f"decode batch 1, {name} vs {gtype.upper()}"] = (
                     {"ours": lambda: generate(ours, x_decode, new_tokens, compile=compile),
                      "llama.cpp": lambda: _llama_decode(llama_cpp, llm, prompt, new_tokens)}, new_tokens)
@@ -177,7 +180,8 @@ def _prefill_on(model, x_BS):
 
 def format_vs_llama(r: dict) -> str:
     lines = [f"{r['threads']} threads, {r['rounds']} rounds, llama-cpp-python {r['llama_cpp_version']}, "
-             f"ours {'compiled' if r['ours_compiled'] else 'eager'} decode",
+             "ours decode: " + (", ".join(f"{k} {v}" for k, v in r["ours_decode"].items()) if r.get("ours_decode")
+                                else "compiled" if r["ours_compiled"] else "eager"),
              f"{'phase':<36}{'ours tok/s':>12}{'llama.cpp':>12}{'ratio':>9}  range"]
     for name, row in r["phases"].items():
         s = row["ratio"]

@@ -12,6 +12,10 @@ the first step compiles for a minute or more on a CPU, then ~10 s in later proce
 inductor's on-disk caches. compile="auto" (the commands' default) compiles from AUTO_COMPILE_TOKENS
 new tokens, and decodes eagerly, with one warning line, if compiling fails. On the CPU the step is compiled
 ahead of time (`_compile_step`): its guards are checked once per generation, not at every step.
+
+On a CPU with tinymixtral's kernels, an fp32 model (int8 / int4 weights included) and up to 16 rows, the decode
+step is one C++ op instead (`model/fused.py`), whatever `compile` says: faster than the compiled step, with
+nothing to compile. compile then matters elsewhere only (a GPU, bf16, more rows).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 
 from .cache import KVCache, StaticStep
 from .errors import TinyMixtralError
-from .model import gemv
+from .model import fused, gemv
 from .model.quant import compile_pays
 
 # compile="auto" compiles the decode step from this many new tokens. Compiling costs ~11-16 s in a process that
@@ -104,7 +108,11 @@ def stream(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_k:
     if compile not in (True, False, "auto"):
         raise TinyMixtralError(f"compile must be True, False or 'auto', got {compile!r}")
     fallback = compile == "auto"
-    if fallback:
+    # on a CPU with our kernels the decode step is one C++ op (fused.py), faster than a compiled step: nothing compiles
+    plan = fused.plan(model, B)
+    if plan is not None:
+        compile = False
+    elif fallback:
         compile = auto_compile(model, max_new_tokens)
     model.eval()
     if cache is None:
@@ -134,7 +142,9 @@ def stream(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_k:
             return  # no forward pass for a token nobody will sample after
         if seen is not None:
             seen.scatter_(1, nxt[:, None], True)
-        if compile:
+        if plan is not None:
+            logits = fused_step(plan, cache, nxt, next_pos)
+        elif compile:
             try:
                 step_fn = step_fn or compiled_step(model, cache, nxt[:, None], next_pos)
                 logits = decode_compiled(model, cache, nxt[:, None], next_pos, step_fn)
@@ -143,9 +153,18 @@ def stream(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_k:
                     raise
                 print(f"warning: {e.reason}; decoding without compiling", file=sys.stderr, flush=True)
                 compile = False  # the failed step wrote nothing the eager one does not write again
-        if not compile:
+        if plan is None and not compile:
             logits = model(nxt[:, None], cache=cache, positions_BS=next_pos)
         next_pos = next_pos + 1
+
+
+def fused_step(plan: fused.Plan, cache: KVCache, ids_B: torch.Tensor, pos_B1: torch.Tensor) -> torch.Tensor:
+    """model(ids_B[:, None], cache=cache, positions_BS=pos_B1) as one op (fused.step): logits [B, 1, V]."""
+    cache._check_room(1)
+    logits = fused.step(plan, ids_B.contiguous(), pos_B1.reshape(-1).contiguous(), cache.k, cache.v, cache.pos,
+                        cache.t % cache.slots)
+    cache.t += 1
+    return logits
 
 
 def auto_compile(model, max_new_tokens: int) -> bool:

@@ -16,6 +16,7 @@
 #include <tuple>
 #include <vector>
 
+#include "ops.h"
 #include "woq_common.h"
 
 namespace {
@@ -217,3 +218,13 @@ TORCH_LIBRARY_IMPL(tinymixtral_gemv, CPU, m) {
   m.impl("route", &route);
   m.impl("argmax", &argmax);
 }
+
+namespace tmx {  // ops.h
+at::Tensor attn_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& allowed,
+                       double scale) {
+  return ::attn_decode(q, k, v, allowed, scale);
+}
+std::tuple<at::Tensor, at::Tensor, at::Tensor> route(const at::Tensor& x, const at::Tensor& w, int64_t top_k) {
+  return ::route(x, w, top_k);
+}
+}  // namespace tmx

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <vector>
 
+#include "ops.h"
 #include "woq_common.h"
 
 namespace {
@@ -220,3 +221,11 @@ TORCH_LIBRARY_IMPL(tinymixtral_gemv, CPU, m) {
   m.impl("mv", &mv);
   m.impl("experts_mv", &experts_mv);
 }
+
+namespace tmx {  // ops.h
+at::Tensor mv(const at::Tensor& x, const at::Tensor& w) { return ::mv(x, w); }
+at::Tensor experts_mv(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2, const at::Tensor& experts,
+                      const at::Tensor& weights) {
+  return ::experts_mv(x, w13, w2, experts, weights);
+}
+}  // namespace tmx

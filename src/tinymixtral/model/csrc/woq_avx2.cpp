@@ -10,6 +10,7 @@
 // Threads: torch's own pool (at::parallel_for), over blocks of output rows.
 #include <torch/library.h>
 
+#include "ops.h"
 #include "woq_common.h"
 
 namespace {
@@ -236,3 +237,14 @@ TORCH_LIBRARY_IMPL(tinymixtral_avx2, CPU, m) {
   m.impl("int4_mm", &int4_mm);
   m.impl("dequant", &dequant);
 }
+
+namespace tmx {  // ops.h
+at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                   const std::optional<at::Tensor>& experts) {
+  return ::int8_mm(x, w, scales, experts);
+}
+at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
+                   int64_t group_size, const std::optional<at::Tensor>& experts) {
+  return ::int4_mm(x, w, scales, zeros, group_size, experts);
+}
+}  // namespace tmx

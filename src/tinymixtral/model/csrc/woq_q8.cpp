@@ -22,6 +22,7 @@
 
 #include <cstring>
 
+#include "ops.h"
 #include "woq_common.h"
 
 namespace {
@@ -367,3 +368,14 @@ TORCH_LIBRARY_IMPL(tinymixtral_avx2, CPU, m) {
   m.impl("int8_q8_mm", &int8_q8_mm);
   m.impl("int4_q8_mm", &int4_q8_mm);
 }
+
+namespace tmx {  // ops.h
+at::Tensor int8_q8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                      const std::optional<at::Tensor>& experts) {
+  return ::int8_q8_mm(x, w, scales, experts);
+}
+at::Tensor int4_q8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
+                      int64_t group_size, const std::optional<at::Tensor>& experts) {
+  return ::int4_q8_mm(x, w, scales, zeros, group_size, experts);
+}
+}  // namespace tmx

@@ -1,0 +1,233 @@
+// A whole decode step (one new token per row, B <= 16 rows, fp32 activations) as one op, as llama.cpp runs its
+// graph: embedding -> per layer RMSNorm, q/k/v product, rotary, cache write, attention, output product, RMSNorm,
+// router, experts (or the dense FFN) -> RMSNorm -> head. The products, the attention and the router are the other
+// files' kernels called as plain functions (ops.h); the small ops between them (norms, rotary, residual adds,
+// SwiGLU, the cache write and the mask) are loops over a few hundred floats. Everywhere else a step is ~10 ops a
+// layer, each with its dispatch, allocation and (compiled) boxed call: 0.1-0.15 ms of a 0.4 ms int4 step here.
+//
+// decode_step(ids [B], pos [B], k, v [L, B, G, T, C] (written at `slot`), cache_pos [B, T] (pos written at
+// `slot`), slot, weights, meta, inv_freq [C/2], eps) -> logits [B, 1, V] fp32.
+// meta: D, L, H, G, C, E (0: dense FFN), top-k, window (0: none), then (kind, group size) of each product in the
+// order below. weights, in order: embedding [V, D], final norm [D], head; then per layer: attention norm, wqkv,
+// wo, FFN norm, (router [E, D], w13 stack, w2 stack) or (w13, w2). A product is one tensor of kind F32 (fp32
+// [N, K] or a stack [E, N, K]), two of I8Q8 / I8 (int8 weight, fp32 scales) or three of I4Q8 / I4 (packed int4
+// weight, scales, zeros); Q8 kinds quantize the activations (woq_q8.cpp), the others keep them exact.
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "ops.h"
+
+namespace {
+
+enum Kind : int64_t { F32 = 0, I8Q8 = 1, I8 = 2, I4Q8 = 3, I4 = 4 };
+
+struct Product {
+  int64_t kind = F32, group_size = 0;
+  const at::Tensor *w = nullptr, *s = nullptr, *z = nullptr;
+
+  at::Tensor operator()(const at::Tensor& x, const std::optional<at::Tensor>& experts = std::nullopt) const {
+    switch (kind) {
+      case F32: return tmx::mv(x, *w);
+      case I8Q8: return tmx::int8_q8_mm(x, *w, *s, experts);
+      case I8: return tmx::int8_mm(x, *w, *s, experts);
+      case I4Q8: return tmx::int4_q8_mm(x, *w, *s, *z, group_size, experts);
+      case I4: return tmx::int4_mm(x, *w, *s, *z, group_size, experts);
+    }
+    TORCH_CHECK(false, "decode_step: unknown product kind ", kind);
+  }
+};
+
+struct Reader {
+  at::TensorList t;
+  at::IntArrayRef m;
+  size_t ti = 0, mi = 4 * 2;  // meta's first 8 are the shapes
+
+  const at::Tensor& tensor() {
+    TORCH_CHECK(ti < t.size(), "decode_step: too few weights");
+    return t[ti++];
+  }
+  Product product() {
+    TORCH_CHECK(mi + 2 <= m.size(), "decode_step: too few products in meta");
+    Product p;
+    p.kind = m[mi++];
+    p.group_size = m[mi++];
+    p.w = &tensor();
+    if (p.kind != F32) p.s = &tensor();
+    if (p.kind == I4Q8 || p.kind == I4) p.z = &tensor();
+    return p;
+  }
+};
+
+const float* f32(const at::Tensor& t, int64_t n, const char* what) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n, "decode_step: ", what,
+              " must be fp32, contiguous, with ", n, " elements");
+  return t.const_data_ptr<float>();
+}
+
+// y = w * (x / rms(x)), the model's order (normalise, then scale)
+void rms_norm(const float* x, const float* w, int64_t B, int64_t D, double eps, float* y) {
+  for (int64_t b = 0; b < B; ++b) {
+    const float* xb = x + b * D;
+    float ss = 0.f;
+    for (int64_t d = 0; d < D; ++d) ss += xb[d] * xb[d];
+    const float r = 1.f / std::sqrt(ss / float(D) + float(eps));
+    for (int64_t d = 0; d < D; ++d) y[b * D + d] = w[d] * (xb[d] * r);
+  }
+}
+
+// rotate one head's C values (rotate-half layout: i pairs with i + C/2)
+void rope(float* x, const float* cs, const float* sn, int64_t C) {
+  const int64_t h = C / 2;
+  for (int64_t i = 0; i < h; ++i) {
+    const float a = x[i], b = x[i + h];
+    x[i] = a * cs[i] - b * sn[i];
+    x[i + h] = b * cs[i] + a * sn[i];
+  }
+}
+
+inline float silu(float g) { return g / (1.f + std::exp(-g)); }
+
+at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& pos, at::Tensor& k, at::Tensor& v,
+                       at::Tensor& cache_pos, int64_t slot, at::TensorList weights, at::IntArrayRef meta,
+                       const at::Tensor& inv_freq, double eps) {
+  TORCH_CHECK(meta.size() >= 8, "decode_step: meta needs the 8 shapes");
+  const int64_t D = meta[0], L = meta[1], H = meta[2], G = meta[3], C = meta[4], E = meta[5], K = meta[6],
+                W = meta[7];
+  const int64_t B = ids.numel(), T = k.size(3);
+  TORCH_CHECK(ids.scalar_type() == at::kLong && pos.scalar_type() == at::kLong && ids.is_contiguous() &&
+                  pos.is_contiguous() && pos.numel() == B,
+              "decode_step: ids and pos int64 [B]");
+  TORCH_CHECK(k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat && k.is_contiguous() &&
+                  v.is_contiguous() && k.dim() == 5 && k.sizes() == v.sizes() && k.size(0) == L &&
+                  k.size(1) == B && k.size(2) == G && k.size(4) == C,
+              "decode_step: k and v fp32 [L, B, G, T, C], contiguous");
+  TORCH_CHECK(cache_pos.scalar_type() == at::kLong && cache_pos.is_contiguous() && cache_pos.dim() == 2 &&
+                  cache_pos.size(0) == B && cache_pos.size(1) == T,
+              "decode_step: cache_pos int64 [B, T]");
+  TORCH_CHECK(slot >= 0 && slot < T && H % G == 0 && C % 2 == 0, "decode_step: bad slot or heads");
+  Reader rd{weights, meta};
+  const at::Tensor& embed = rd.tensor();
+  TORCH_CHECK(embed.scalar_type() == at::kFloat && embed.is_contiguous() && embed.dim() == 2 && embed.size(1) == D,
+              "decode_step: fp32 embedding [V, D]");
+  const float* final_norm = f32(rd.tensor(), D, "the final norm");
+  const Product head = rd.product();
+
+  const auto opts = embed.options();
+  const int64_t* idp = ids.const_data_ptr<int64_t>();
+  const int64_t* pp = pos.const_data_ptr<int64_t>();
+  int64_t* cp = cache_pos.mutable_data_ptr<int64_t>();
+  std::vector<float> x(B * D), cs(B * C / 2), sn(B * C / 2);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(idp[b] >= 0 && idp[b] < embed.size(0), "decode_step: token id out of range");
+    std::copy_n(embed.const_data_ptr<float>() + idp[b] * D, D, &x[b * D]);
+    const float* f = f32(inv_freq, C / 2, "inv_freq");
+    const float p = float(std::max<int64_t>(pp[b], 0));
+    for (int64_t i = 0; i < C / 2; ++i) {
+      const float a = p * f[i];
+      cs[b * C / 2 + i] = std::cos(a);
+      sn[b * C / 2 + i] = std::sin(a);
+    }
+    cp[b * T + slot] = pp[b];
+  }
+  // which slots each row's query may see: causal, within the window, never an empty slot (pos -1)
+  at::Tensor allowed = at::empty({B, T}, opts.dtype(at::kBool));
+  bool* ok = allowed.mutable_data_ptr<bool>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t kp = cp[b * T + t], q = pp[b];
+      ok[b * T + t] = (kp >= 0 && kp <= q && (W == 0 || kp > q - W)) || q < 0;
+    }
+  const double scale = std::pow(double(C), -0.5);
+  at::Tensor h = at::empty({B, D}, opts), q = at::empty({B, H, C}, opts);
+  float* hp = h.mutable_data_ptr<float>();
+  float* kc = k.mutable_data_ptr<float>();
+  float* vc = v.mutable_data_ptr<float>();
+  const int64_t QKV = (H + 2 * G) * C;
+  for (int64_t l = 0; l < L; ++l) {
+    rms_norm(x.data(), f32(rd.tensor(), D, "an attention norm"), B, D, eps, hp);
+    const Product wqkv = rd.product(), wo = rd.product();
+    const at::Tensor qkv = wqkv(h);
+    TORCH_CHECK(qkv.size(1) == QKV, "decode_step: wqkv gives ", qkv.size(1), " outputs, not ", QKV);
+    float* y = qkv.mutable_data_ptr<float>();
+    float* qp = q.mutable_data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) {
+      float* yb = y + b * QKV;
+      for (int64_t j = 0; j < H + G; ++j) rope(yb + j * C, &cs[b * C / 2], &sn[b * C / 2], C);
+      std::copy_n(yb, H * C, qp + b * H * C);
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t at = (((l * B + b) * G + g) * T + slot) * C;
+        std::copy_n(yb + (H + g) * C, C, kc + at);
+        std::copy_n(yb + (H + G + g) * C, C, vc + at);
+      }
+    }
+    const at::Tensor att = tmx::attn_decode(q, k.select(0, l), v.select(0, l), allowed, scale);
+    const at::Tensor o = wo(att.view({B, H * C}));
+    const float* op = o.const_data_ptr<float>();
+    for (int64_t i = 0; i < B * D; ++i) x[i] += op[i];
+
+    rms_norm(x.data(), f32(rd.tensor(), D, "an FFN norm"), B, D, eps, hp);
+    at::Tensor ffn;
+    if (E > 0) {
+      const at::Tensor& router = rd.tensor();
+      const Product w13 = rd.product(), w2 = rd.product();
+      auto routed = tmx::route(h, router, K);
+      const at::Tensor& wts = std::get<1>(routed);
+      const at::Tensor& ex = std::get<2>(routed);
+      if (w13.kind == F32) {
+        ffn = tmx::experts_mv(h, *w13.w, *w2.w, ex, wts);
+      } else {  // row n K + j: token n through its j-th expert, both products; then the weighted sum
+        at::Tensor xs = at::empty({B * K, D}, opts);
+        float* xsp = xs.mutable_data_ptr<float>();
+        for (int64_t r = 0; r < B * K; ++r) std::copy_n(hp + (r / K) * D, D, xsp + r * D);
+        const at::Tensor e_flat = ex.view({B * K});
+        const at::Tensor gu = w13(xs, e_flat);
+        const int64_t F = gu.size(1) / 2;
+        at::Tensor act = at::empty({B * K, F}, opts);
+        const float* g = gu.const_data_ptr<float>();
+        float* a = act.mutable_data_ptr<float>();
+        for (int64_t r = 0; r < B * K; ++r)
+          for (int64_t j = 0; j < F; ++j) a[r * F + j] = silu(g[r * 2 * F + j]) * g[r * 2 * F + F + j];
+        const at::Tensor z = w2(act, e_flat);
+        const float* zp = z.const_data_ptr<float>();
+        const float* wp = wts.const_data_ptr<float>();
+        ffn = at::empty({B, D}, opts);
+        float* fp = ffn.mutable_data_ptr<float>();
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t d = 0; d < D; ++d) {
+            float s = 0.f;
+            for (int64_t j = 0; j < K; ++j) s += zp[(b * K + j) * D + d] * wp[b * K + j];
+            fp[b * D + d] = s;
+          }
+      }
+    } else {
+      const Product w13 = rd.product(), w2 = rd.product();
+      const at::Tensor gu = w13(h);
+      const int64_t F = gu.size(1) / 2;
+      at::Tensor act = at::empty({B, F}, opts);
+      const float* g = gu.const_data_ptr<float>();
+      float* a = act.mutable_data_ptr<float>();
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t j = 0; j < F; ++j) a[b * F + j] = silu(g[b * 2 * F + j]) * g[b * 2 * F + F + j];
+      ffn = w2(act);
+    }
+    const float* fp = ffn.const_data_ptr<float>();
+    for (int64_t i = 0; i < B * D; ++i) x[i] += fp[i];
+  }
+  TORCH_CHECK(rd.ti == weights.size() && rd.mi == meta.size(), "decode_step: weights or meta left over");
+  rms_norm(x.data(), final_norm, B, D, eps, hp);
+  const at::Tensor logits = head(h);
+  return logits.view({B, 1, logits.size(1)});
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tinymixtral_gemv, m) {
+  m.def(
+      "decode_step(Tensor ids, Tensor pos, Tensor(a!) k, Tensor(b!) v, Tensor(c!) cache_pos, int slot, "
+      "Tensor[] weights, int[] meta, Tensor inv_freq, float eps) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tinymixtral_gemv, CPU, m) { m.impl("decode_step", &decode_step); }

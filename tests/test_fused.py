@@ -1,0 +1,98 @@
+"""The decode step as one C++ op (`model/fused.py`, `csrc/decode_step.cpp`) equals the module path it replaces:
+logits and the cache it writes, step by step over a window that wraps, for fp32, int8 and int4 weights, MoE and
+dense, one row and left-padded rows; where it does not apply, generation keeps the module path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import DECODE, tiny_model
+from tinymixtral.cache import KVCache
+from tinymixtral.generation import fused_step, generate, left_pad
+from tinymixtral.model import cpu_kernels, fused, gemv
+from tinymixtral.quantize import quantize_model
+
+pytestmark = pytest.mark.skipif(not gemv.ready(), reason="no AVX2 + FMA, or the kernels did not build")
+
+
+def _model(bits, **kw):
+    """bits None, 8 or 4. int8 takes both of its kernels: int8 activations for inputs of 32, exact ones for 48
+    (not a multiple of 32); int4 (d_ff 64, groups of 32) int8 activations throughout."""
+    model = tiny_model(DECODE, std=0.3, vary_norms=True, **({"d_ff": 64} if bits == 4 else {}), **kw)
+    return quantize_model(model, bits).eval() if bits else model
+
+
+@torch.no_grad()
+def _steps(model, prompts, n, use_fused):
+    """Prefill the (left-padded) prompts, then n teacher-forced decode steps: the logits [B, n, V] and the cache."""
+    ids, pos = left_pad(prompts)
+    B, S = ids.shape
+    cache = KVCache.for_model(model, B, S + n)
+    model(ids, cache=cache, positions_BS=pos)
+    plan = fused.plan(model, B) if use_fused else None
+    assert (plan is not None) == use_fused
+    g = torch.Generator().manual_seed(1)
+    out, next_pos = [], pos[:, -1:] + 1
+    for _ in range(n):
+        nxt = torch.randint(0, model.cfg.vocab_size, (B,), generator=g)
+        out.append(fused_step(plan, cache, nxt, next_pos) if use_fused
+                   else model(nxt[:, None], cache=cache, positions_BS=next_pos))
+        next_pos = next_pos + 1
+    return torch.cat(out, dim=1), cache
+
+
+@pytest.mark.parametrize("bits,exact", [(None, False), (8, False), (4, False), (8, True), (4, True)])
+@pytest.mark.parametrize("n_experts", [4, 0])
+@pytest.mark.parametrize("rows", [[[5, 9, 2]], [[5, 9, 2, 7, 1], [3], [8, 8, 4]]])
+def test_fused_step_equals_the_modules(bits, exact, n_experts, rows, monkeypatch):
+    """exact: TINYMIXTRAL_KERNELS=exact, the activations kept in fp32 (the int8 / int4 kernels without Q8)."""
+    monkeypatch.setattr(cpu_kernels, "QUANT_ACTIVATIONS", not exact)
+    model = _model(bits, n_experts=n_experts)
+    kinds = set(fused.plan(model, len(rows)).meta[8::2])  # each product's kernel
+    assert {None: {fused.F32}, 8: {fused.I8} if exact else {fused.I8Q8, fused.I8},
+            4: {fused.I4} if exact else {fused.I4Q8}}[bits] <= kinds
+    fast_, c1 = _steps(model, rows, 12, True)  # 12 steps: the window of 8 slots wraps
+    plain, c2 = _steps(model, rows, 12, False)
+    torch.testing.assert_close(fast_, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c1.k, c2.k, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c1.v, c2.v, rtol=1e-5, atol=1e-5)
+    assert torch.equal(c1.pos, c2.pos) and c1.t == c2.t
+
+
+def test_fused_step_without_a_window_and_a_tied_head():
+    model = _model(None, sliding_window=None, tie_embeddings=True, rope_theta=1e4)
+    fast_, _ = _steps(model, [[1, 2, 3, 4]], 10, True)
+    plain, _ = _steps(model, [[1, 2, 3, 4]], 10, False)
+    torch.testing.assert_close(fast_, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_generation_takes_the_op_eagerly_and_the_modules_where_it_does_not_apply(monkeypatch):
+    model = _model(8)
+    calls = []
+    real = fused.step
+    monkeypatch.setattr(fused, "step", lambda *a: calls.append(1) or real(*a))
+    x = torch.tensor([[4, 5, 6]])
+    a = generate(model, x, 6, compile=False)
+    assert len(calls) == 5  # one op a step (the last token is never fed)
+    monkeypatch.setattr(fused, "ENABLED", False)
+    b = generate(model, x, 6, compile=False)
+    assert len(calls) == 5 and torch.equal(a, b)
+    monkeypatch.setattr(fused, "ENABLED", True)
+    assert fused.plan(tiny_model(DECODE).to(torch.bfloat16), 1) is None  # bf16 activations: the module path
+    assert fused.plan(model, 17) is None  # more rows than FEW_ROWS
+    model.layers[0].attn.wo = torch.nn.Linear(32, 32, bias=True)  # a module it does not know
+    assert fused.plan(model, 1) is None
+    generate(model, x, 3, compile=False)
+    assert len(calls) == 5
+
+
+def test_the_op_refuses_operands_that_do_not_match():
+    model = _model(None)
+    plan = fused.plan(model, 1)
+    cache = KVCache.for_model(model, 1, 8)
+    bad = fused.Plan(plan.weights[:-1], plan.meta, plan.inv_freq, plan.eps)
+    with pytest.raises(RuntimeError, match="decode_step"):
+        fused_step(bad, cache, torch.tensor([1]), torch.tensor([[0]]))
+    with pytest.raises(RuntimeError, match="decode_step"):
+        fused_step(plan, cache, torch.tensor([10_000]), torch.tensor([[0]]))  # a token id past the vocabulary
