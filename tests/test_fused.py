@@ -9,6 +9,7 @@ import torch
 
 from conftest import DECODE, tiny_model
 from tinymixtral.cache import KVCache
+from tinymixtral import generation
 from tinymixtral.generation import fused_step, generate, left_pad
 from tinymixtral.model import cpu_kernels, fused, gemv
 from tinymixtral.quantize import quantize_model
@@ -36,7 +37,7 @@ def _steps(model, prompts, n, use_fused):
     out, next_pos = [], pos[:, -1:] + 1
     for _ in range(n):
         nxt = torch.randint(0, model.cfg.vocab_size, (B,), generator=g)
-        out.append(fused_step(plan, cache, nxt, next_pos) if use_fused
+        out.append(fused_step(plan, cache, nxt[:, None], next_pos) if use_fused
                    else model(nxt[:, None], cache=cache, positions_BS=next_pos))
         next_pos = next_pos + 1
     return torch.cat(out, dim=1), cache
@@ -60,6 +61,34 @@ def test_fused_step_equals_the_modules(bits, exact, n_experts, rows, monkeypatch
     assert torch.equal(c1.pos, c2.pos) and c1.t == c2.t
 
 
+@pytest.mark.parametrize("bits", [None, 8, 4])
+@pytest.mark.parametrize("rows", [[[5, 9, 2, 7, 1, 3]], [[5, 9, 2, 7], [3], [8, 8, 4]]])
+def test_a_short_prompt_through_the_op_equals_the_modules(bits, rows):
+    """A prompt of S tokens as B S rows of one op (after two cached tokens, as in a conversation): the last
+    token's logits and the cache equal the module path's prefill (SDPA over the new keys there)."""
+    model = _model(bits)
+    ids, pos = left_pad(rows)
+    B, S = ids.shape
+    got = []
+    for use_fused in (True, False):
+        cache = KVCache.for_model(model, B, 16)
+        with torch.no_grad():
+            model(torch.tensor([[1, 2]]).expand(B, 2), cache=cache)
+            assert generation.fused_prompt_fits(cache, B, S)
+            logits = (fused_step(fused.plan(model, B * S), cache, ids, pos + 2) if use_fused
+                      else model(ids, cache=cache, positions_BS=pos + 2, last_only=True))
+        got.append((logits, cache))
+    (a, c1), (b, c2) = got
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    kept = c2.pos >= 0  # padding tokens' keys are never read (pos -1), and their queries attend to anything
+    for x, y in ((c1.k, c2.k), (c1.v, c2.v)):
+        torch.testing.assert_close(x.permute(1, 3, 0, 2, 4)[kept], y.permute(1, 3, 0, 2, 4)[kept], rtol=1e-5, atol=1e-5)
+    assert torch.equal(c1.pos, c2.pos) and c1.t == c2.t == 2 + S and kept.all() == (B == 1)  # padding where B > 1
+    cache = KVCache.for_model(model, B, 16)
+    cache.t = 7
+    assert not generation.fused_prompt_fits(cache, B, S) and not generation.fused_prompt_fits(cache, 17, 1)
+
+
 def test_fused_step_without_a_window_and_a_tied_head():
     model = _model(None, sliding_window=None, tie_embeddings=True, rope_theta=1e4)
     fast_, _ = _steps(model, [[1, 2, 3, 4]], 10, True)
@@ -74,17 +103,17 @@ def test_generation_takes_the_op_eagerly_and_the_modules_where_it_does_not_apply
     monkeypatch.setattr(fused, "step", lambda *a: calls.append(1) or real(*a))
     x = torch.tensor([[4, 5, 6]])
     a = generate(model, x, 6, compile=False)
-    assert len(calls) == 5  # one op a step (the last token is never fed)
+    assert len(calls) == 6  # the prompt, then one op a step (the last token is never fed)
     monkeypatch.setattr(fused, "ENABLED", False)
     b = generate(model, x, 6, compile=False)
-    assert len(calls) == 5 and torch.equal(a, b)
+    assert len(calls) == 6 and torch.equal(a, b)
     monkeypatch.setattr(fused, "ENABLED", True)
     assert fused.plan(tiny_model(DECODE).to(torch.bfloat16), 1) is None  # bf16 activations: the module path
     assert fused.plan(model, 17) is None  # more rows than FEW_ROWS
     model.layers[0].attn.wo = torch.nn.Linear(32, 32, bias=True)  # a module it does not know
     assert fused.plan(model, 1) is None
     generate(model, x, 3, compile=False)
-    assert len(calls) == 5
+    assert len(calls) == 6
 
 
 def test_the_op_refuses_operands_that_do_not_match():
@@ -93,6 +122,6 @@ def test_the_op_refuses_operands_that_do_not_match():
     cache = KVCache.for_model(model, 1, 8)
     bad = fused.Plan(plan.weights[:-1], plan.meta, plan.inv_freq, plan.eps)
     with pytest.raises(RuntimeError, match="decode_step"):
-        fused_step(bad, cache, torch.tensor([1]), torch.tensor([[0]]))
+        fused_step(bad, cache, torch.tensor([[1]]), torch.tensor([[0]]))
     with pytest.raises(RuntimeError, match="decode_step"):
-        fused_step(plan, cache, torch.tensor([10_000]), torch.tensor([[0]]))  # a token id past the vocabulary
+        fused_step(plan, cache, torch.tensor([[10_000]]), torch.tensor([[0]]))  # a token id past the vocabulary

@@ -28,7 +28,7 @@ import torch
 
 from .cache import KVCache, StaticStep
 from .errors import TinyMixtralError
-from .model import fused, gemv
+from .model import fast, fused, gemv
 from .model.quant import compile_pays
 
 # compile="auto" compiles the decode step from this many new tokens. Compiling costs ~11-16 s in a process that
@@ -124,7 +124,10 @@ def stream(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_k:
         seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)
         seen.scatter_(1, ids, True)
     chunk = min(prefill_chunk or cfg.sliding_window or 512, cache.slots)
-    for i in range(0, S, chunk):  # chunked prefill: memory bounded by the chunk, not the prompt
+    prompt_plan = plan if S == 1 else fused.plan(model, B * S) if plan and fused_prompt_fits(cache, B, S) else None
+    if prompt_plan is not None:  # a short prompt: the fused op too, its tokens as rows
+        logits = fused_step(prompt_plan, cache, ids, pos)
+    for i in range(0, S if prompt_plan is None else 0, chunk):  # chunked prefill: memory bounded by the chunk
         logits = model(ids[:, i:i + chunk], cache=cache, positions_BS=pos[:, i:i + chunk], last_only=True)
     next_pos = pos[:, -1:] + 1
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -143,7 +146,7 @@ def stream(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_k:
         if seen is not None:
             seen.scatter_(1, nxt[:, None], True)
         if plan is not None:
-            logits = fused_step(plan, cache, nxt, next_pos)
+            logits = fused_step(plan, cache, nxt[:, None], next_pos)
         elif compile:
             try:
                 step_fn = step_fn or compiled_step(model, cache, nxt[:, None], next_pos)
@@ -158,13 +161,20 @@ def stream(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_k:
         next_pos = next_pos + 1
 
 
-def fused_step(plan: fused.Plan, cache: KVCache, ids_B: torch.Tensor, pos_B1: torch.Tensor) -> torch.Tensor:
-    """model(ids_B[:, None], cache=cache, positions_BS=pos_B1) as one op (fused.step): logits [B, 1, V]."""
-    cache._check_room(1)
-    logits = fused.step(plan, ids_B.contiguous(), pos_B1.reshape(-1).contiguous(), cache.k, cache.v, cache.pos,
+def fused_step(plan: fused.Plan, cache: KVCache, ids_BS: torch.Tensor, pos_BS: torch.Tensor) -> torch.Tensor:
+    """model(ids_BS, cache=cache, positions_BS=pos_BS, last_only=True) as one op (fused.step): logits [B, 1, V].
+    plan: fused.plan for B * S rows; S > 1 (a short prompt) must not wrap the cache (fused_prompt_fits)."""
+    S = ids_BS.shape[1]
+    cache._check_room(S)
+    logits = fused.step(plan, ids_BS.contiguous(), pos_BS.contiguous(), cache.k, cache.v, cache.pos,
                         cache.t % cache.slots)
-    cache.t += 1
+    cache.t += S
     return logits
+
+
+def fused_prompt_fits(cache: KVCache, n_rows: int, S: int) -> bool:
+    """Whether a prompt of S tokens in n_rows rows can go through the fused op: few rows, and its slots do not wrap."""
+    return n_rows * S <= fast.FEW_ROWS and cache.t % cache.slots + S <= cache.slots
 
 
 def auto_compile(model, max_new_tokens: int) -> bool:

@@ -5,8 +5,10 @@
 // SwiGLU, the cache write and the mask) are loops over a few hundred floats. Everywhere else a step is ~10 ops a
 // layer, each with its dispatch, allocation and (compiled) boxed call: 0.1-0.15 ms of a 0.4 ms int4 step here.
 //
-// decode_step(ids [B], pos [B], k, v [L, B, G, T, C] (written at `slot`), cache_pos [B, T] (pos written at
-// `slot`), slot, weights, meta, inv_freq [C/2], eps) -> logits [B, 1, V] fp32.
+// decode_step(ids [B, S], pos [B, S], k, v [L, B, G, T, C] (written at slots slot .. slot + S - 1), cache_pos [B, T]
+// (pos written there), slot, weights, meta, inv_freq [C/2], eps) -> logits of each row's last token [B, 1, V] fp32.
+// S = 1 is a decode step; S > 1 a short prompt (B S <= 16 rows), its tokens written before attention reads the
+// cache, so it must not wrap (slot + S <= T) and each query sees the new keys its position allows.
 // meta: D, L, H, G, C, E (0: dense FFN), top-k, window (0: none), then (kind, group size) of each product in the
 // order below. weights, in order: embedding [V, D], final norm [D], head; then per layer: attention norm, wqkv,
 // wo, FFN norm, (router [E, D], w13 stack, w2 stack) or (w13, w2). A product is one tensor of kind F32 (fp32
@@ -96,10 +98,10 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& pos, at::Tensor&
   TORCH_CHECK(meta.size() >= 8, "decode_step: meta needs the 8 shapes");
   const int64_t D = meta[0], L = meta[1], H = meta[2], G = meta[3], C = meta[4], E = meta[5], K = meta[6],
                 W = meta[7];
-  const int64_t B = ids.numel(), T = k.size(3);
   TORCH_CHECK(ids.scalar_type() == at::kLong && pos.scalar_type() == at::kLong && ids.is_contiguous() &&
-                  pos.is_contiguous() && pos.numel() == B,
-              "decode_step: ids and pos int64 [B]");
+                  pos.is_contiguous() && ids.dim() == 2 && pos.sizes() == ids.sizes(),
+              "decode_step: ids and pos int64 [B, S]");
+  const int64_t B = ids.size(0), S = ids.size(1), N = B * S, T = k.size(3);
   TORCH_CHECK(k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat && k.is_contiguous() &&
                   v.is_contiguous() && k.dim() == 5 && k.sizes() == v.sizes() && k.size(0) == L &&
                   k.size(1) == B && k.size(2) == G && k.size(4) == C,
@@ -107,7 +109,7 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& pos, at::Tensor&
   TORCH_CHECK(cache_pos.scalar_type() == at::kLong && cache_pos.is_contiguous() && cache_pos.dim() == 2 &&
                   cache_pos.size(0) == B && cache_pos.size(1) == T,
               "decode_step: cache_pos int64 [B, T]");
-  TORCH_CHECK(slot >= 0 && slot < T && H % G == 0 && C % 2 == 0, "decode_step: bad slot or heads");
+  TORCH_CHECK(slot >= 0 && slot + S <= T && H % G == 0 && C % 2 == 0, "decode_step: bad slot or heads");
   Reader rd{weights, meta};
   const at::Tensor& embed = rd.tensor();
   TORCH_CHECK(embed.scalar_type() == at::kFloat && embed.is_contiguous() && embed.dim() == 2 && embed.size(1) == D,
@@ -119,56 +121,69 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& pos, at::Tensor&
   const int64_t* idp = ids.const_data_ptr<int64_t>();
   const int64_t* pp = pos.const_data_ptr<int64_t>();
   int64_t* cp = cache_pos.mutable_data_ptr<int64_t>();
-  std::vector<float> x(B * D), cs(B * C / 2), sn(B * C / 2);
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(idp[b] >= 0 && idp[b] < embed.size(0), "decode_step: token id out of range");
-    std::copy_n(embed.const_data_ptr<float>() + idp[b] * D, D, &x[b * D]);
-    const float* f = f32(inv_freq, C / 2, "inv_freq");
-    const float p = float(std::max<int64_t>(pp[b], 0));
+  const float* f = f32(inv_freq, C / 2, "inv_freq");
+  std::vector<float> x(N * D), cs(N * C / 2), sn(N * C / 2);
+  for (int64_t n = 0; n < N; ++n) {  // row n: row n / S's token n % S
+    TORCH_CHECK(idp[n] >= 0 && idp[n] < embed.size(0), "decode_step: token id out of range");
+    std::copy_n(embed.const_data_ptr<float>() + idp[n] * D, D, &x[n * D]);
+    const float p = float(std::max<int64_t>(pp[n], 0));
     for (int64_t i = 0; i < C / 2; ++i) {
       const float a = p * f[i];
-      cs[b * C / 2 + i] = std::cos(a);
-      sn[b * C / 2 + i] = std::sin(a);
+      cs[n * C / 2 + i] = std::cos(a);
+      sn[n * C / 2 + i] = std::sin(a);
     }
-    cp[b * T + slot] = pp[b];
+    cp[n / S * T + slot + n % S] = pp[n];
   }
-  // which slots each row's query may see: causal, within the window, never an empty slot (pos -1)
-  at::Tensor allowed = at::empty({B, T}, opts.dtype(at::kBool));
+  // which slots each query may see: causal, within the window, never an empty slot (pos -1); a padding query
+  // (pos -1) any (its output is never read)
+  at::Tensor allowed = at::empty({N, T}, opts.dtype(at::kBool));
   bool* ok = allowed.mutable_data_ptr<bool>();
-  for (int64_t b = 0; b < B; ++b)
+  for (int64_t n = 0; n < N; ++n)
     for (int64_t t = 0; t < T; ++t) {
-      const int64_t kp = cp[b * T + t], q = pp[b];
-      ok[b * T + t] = (kp >= 0 && kp <= q && (W == 0 || kp > q - W)) || q < 0;
+      const int64_t kp = cp[n / S * T + t], q = pp[n];
+      ok[n * T + t] = (kp >= 0 && kp <= q && (W == 0 || kp > q - W)) || q < 0;
     }
   const double scale = std::pow(double(C), -0.5);
-  at::Tensor h = at::empty({B, D}, opts), q = at::empty({B, H, C}, opts);
+  at::Tensor h = at::empty({N, D}, opts), q = at::empty({N, H, C}, opts);
   float* hp = h.mutable_data_ptr<float>();
   float* kc = k.mutable_data_ptr<float>();
   float* vc = v.mutable_data_ptr<float>();
   const int64_t QKV = (H + 2 * G) * C;
   for (int64_t l = 0; l < L; ++l) {
-    rms_norm(x.data(), f32(rd.tensor(), D, "an attention norm"), B, D, eps, hp);
+    rms_norm(x.data(), f32(rd.tensor(), D, "an attention norm"), N, D, eps, hp);
     const Product wqkv = rd.product(), wo = rd.product();
     const at::Tensor qkv = wqkv(h);
     TORCH_CHECK(qkv.size(1) == QKV, "decode_step: wqkv gives ", qkv.size(1), " outputs, not ", QKV);
     float* y = qkv.mutable_data_ptr<float>();
     float* qp = q.mutable_data_ptr<float>();
-    for (int64_t b = 0; b < B; ++b) {
-      float* yb = y + b * QKV;
-      for (int64_t j = 0; j < H + G; ++j) rope(yb + j * C, &cs[b * C / 2], &sn[b * C / 2], C);
-      std::copy_n(yb, H * C, qp + b * H * C);
+    for (int64_t n = 0; n < N; ++n) {
+      float* yn = y + n * QKV;
+      for (int64_t j = 0; j < H + G; ++j) rope(yn + j * C, &cs[n * C / 2], &sn[n * C / 2], C);
+      std::copy_n(yn, H * C, qp + n * H * C);
       for (int64_t g = 0; g < G; ++g) {
-        const int64_t at = (((l * B + b) * G + g) * T + slot) * C;
-        std::copy_n(yb + (H + g) * C, C, kc + at);
-        std::copy_n(yb + (H + G + g) * C, C, vc + at);
+        const int64_t at = (((l * B + n / S) * G + g) * T + slot + n % S) * C;
+        std::copy_n(yn + (H + g) * C, C, kc + at);
+        std::copy_n(yn + (H + G + g) * C, C, vc + at);
       }
     }
-    const at::Tensor att = tmx::attn_decode(q, k.select(0, l), v.select(0, l), allowed, scale);
-    const at::Tensor o = wo(att.view({B, H * C}));
+    const at::Tensor kl = k.select(0, l), vl = v.select(0, l);
+    at::Tensor att;
+    if (S == 1) {
+      att = tmx::attn_decode(q, kl, vl, allowed, scale);
+    } else {  // row b's S queries over its own cache: the keys a view repeated S times (stride 0)
+      att = at::empty({N, H, C}, opts);
+      for (int64_t b = 0; b < B; ++b) {
+        const at::Tensor a = tmx::attn_decode(q.narrow(0, b * S, S), kl.narrow(0, b, 1).expand({S, G, T, C}),
+                                              vl.narrow(0, b, 1).expand({S, G, T, C}), allowed.narrow(0, b * S, S),
+                                              scale);
+        std::copy_n(a.const_data_ptr<float>(), S * H * C, att.mutable_data_ptr<float>() + b * S * H * C);
+      }
+    }
+    const at::Tensor o = wo(att.view({N, H * C}));
     const float* op = o.const_data_ptr<float>();
-    for (int64_t i = 0; i < B * D; ++i) x[i] += op[i];
+    for (int64_t i = 0; i < N * D; ++i) x[i] += op[i];
 
-    rms_norm(x.data(), f32(rd.tensor(), D, "an FFN norm"), B, D, eps, hp);
+    rms_norm(x.data(), f32(rd.tensor(), D, "an FFN norm"), N, D, eps, hp);
     at::Tensor ffn;
     if (E > 0) {
       const at::Tensor& router = rd.tensor();
@@ -179,46 +194,49 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& pos, at::Tensor&
       if (w13.kind == F32) {
         ffn = tmx::experts_mv(h, *w13.w, *w2.w, ex, wts);
       } else {  // row n K + j: token n through its j-th expert, both products; then the weighted sum
-        at::Tensor xs = at::empty({B * K, D}, opts);
+        at::Tensor xs = at::empty({N * K, D}, opts);
         float* xsp = xs.mutable_data_ptr<float>();
-        for (int64_t r = 0; r < B * K; ++r) std::copy_n(hp + (r / K) * D, D, xsp + r * D);
-        const at::Tensor e_flat = ex.view({B * K});
+        for (int64_t r = 0; r < N * K; ++r) std::copy_n(hp + (r / K) * D, D, xsp + r * D);
+        const at::Tensor e_flat = ex.view({N * K});
         const at::Tensor gu = w13(xs, e_flat);
         const int64_t F = gu.size(1) / 2;
-        at::Tensor act = at::empty({B * K, F}, opts);
+        at::Tensor act = at::empty({N * K, F}, opts);
         const float* g = gu.const_data_ptr<float>();
         float* a = act.mutable_data_ptr<float>();
-        for (int64_t r = 0; r < B * K; ++r)
+        for (int64_t r = 0; r < N * K; ++r)
           for (int64_t j = 0; j < F; ++j) a[r * F + j] = silu(g[r * 2 * F + j]) * g[r * 2 * F + F + j];
         const at::Tensor z = w2(act, e_flat);
         const float* zp = z.const_data_ptr<float>();
         const float* wp = wts.const_data_ptr<float>();
-        ffn = at::empty({B, D}, opts);
+        ffn = at::empty({N, D}, opts);
         float* fp = ffn.mutable_data_ptr<float>();
-        for (int64_t b = 0; b < B; ++b)
+        for (int64_t n = 0; n < N; ++n)
           for (int64_t d = 0; d < D; ++d) {
             float s = 0.f;
-            for (int64_t j = 0; j < K; ++j) s += zp[(b * K + j) * D + d] * wp[b * K + j];
-            fp[b * D + d] = s;
+            for (int64_t j = 0; j < K; ++j) s += zp[(n * K + j) * D + d] * wp[n * K + j];
+            fp[n * D + d] = s;
           }
       }
     } else {
       const Product w13 = rd.product(), w2 = rd.product();
       const at::Tensor gu = w13(h);
       const int64_t F = gu.size(1) / 2;
-      at::Tensor act = at::empty({B, F}, opts);
+      at::Tensor act = at::empty({N, F}, opts);
       const float* g = gu.const_data_ptr<float>();
       float* a = act.mutable_data_ptr<float>();
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t j = 0; j < F; ++j) a[b * F + j] = silu(g[b * 2 * F + j]) * g[b * 2 * F + F + j];
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t j = 0; j < F; ++j) a[n * F + j] = silu(g[n * 2 * F + j]) * g[n * 2 * F + F + j];
       ffn = w2(act);
     }
     const float* fp = ffn.const_data_ptr<float>();
-    for (int64_t i = 0; i < B * D; ++i) x[i] += fp[i];
+    for (int64_t i = 0; i < N * D; ++i) x[i] += fp[i];
   }
   TORCH_CHECK(rd.ti == weights.size() && rd.mi == meta.size(), "decode_step: weights or meta left over");
-  rms_norm(x.data(), final_norm, B, D, eps, hp);
-  const at::Tensor logits = head(h);
+  std::vector<float> last(B * D);  // each row's last token: the head over the vocabulary for it alone
+  for (int64_t b = 0; b < B; ++b) std::copy_n(&x[(b * S + S - 1) * D], D, &last[b * D]);
+  at::Tensor hl = at::empty({B, D}, opts);
+  rms_norm(last.data(), final_norm, B, D, eps, hl.mutable_data_ptr<float>());
+  const at::Tensor logits = head(hl);
   return logits.view({B, 1, logits.size(1)});
 }
 
