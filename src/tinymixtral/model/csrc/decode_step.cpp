@@ -6,7 +6,8 @@
 // layer, each with its dispatch, allocation and (compiled) boxed call: 0.1-0.15 ms of a 0.4 ms int4 step here.
 //
 // decode_step(ids [B, S], pos [B, S], k, v [L, B, G, T, C] (written at slots slot .. slot + S - 1), cache_pos [B, T]
-// (pos written there), slot, weights, meta, inv_freq [C/2], eps) -> logits of each row's last token [B, 1, V] fp32.
+// (pos written there), slot, plan) -> logits of each row's last token [B, 1, V] fp32. plan: a DecodePlan(weights,
+// meta, inv_freq [C/2], eps), made once per generation (a list of ~65 tensors converted at every call cost ~8 us).
 // S = 1 is a decode step; S > 1 a short prompt (B S <= 16 rows), its tokens written before attention reads the
 // cache, so it must not wrap (slot + S <= T) and each query sees the new keys its position allows.
 // meta: D, L, H, G, C, E (0: dense FFN), top-k, window (0: none), then (kind, group size) of each product in the
@@ -15,6 +16,7 @@
 // [N, K] or a stack [E, N, K]), two of I8Q8 / I8 (int8 weight, fp32 scales) or three of I4Q8 / I4 (packed int4
 // weight, scales, zeros); Q8 kinds quantize the activations (woq_q8.cpp), the others keep them exact.
 #include <ATen/ops/empty.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -23,6 +25,15 @@
 #include "ops.h"
 
 namespace {
+
+struct DecodePlan : torch::CustomClassHolder {
+  std::vector<at::Tensor> weights;
+  std::vector<int64_t> meta;
+  at::Tensor inv_freq;
+  double eps;
+  DecodePlan(std::vector<at::Tensor> w, std::vector<int64_t> m, at::Tensor f, double e)
+      : weights(std::move(w)), meta(std::move(m)), inv_freq(std::move(f)), eps(e) {}
+};
 
 enum Kind : int64_t { F32 = 0, I8Q8 = 1, I8 = 2, I4Q8 = 3, I4 = 4 };
 
@@ -93,8 +104,11 @@ void rope(float* x, const float* cs, const float* sn, int64_t C) {
 inline float silu(float g) { return g / (1.f + std::exp(-g)); }
 
 at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& pos, at::Tensor& k, at::Tensor& v,
-                       at::Tensor& cache_pos, int64_t slot, at::TensorList weights, at::IntArrayRef meta,
-                       const at::Tensor& inv_freq, double eps) {
+                       at::Tensor& cache_pos, int64_t slot, const c10::intrusive_ptr<DecodePlan>& plan) {
+  const at::TensorList weights(plan->weights);
+  const at::IntArrayRef meta(plan->meta);
+  const at::Tensor& inv_freq = plan->inv_freq;
+  const double eps = plan->eps;
   TORCH_CHECK(meta.size() >= 8, "decode_step: meta needs the 8 shapes");
   const int64_t D = meta[0], L = meta[1], H = meta[2], G = meta[3], C = meta[4], E = meta[5], K = meta[6],
                 W = meta[7];
@@ -243,9 +257,10 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& pos, at::Tensor&
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tinymixtral_gemv, m) {
+  m.class_<DecodePlan>("DecodePlan").def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, at::Tensor, double>());
   m.def(
       "decode_step(Tensor ids, Tensor pos, Tensor(a!) k, Tensor(b!) v, Tensor(c!) cache_pos, int slot, "
-      "Tensor[] weights, int[] meta, Tensor inv_freq, float eps) -> Tensor");
+      "__torch__.torch.classes.tinymixtral_gemv.DecodePlan plan) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tinymixtral_gemv, CPU, m) { m.impl("decode_step", &decode_step); }
