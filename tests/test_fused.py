@@ -37,7 +37,7 @@ def _steps(model, prompts, n, use_fused):
     out, next_pos = [], pos[:, -1:] + 1
     for _ in range(n):
         nxt = torch.randint(0, model.cfg.vocab_size, (B,), generator=g)
-        out.append(fused_step(plan, cache, nxt[:, None], next_pos) if use_fused
+        out.append(fused_step(plan, cache, nxt, next_pos)[:, None] if use_fused
                    else model(nxt[:, None], cache=cache, positions_BS=next_pos))
         next_pos = next_pos + 1
     return torch.cat(out, dim=1), cache
@@ -76,7 +76,7 @@ def test_a_short_prompt_through_the_op_equals_the_modules(bits, rows):
             model(torch.tensor([[1, 2]]).expand(B, 2), cache=cache)
             assert generation.fused_prompt_fits(cache, B, S)
             logits = (fused_step(fused.plan(model, B * S), cache, ids, pos + 2) if use_fused
-                      else model(ids, cache=cache, positions_BS=pos + 2, last_only=True))
+                      else model(ids, cache=cache, positions_BS=pos + 2, last_only=True)[:, -1])
         got.append((logits, cache))
     (a, c1), (b, c2) = got
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

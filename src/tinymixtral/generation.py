@@ -132,11 +132,12 @@ def stream(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_k:
     next_pos = pos[:, -1:] + 1
     done = torch.zeros(B, dtype=torch.bool, device=device)
     step_fn = None  # the compiled step of this generation (compiled_step), looked up at its first compiled step
+    greedy_op = plan is not None and temperature == 0  # the fused op's logits: fp32 [B, V], argmax's own kernel
     for step in range(max_new_tokens):
-        logits_BV = logits[:, -1]
+        logits_BV = logits if logits.dim() == 2 else logits[:, -1]
         if seen is not None:
             logits_BV = apply_repetition_penalty(logits_BV, seen, repetition_penalty)
-        nxt = sample(logits_BV, temperature, top_k, top_p, gen)
+        nxt = gemv.argmax(logits_BV) if greedy_op else sample(logits_BV, temperature, top_k, top_p, gen)
         if eos_id is not None:
             nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
             done |= nxt == eos_id
@@ -146,7 +147,7 @@ def stream(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_k:
         if seen is not None:
             seen.scatter_(1, nxt[:, None], True)
         if plan is not None:
-            logits = fused_step(plan, cache, nxt[:, None], next_pos)
+            logits = fused_step(plan, cache, nxt, next_pos)
         elif compile:
             try:
                 step_fn = step_fn or compiled_step(model, cache, nxt[:, None], next_pos)
@@ -162,9 +163,10 @@ def stream(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_k:
 
 
 def fused_step(plan: fused.Plan, cache: KVCache, ids_BS: torch.Tensor, pos_BS: torch.Tensor) -> torch.Tensor:
-    """model(ids_BS, cache=cache, positions_BS=pos_BS, last_only=True) as one op (fused.step): logits [B, 1, V].
-    plan: fused.plan for B * S rows; S > 1 (a short prompt) must not wrap the cache (fused_prompt_fits)."""
-    S = ids_BS.shape[1]
+    """model(ids_BS, cache=cache, positions_BS=pos_BS, last_only=True)[:, -1] as one op (fused.step): logits [B, V].
+    ids [B, S] or [B] (one token a row); plan: fused.plan for B * S rows; S > 1 (a short prompt) must not wrap the
+    cache (fused_prompt_fits)."""
+    S = ids_BS.shape[1] if ids_BS.dim() == 2 else 1
     cache._check_room(S)
     logits = fused.step(plan, ids_BS.contiguous(), pos_BS.contiguous(), cache.k, cache.v, cache.pos,
                         cache.t % cache.slots)

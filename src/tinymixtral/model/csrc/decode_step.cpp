@@ -6,7 +6,8 @@
 // layer, each with its dispatch, allocation and (compiled) boxed call: 0.1-0.15 ms of a 0.4 ms int4 step here.
 //
 // decode_step(ids [B, S], pos [B, S], k, v [L, B, G, T, C] (written at slots slot .. slot + S - 1), cache_pos [B, T]
-// (pos written there), slot, plan) -> logits of each row's last token [B, 1, V] fp32. plan: a DecodePlan(weights,
+// (pos written there), slot, plan) -> logits of each row's last token [B, V] fp32. ids may be [B] (S = 1), and pos
+// any shape with B S elements. plan: a DecodePlan(weights,
 // meta, inv_freq [C/2], eps), made once per generation (a list of ~65 tensors converted at every call cost ~8 us).
 // S = 1 is a decode step; S > 1 a short prompt (B S <= 16 rows), its tokens written before attention reads the
 // cache, so it must not wrap (slot + S <= T) and each query sees the new keys its position allows.
@@ -113,9 +114,9 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& pos, at::Tensor&
   const int64_t D = meta[0], L = meta[1], H = meta[2], G = meta[3], C = meta[4], E = meta[5], K = meta[6],
                 W = meta[7];
   TORCH_CHECK(ids.scalar_type() == at::kLong && pos.scalar_type() == at::kLong && ids.is_contiguous() &&
-                  pos.is_contiguous() && ids.dim() == 2 && pos.sizes() == ids.sizes(),
-              "decode_step: ids and pos int64 [B, S]");
-  const int64_t B = ids.size(0), S = ids.size(1), N = B * S, T = k.size(3);
+                  pos.is_contiguous() && (ids.dim() == 1 || ids.dim() == 2) && pos.numel() == ids.numel(),
+              "decode_step: ids int64 [B, S] (or [B]: S = 1), pos int64 with as many");
+  const int64_t B = ids.size(0), S = ids.dim() == 2 ? ids.size(1) : 1, N = B * S, T = k.size(3);
   TORCH_CHECK(k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat && k.is_contiguous() &&
                   v.is_contiguous() && k.dim() == 5 && k.sizes() == v.sizes() && k.size(0) == L &&
                   k.size(1) == B && k.size(2) == G && k.size(4) == C,
@@ -250,8 +251,7 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& pos, at::Tensor&
   for (int64_t b = 0; b < B; ++b) std::copy_n(&x[(b * S + S - 1) * D], D, &last[b * D]);
   at::Tensor hl = at::empty({B, D}, opts);
   rms_norm(last.data(), final_norm, B, D, eps, hl.mutable_data_ptr<float>());
-  const at::Tensor logits = head(hl);
-  return logits.view({B, 1, logits.size(1)});
+  return head(hl);
 }
 
 }  // namespace
