@@ -4,6 +4,7 @@ and batch-1 decode through both."""
 from __future__ import annotations
 
 import contextlib
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -97,3 +98,28 @@ def test_decode_with_fast_paths_equals_full_forward():
             cache = KVCache.for_model(model, 1, 20)
             steps = [model(ids[:, :4], cache=cache)] + [model(ids[:, i:i + 1], cache=cache) for i in range(4, 20)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dropout_drops_at_rate_p_and_scales_the_rest(p, dtype):
+    """fast.dropout (16 random bits an element, four to a 64-bit draw): each of the four lanes of a draw drops at
+    rate p (a 3-sigma band), kept elements are x / (1 - p) as F.dropout scales them, and the gradient is the mask."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 77777, dtype=dtype, requires_grad=True)  # not a multiple of 4 elements
+    y = fast.dropout(x, p)
+    kept = y != 0
+    n = x.numel()
+    for lanes in (kept.flatten(), *(kept.flatten()[j::4] for j in range(4))):
+        band = 3 * math.sqrt(p * (1 - p) / lanes.numel())
+        assert abs((1 - lanes.float().mean().item()) - p) < band
+    scale = torch.tensor(1 / (1 - p)).to(dtype)
+    assert torch.equal(y[kept], x[kept] * scale) and n > kept.sum() > 0
+    g = torch.randn_like(x)
+    y.backward(g)
+    assert torch.equal(x.grad, g * kept * scale)
+    assert torch.equal(fast.dropout(x, 0.0), x)
+    torch.manual_seed(3)
+    a = fast.dropout(x, p)
+    torch.manual_seed(3)
+    assert torch.equal(a, fast.dropout(x, p))  # torch's generator: seeded runs repeat

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import seeded_ids, tiny_cfg, tiny_model
+from tinymixtral.model import fast
 from tinymixtral.model.attention import Attention, sliding_window_mask
 from tinymixtral.model.norm import RMSNorm
 from tinymixtral.model.rope import apply_rope, rope_cos_sin
@@ -54,11 +55,11 @@ def test_dropout_in_training_only(n_experts):
         torch.manual_seed(5)
         dropped = model(ids)
         torch.manual_seed(5)  # the reference: the same draws in the same order
-        x = F.dropout(model.embed(ids), 0.3)
+        x = fast.dropout(model.embed(ids), 0.3)
         cos, sin = rope_cos_sin(torch.arange(9), model.cfg.head_dim, model.cfg.rope_theta, x.dtype)
         for layer in model.layers:
-            x = x + F.dropout(layer.attn(layer.attn_norm(x), cos, sin, None), 0.3)
-            x = x + F.dropout(layer.ffn(layer.ffn_norm(x)), 0.3)
+            x = x + fast.dropout(layer.attn(layer.attn_norm(x), cos, sin, None), 0.3)
+            x = x + fast.dropout(layer.ffn(layer.ffn_norm(x)), 0.3)
         torch.testing.assert_close(dropped, model.lm_head(model.norm(x)), atol=0, rtol=0)
         assert not torch.allclose(dropped, plain)
         model.set_dropout(0.0)

@@ -167,3 +167,18 @@ def experts_gathered(experts, x_ND, weights_NK, experts_NK):
     gate, up = experts.expert_mm(x_MD, "w13", e_M).chunk(2, dim=-1)  # [N K, 2F]
     y_NKD = experts.expert_mm(F.silu(gate) * up, "w2", e_M).view(N, K, -1)
     return (y_NKD * weights_NK[..., None].to(x_ND.dtype)).sum(1)
+
+
+# ---- dropout ------------------------------------------------------------------------------------------
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """F.dropout(x, p) for training: each element zeroed with probability p, the rest scaled by 1 / (1 - p).
+
+    On a CPU the mask comes from 16 random bits an element, four to one 64-bit draw of torch's generator (so p is
+    rounded to a multiple of 1/65536): torch's own CPU dropout draws one number an element, ~6 ms for 16 x 256 x 256
+    here against ~2 ms this way, and a demo-size training step with dropout draws nine such masks (~10 % of it)."""
+    if x.device.type != "cpu" or not 0 < p < 1:
+        return F.dropout(x, p)
+    n = x.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, 2 ** 63 - 1).view(torch.int16)[:n]
+    keep = bits.view(x.shape) >= round(p * 65536) - 32768  # int16 uniform over [-32768, 32767]
+    return x * (keep * (1.0 / (1.0 - p))).to(x.dtype)

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import Attention, sliding_window_mask
-from .fast import Linear, linear
+from .fast import Linear, dropout, linear
 from .moe import FeedForward, MoE, Routing, load_balancing_loss, router_z_loss
 from .norm import RMSNorm
 from .rope import rope_cos_sin
@@ -31,7 +31,7 @@ class Block(nn.Module):
         return h_BSD + self._drop(self.ffn(self.ffn_norm(h_BSD)))
 
     def _drop(self, y):
-        return F.dropout(y, self.dropout) if self.training and self.dropout else y
+        return dropout(y, self.dropout) if self.training and self.dropout else y
 
 
 class TiedHead(nn.Module):
@@ -90,7 +90,7 @@ class Transformer(nn.Module):
         B, S = input_ids_BS.shape
         x_BSD = self.embed(input_ids_BS)
         if self.training and self.dropout:
-            x_BSD = F.dropout(x_BSD, self.dropout)
+            x_BSD = dropout(x_BSD, self.dropout)
         window = self.cfg.sliding_window
         if cache is None:
             positions = torch.arange(S, device=input_ids_BS.device)
