@@ -261,8 +261,8 @@ def search(recipes: list[dict], seeds: list[int], minutes: float, data: str, out
     keys = {run_key(r["name"], s, minutes, r.get("data", data), r): (r, s) for s in seeds for r in recipes}
     done = done_keys(read_results(out))
     todo = [rs for k, rs in keys.items() if k not in done]
-    if len(todo) < len(recipes) * len(seeds):
-        print(f"{out} already holds {len(recipes) * len(seeds) - len(todo)} of these runs: skipped", file=sys.stderr)
+    if len(todo) < len(keys):  # keys, not recipes x seeds: a seed given twice ("3,3") is one run
+        print(f"{out} already holds {len(keys) - len(todo)} of these runs: skipped", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="recipe_search.") as tmp:
         work = Path(keep) if keep else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
