@@ -87,6 +87,27 @@ def test_a_short_prompt_through_the_op_equals_the_modules(bits, rows):
     cache = KVCache.for_model(model, B, 16)
     cache.t = 7
     assert not generation.fused_prompt_fits(cache, B, S) and not generation.fused_prompt_fits(cache, 17, 1)
+    cache.t = 16  # wrapped twice: slot 0 again, but the prompt's keys would overwrite ones it still needs
+    assert not generation.fused_prompt_fits(cache, 1, 3)
+
+
+@torch.no_grad()
+def test_a_conversation_past_the_window_equals_the_module_path(monkeypatch):
+    """Turns of a chat on one rolling cache, the later ones after it has wrapped: the same tokens through the op as
+    through the modules (short prompts go through the op only while the cache has not wrapped)."""
+    model = _model(None)
+    turns = [[3, 9, 4], [7, 7, 1, 2], [5, 6]]
+    got = []
+    for on in (True, False):
+        monkeypatch.setattr(fused, "ENABLED", on)
+        cache, out = KVCache.for_model(model, 1, 64), []
+        for prompt in turns:
+            out.append([int(t) for t in generation.stream(model, [prompt], 6, cache=cache)])
+        got.append((out, cache))
+    (a, c1), (b, c2) = got
+    assert a == b and c1.t == c2.t > 2 * c1.slots and torch.equal(c1.pos, c2.pos)
+    torch.testing.assert_close(c1.k, c2.k, rtol=1e-5, atol=1e-5)  # the keys of every layer the turns left
+    torch.testing.assert_close(c1.v, c2.v, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_step_without_a_window_and_a_tied_head():

@@ -175,8 +175,10 @@ def fused_step(plan: fused.Plan, cache: KVCache, ids_BS: torch.Tensor, pos_BS: t
 
 
 def fused_prompt_fits(cache: KVCache, n_rows: int, S: int) -> bool:
-    """Whether a prompt of S tokens in n_rows rows can go through the fused op: few rows, and its slots do not wrap."""
-    return n_rows * S <= fast.FEW_ROWS and cache.t % cache.slots + S <= cache.slots
+    """Whether a prompt of S tokens in n_rows rows can go through the fused op: few rows, and a cache that has never
+    wrapped and will not (the op writes the new keys before attention reads them, as KVCache.plan does only then:
+    in a rolling buffer that has wrapped, a new token would overwrite a key an earlier one of the prompt still sees)."""
+    return n_rows * S <= fast.FEW_ROWS and cache.t + S <= cache.slots
 
 
 def auto_compile(model, max_new_tokens: int) -> bool:
