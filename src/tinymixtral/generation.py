@@ -164,8 +164,8 @@ def stream(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_k:
 
 def fused_step(plan: fused.Plan, cache: KVCache, ids_BS: torch.Tensor, pos_BS: torch.Tensor) -> torch.Tensor:
     """model(ids_BS, cache=cache, positions_BS=pos_BS, last_only=True)[:, -1] as one op (fused.step): logits [B, V].
-    ids [B, S] or [B] (one token a row); plan: fused.plan for B * S rows; S > 1 (a short prompt) must not wrap the
-    cache (fused_prompt_fits)."""
+    ids [B, S] or [B] (one token a row); plan: fused.plan for B * S rows; S > 1 (a short prompt) needs a cache that
+    has never wrapped (fused_prompt_fits)."""
     S = ids_BS.shape[1] if ids_BS.dim() == 2 else 1
     cache._check_room(S)
     logits = fused.step(plan, ids_BS.contiguous(), pos_BS.contiguous(), cache.k, cache.v, cache.pos,

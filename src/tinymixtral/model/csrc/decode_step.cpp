@@ -7,10 +7,12 @@
 //
 // decode_step(ids [B, S], pos [B, S], k, v [L, B, G, T, C] (written at slots slot .. slot + S - 1), cache_pos [B, T]
 // (pos written there), slot, plan) -> logits of each row's last token [B, V] fp32. ids may be [B] (S = 1), and pos
-// any shape with B S elements. plan: a DecodePlan(weights,
-// meta, inv_freq [C/2], eps), made once per generation (a list of ~65 tensors converted at every call cost ~8 us).
+// any shape with B S elements. plan: a DecodePlan(weights, meta, inv_freq [C/2], eps), made once per generation
+// (a list of ~65 tensors converted at every call cost ~8 us).
 // S = 1 is a decode step; S > 1 a short prompt (B S <= 16 rows), its tokens written before attention reads the
-// cache, so it must not wrap (slot + S <= T) and each query sees the new keys its position allows.
+// cache, so it must not wrap (slot + S <= T; the caller also keeps it to a cache that never wrapped, where no
+// new key overwrites one an earlier token of the prompt still sees) and each query sees the new keys its position
+// allows.
 // meta: D, L, H, G, C, E (0: dense FFN), top-k, window (0: none), then (kind, group size) of each product in the
 // order below. weights, in order: embedding [V, D], final norm [D], head; then per layer: attention norm, wqkv,
 // wo, FFN norm, (router [E, D], w13 stack, w2 stack) or (w13, w2). A product is one tensor of kind F32 (fp32
