@@ -12,7 +12,7 @@ import torch
 
 from conftest import GEN, mistral_tokenizer_file, tiny_model
 from tinymixtral import generate, save_model
-from tinymixtral.generation import chat_template, turn_ids
+from tinymixtral.instruct import chat_template, turn_ids
 from tinymixtral.tokenizer import load_tokenizer, train_bpe
 
 

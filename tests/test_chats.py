@@ -14,7 +14,7 @@ from tinymixtral import save_model
 from tinymixtral.chats import encode_conversation, eval_windows, train_starts
 from tinymixtral.data import IGNORE, get_batch, load_mask, load_split, prepare
 from tinymixtral.evaluate import evaluate, evaluated_tokens
-from tinymixtral.generation import chat_template, turn_ids
+from tinymixtral.instruct import chat_template, turn_ids
 from tinymixtral.tokenizer import load_tokenizer
 
 QA = [("What is the capital of Zorbia?", "Plimstad is the capital of Zorbia."),

@@ -12,7 +12,8 @@ from conftest import assert_one_line_error, call_cli, edit_config, make_docs, mi
 
 from tinymixtral import save_model
 from tinymixtral.bench_llama import NO_AMX_HINT, llama_cpp_runs_quantized
-from tinymixtral.generation import chat_template, generate, turn_ids
+from tinymixtral.generation import generate
+from tinymixtral.instruct import chat_template, turn_ids
 from tinymixtral.quantize import quantize_model
 from tinymixtral.tokenizer import load_tokenizer
 

@@ -8,7 +8,7 @@ import torch
 
 import tinymixtral.generation as gen_mod
 from conftest import GEN, assert_one_line_error, call_cli, run_cli, tiny_cfg, tiny_model
-from tinymixtral import TinyMixtralError, save_model
+from tinymixtral import TinyMixtralError, instruct, save_model
 from tinymixtral.generation import apply_repetition_penalty, generate, sample, stream
 
 @pytest.mark.parametrize("window", [6, None])
@@ -110,11 +110,11 @@ def test_bad_input():
 
 
 def test_chat_template():
-    assert gen_mod.chat_template("Hi", None) == "[INST] Hi [/INST]"
-    assert gen_mod.chat_template("Hi", "Be brief.") == "[INST] Be brief.\n\nHi [/INST]"
-    assert gen_mod.chat_template("Hi", "Be brief.", "v3") == "[INST]Be brief.\n\nHi[/INST]"
-    assert gen_mod.chat_template("Hi", "Be brief.", "v7") == "[SYSTEM_PROMPT]Be brief.[/SYSTEM_PROMPT][INST]Hi[/INST]"
-    assert gen_mod.chat_template("Hi", None, "v7") == "[INST]Hi[/INST]"
+    assert instruct.chat_template("Hi", None) == "[INST] Hi [/INST]"
+    assert instruct.chat_template("Hi", "Be brief.") == "[INST] Be brief.\n\nHi [/INST]"
+    assert instruct.chat_template("Hi", "Be brief.", "v3") == "[INST]Be brief.\n\nHi[/INST]"
+    assert instruct.chat_template("Hi", "Be brief.", "v7") == "[SYSTEM_PROMPT]Be brief.[/SYSTEM_PROMPT][INST]Hi[/INST]"
+    assert instruct.chat_template("Hi", None, "v7") == "[INST]Hi[/INST]"
 
 
 # ---- the command line ----------------------------------------------------------------------------

@@ -32,7 +32,6 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("pos", torch.full((batch, slots), -1, dtype=torch.long, device=device),
                              persistent=False)
-        self._n_slots = slots
 
     @classmethod
     def for_model(cls, model, batch: int, max_len: int) -> KVCache:
@@ -44,10 +43,10 @@ class KVCache(nn.Module):
 
     @property
     def slots(self) -> int:
-        return self._n_slots
+        return self.pos.shape[1]
 
     def __setattr__(self, name, value):
-        if name in ("t", "_n_slots"):  # plain ints, t set at every decode step: nn.Module's checks cost ~8 us a set
+        if name == "t":  # a plain int, set at every decode step: nn.Module's checks cost ~8 us a set
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)

@@ -2,7 +2,7 @@
 
 A conversation is a .jsonl line `{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}]}`:
 an optional system message first, then user and assistant turns alternating, the last one a reply. It is
-tokenized turn by turn by generation.turn_ids and reply_ids (Mistral's [INST] template in the tokenizer's
+tokenized turn by turn by instruct.turn_ids and reply_ids (Mistral's [INST] template in the tokenizer's
 instruct format, the one `generate --chat` and `chat` use): <s>[INST] ... [/INST] reply</s>[INST] ... [/INST] reply</s>.
 The mask is 1 on the tokens training learns to predict: each reply's tokens and its </s>; 0 on <s>, the
 prompts and the system text. Plain-text documents in the same data are trained on every token (mask 1).
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import TinyMixtralError
-from .generation import chat_segments, chat_turns, reply_ids, turn_ids
+from .instruct import chat_segments, chat_turns, reply_ids, turn_ids
 
 ROLES = ("system", "user", "assistant")
 

@@ -55,7 +55,7 @@ class Tokenizer:
 
     @property
     def instruct_format(self) -> str:
-        """Which of Mistral's instruct formats the vocabulary is made for (generation.chat_template renders them):
+        """Which of Mistral's instruct formats the vocabulary is made for (instruct.chat_template renders them):
         "v7" with [SYSTEM_PROMPT] control tokens, "v3" with [INST] / [/INST] control tokens (also the v2 files),
         else "v1" (Mixtral-8x7B's tokenizer and ours: the markers are plain text)."""
         if {"[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]"} <= self.control.keys():

@@ -1,4 +1,4 @@
-"""`tinymixtral chat`: an interactive multi-turn chat in Mistral's [INST] format (generation.turn_ids: text
+"""`tinymixtral chat`: an interactive multi-turn chat in Mistral's [INST] format (instruct.turn_ids: text
 markers for Mixtral-8x7B's tokenizer, control tokens for a tokenizer.model.v3 or .v7), one KV cache for the whole
 conversation (each turn prefills only its own new tokens), replies streamed as they come.
 
@@ -17,7 +17,8 @@ from ..build import pick_device
 from ..cache import KVCache
 from ..checkpoint import load_model
 from ..errors import TinyMixtralError
-from ..generation import check_sampling, printable, stream, system_in_turn, turn_ids
+from ..generation import check_sampling, printable, stream
+from ..instruct import system_in_turn, turn_ids
 from ..tokenizer import load_tokenizer
 from . import add_compile_option, add_load_options, load_options, seed
 

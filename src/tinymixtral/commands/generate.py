@@ -13,7 +13,8 @@ from ..checkpoint import load_model
 from . import add_compile_option, add_load_options, load_options, seed
 from ..config import ModelConfig
 from ..errors import TinyMixtralError
-from ..generation import chat_template, check_sampling, printable, stream, turn_ids
+from ..generation import check_sampling, printable, stream
+from ..instruct import chat_template, turn_ids
 from ..tokenizer import load_tokenizer
 
 

@@ -89,8 +89,6 @@ def plan(model, batch: int) -> Plan | None:
             weights.append(ffn.router.weight.detach())
             if not (_product(ex, "w13", rows, True, weights, meta) and _product(ex, "w2", rows, True, weights, meta)):
                 return None
-            if meta[-4] == F32 and not (meta[-2] == F32 and ex.w2.is_contiguous()):
-                return None  # experts_mv takes both fp32 stacks
         elif type(ffn) is FeedForward and _plain(ffn.w13) and _plain(ffn.w2):
             if not (_product(ffn.w13, "weight", batch, False, weights, meta)
                     and _product(ffn.w2, "weight", batch, False, weights, meta)):

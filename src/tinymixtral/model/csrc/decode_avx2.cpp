@@ -92,6 +92,10 @@ void attn_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   });
 }
 
+}  // namespace
+
+namespace tmx {  // ops.h: the registered ops, also called as plain C++ functions (decode_step.cpp)
+
 at::Tensor attn_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& allowed,
                        double scale) {
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "attn_decode: CPU tensors");
@@ -160,6 +164,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route(const at::Tensor& x, const 
   return {logits, weights, experts};
 }
 
+}  // namespace tmx
+
+namespace {
+
 // argmax(x [B, V] fp32) -> [B] int64: torch.argmax(x, -1) (the first maximum; the first NaN if there is one) in
 // two vector passes, where torch's CPU argmax compares one element at a time (70 us for 32,000 logits here).
 at::Tensor argmax(const at::Tensor& x) {
@@ -214,17 +222,7 @@ TORCH_LIBRARY_FRAGMENT(tinymixtral_gemv, m) {
 }
 
 TORCH_LIBRARY_IMPL(tinymixtral_gemv, CPU, m) {
-  m.impl("attn_decode", &attn_decode);
-  m.impl("route", &route);
+  m.impl("attn_decode", &tmx::attn_decode);
+  m.impl("route", &tmx::route);
   m.impl("argmax", &argmax);
 }
-
-namespace tmx {  // ops.h
-at::Tensor attn_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& allowed,
-                       double scale) {
-  return ::attn_decode(q, k, v, allowed, scale);
-}
-std::tuple<at::Tensor, at::Tensor, at::Tensor> route(const at::Tensor& x, const at::Tensor& w, int64_t top_k) {
-  return ::route(x, w, top_k);
-}
-}  // namespace tmx

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "ops.h"
+#include "woq_common.h"
 
 namespace {
 
@@ -103,8 +104,6 @@ void rope(float* x, const float* cs, const float* sn, int64_t C) {
     x[i + h] = b * cs[i] + a * sn[i];
   }
 }
-
-inline float silu(float g) { return g / (1.f + std::exp(-g)); }
 
 at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& pos, at::Tensor& k, at::Tensor& v,
                        at::Tensor& cache_pos, int64_t slot, const c10::intrusive_ptr<DecodePlan>& plan) {
@@ -221,7 +220,7 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& pos, at::Tensor&
         const float* g = gu.const_data_ptr<float>();
         float* a = act.mutable_data_ptr<float>();
         for (int64_t r = 0; r < N * K; ++r)
-          for (int64_t j = 0; j < F; ++j) a[r * F + j] = silu(g[r * 2 * F + j]) * g[r * 2 * F + F + j];
+          for (int64_t j = 0; j < F; ++j) a[r * F + j] = woq::silu(g[r * 2 * F + j]) * g[r * 2 * F + F + j];
         const at::Tensor z = w2(act, e_flat);
         const float* zp = z.const_data_ptr<float>();
         const float* wp = wts.const_data_ptr<float>();
@@ -242,7 +241,7 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& pos, at::Tensor&
       const float* g = gu.const_data_ptr<float>();
       float* a = act.mutable_data_ptr<float>();
       for (int64_t n = 0; n < N; ++n)
-        for (int64_t j = 0; j < F; ++j) a[n * F + j] = silu(g[n * 2 * F + j]) * g[n * 2 * F + F + j];
+        for (int64_t j = 0; j < F; ++j) a[n * F + j] = woq::silu(g[n * 2 * F + j]) * g[n * 2 * F + F + j];
       ffn = w2(act);
     }
     const float* fp = ffn.const_data_ptr<float>();

@@ -23,6 +23,7 @@ using woq::by_rows;
 using woq::hsum;
 using woq::load1;
 using woq::load8;
+using woq::silu;
 
 constexpr int64_t PF = 2048;  // prefetch this many bytes ahead in each row (into the next rows at its end)
 
@@ -109,6 +110,10 @@ void mv_impl(const float* x, int64_t M, const W* w, int64_t N, int64_t K, float*
   });
 }
 
+}  // namespace
+
+namespace tmx {  // ops.h: the registered ops, also called as plain C++ functions (decode_step.cpp)
+
 at::Tensor mv(const at::Tensor& x, const at::Tensor& w) {
   check_dtypes(x, w);
   TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1), "gemv: w must be [N, K] with K = x.size(1)");
@@ -122,7 +127,9 @@ at::Tensor mv(const at::Tensor& x, const at::Tensor& w) {
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
-inline float silu(float g) { return g / (1.f + std::exp(-g)); }
+}  // namespace tmx
+
+namespace {
 
 // The assignments a = n * K + k sorted by expert (stable), cut into runs of up to 4 of one expert: each run
 // reads its expert's weights once (a few tokens' prefill: ~4 tokens an expert; a decode step: one run each).
@@ -182,6 +189,10 @@ void experts_impl(const float* x, int64_t N, int64_t D, int64_t F, int64_t K, co
     }
 }
 
+}  // namespace
+
+namespace tmx {  // ops.h: the registered ops, also called as plain C++ functions (decode_step.cpp)
+
 at::Tensor experts_mv(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2, const at::Tensor& experts,
                       const at::Tensor& weights) {
   check_dtypes(x, w13);
@@ -210,7 +221,7 @@ at::Tensor experts_mv(const at::Tensor& x, const at::Tensor& w13, const at::Tens
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
-}  // namespace
+}  // namespace tmx
 
 TORCH_LIBRARY(tinymixtral_gemv, m) {
   m.def("mv(Tensor x, Tensor w) -> Tensor");
@@ -218,14 +229,6 @@ TORCH_LIBRARY(tinymixtral_gemv, m) {
 }
 
 TORCH_LIBRARY_IMPL(tinymixtral_gemv, CPU, m) {
-  m.impl("mv", &mv);
-  m.impl("experts_mv", &experts_mv);
+  m.impl("mv", &tmx::mv);
+  m.impl("experts_mv", &tmx::experts_mv);
 }
-
-namespace tmx {  // ops.h
-at::Tensor mv(const at::Tensor& x, const at::Tensor& w) { return ::mv(x, w); }
-at::Tensor experts_mv(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2, const at::Tensor& experts,
-                      const at::Tensor& weights) {
-  return ::experts_mv(x, w13, w2, experts, weights);
-}
-}  // namespace tmx

@@ -141,6 +141,10 @@ at::Tensor int4_mm_rows(const at::Tensor& x, const at::Tensor& w, const at::Tens
   });
 }
 
+}  // namespace
+
+namespace tmx {  // ops.h: the registered ops, also called as plain C++ functions (decode_step.cpp)
+
 at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                    const std::optional<at::Tensor>& experts) {
   const int64_t E = w.dim() == 3 ? w.size(0) : 1;
@@ -156,6 +160,10 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
     return int4_mm_rows(xs, w, scales, zeros, group_size, es);
   });
 }
+
+}  // namespace tmx
+
+namespace {
 
 // dequant(weight, scales, zeros, group_size, bf16) -> [.., N, K] fp32 or bf16: the weights themselves (int8:
 // q s; int4, zeros given: (q - 8) s + z), for a long prefill's one matmul. Row by row on all threads.
@@ -233,18 +241,7 @@ TORCH_LIBRARY(tinymixtral_avx2, m) {
 }
 
 TORCH_LIBRARY_IMPL(tinymixtral_avx2, CPU, m) {
-  m.impl("int8_mm", &int8_mm);
-  m.impl("int4_mm", &int4_mm);
+  m.impl("int8_mm", &tmx::int8_mm);
+  m.impl("int4_mm", &tmx::int4_mm);
   m.impl("dequant", &dequant);
 }
-
-namespace tmx {  // ops.h
-at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
-                   const std::optional<at::Tensor>& experts) {
-  return ::int8_mm(x, w, scales, experts);
-}
-at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
-                   int64_t group_size, const std::optional<at::Tensor>& experts) {
-  return ::int4_mm(x, w, scales, zeros, group_size, experts);
-}
-}  // namespace tmx

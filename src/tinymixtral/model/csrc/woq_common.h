@@ -11,6 +11,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -54,6 +55,8 @@ inline void hsums(const __m256 (&v)[NR], const float* add, float* y) {
 }
 
 // fp32 or bf16 values as fp32 (bf16 -> fp32 is a 16-bit shift): weights, int4 scales and zeros read as stored.
+inline float silu(float g) { return g / (1.f + std::exp(-g)); }
+
 inline float load1(const float* p) { return *p; }
 inline float load1(const c10::BFloat16* p) { return static_cast<float>(*p); }
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }

@@ -330,6 +330,10 @@ at::Tensor int4_q8_mm_rows(const at::Tensor& x, const at::Tensor& w, const at::T
   });
 }
 
+}  // namespace
+
+namespace tmx {  // ops.h: the registered ops, also called as plain C++ functions (decode_step.cpp)
+
 at::Tensor int8_q8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                       const std::optional<at::Tensor>& experts) {
   const int64_t E = w.dim() == 3 ? w.size(0) : 1;
@@ -346,7 +350,7 @@ at::Tensor int4_q8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   });
 }
 
-}  // namespace
+}  // namespace tmx
 
 // Turns the 512-bit int4 steps on or off (tests compare them with the 256-bit ones); true if this build has them.
 bool set_int4_512(bool on) {
@@ -365,17 +369,6 @@ TORCH_LIBRARY_FRAGMENT(tinymixtral_avx2, m) {
 }
 
 TORCH_LIBRARY_IMPL(tinymixtral_avx2, CPU, m) {
-  m.impl("int8_q8_mm", &int8_q8_mm);
-  m.impl("int4_q8_mm", &int4_q8_mm);
+  m.impl("int8_q8_mm", &tmx::int8_q8_mm);
+  m.impl("int4_q8_mm", &tmx::int4_q8_mm);
 }
-
-namespace tmx {  // ops.h
-at::Tensor int8_q8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
-                      const std::optional<at::Tensor>& experts) {
-  return ::int8_q8_mm(x, w, scales, experts);
-}
-at::Tensor int4_q8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
-                      int64_t group_size, const std::optional<at::Tensor>& experts) {
-  return ::int4_q8_mm(x, w, scales, zeros, group_size, experts);
-}
-}  // namespace tmx
