@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not gemv.ready(), reason="no AVX2 + FMA, or the 
 def _model(bits, **kw):
     """bits None, 8 or 4. int8 takes both of its kernels: int8 activations for inputs of 32, exact ones for 48
     (not a multiple of 32); int4 (d_ff 64, groups of 32) int8 activations throughout."""
-    model = tiny_model(DECODE, std=0.3, vary_norms=True, **({"d_ff": 64} if bits == 4 else {}), **kw)
+    model = tiny_model(DECODE, std=0.3, vary_norms=True, **{**({"d_ff": 64} if bits == 4 else {}), **kw})
     return quantize_model(model, bits).eval() if bits else model
 
 
@@ -146,3 +146,25 @@ def test_the_op_refuses_operands_that_do_not_match():
         fused_step(bad, cache, torch.tensor([[1]]), torch.tensor([[0]]))
     with pytest.raises(RuntimeError, match="decode_step"):
         fused_step(plan, cache, torch.tensor([[10_000]]), torch.tensor([[0]]))  # a token id past the vocabulary
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_one_team_for_the_step_equals_a_region_per_product(bits):
+    """With 2 threads the op hands the products of a step to one team of threads (csrc/team.h) instead of opening
+    an OpenMP region for each: each output row is computed by the same code whichever thread takes it, so the
+    logits and the cache are the same, bit for bit. Shapes large enough that the products split."""
+    model = _model(bits, d_model=128, d_ff=256, vocab_size=1024)
+    ops, threads = torch.ops.tinymixtral_gemv, torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        before = ops.team_shares()
+        team, c1 = _steps(model, [[5, 9, 2], [7, 1, 3]], 10, True)
+        assert ops.team_shares() > before  # the workers took shares
+        was = ops.set_team(False)
+        try:
+            regions, c2 = _steps(model, [[5, 9, 2], [7, 1, 3]], 10, True)
+        finally:
+            ops.set_team(was)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(team, regions) and torch.equal(c1.k, c2.k) and torch.equal(c1.v, c2.v)

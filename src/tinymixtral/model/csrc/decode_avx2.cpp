@@ -47,6 +47,21 @@ inline void axpy(float a, const T* x, float* y, int64_t n) {  // y += a x
   for (; i < n; ++i) y[i] += a * load1(x + i);
 }
 
+// s[j] = e^(s[j] - mx) for j < n; returns their sum
+inline float exp_sum(float* s, int64_t n, float mx) {
+  const __m256 m = _mm256_set1_ps(mx);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 p = woq::exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), m));
+    _mm256_storeu_ps(s + j, p);
+    acc = _mm256_add_ps(acc, p);
+  }
+  float sum = hsum(acc);
+  for (; j < n; ++j) sum += (s[j] = std::exp(s[j] - mx));
+  return sum;
+}
+
 inline void store(float v, float* p) { *p = v; }
 inline void store(float v, c10::BFloat16* p) { *p = c10::BFloat16(v); }
 
@@ -69,7 +84,7 @@ void attn_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   // threads only for ~256 KB of keys and values a task: a short context's heads cost less than waking the pool
   const int64_t bytes = 2 * C * int64_t(sizeof(T)) * int64_t(keys.size());  // all rows' visible keys and values
   const int64_t per_head = std::max<int64_t>(1, bytes / std::max<int64_t>(1, B));
-  at::parallel_for(0, B * H, std::max<int64_t>(1, (256 << 10) / per_head), [&](int64_t i0, int64_t i1) {
+  woq::parallel_for(0, B * H, std::max<int64_t>(1, (256 << 10) / per_head), [&](int64_t i0, int64_t i1) {
     std::vector<float> s(T_), qf(C), acc(C);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, h = i % H, g = h / (H / G);
@@ -80,12 +95,8 @@ void attn_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
       float mx = -std::numeric_limits<float>::infinity();
       for (int64_t j = j0; j < j1; ++j) mx = std::max(mx, s[j - j0] = dot(qf.data(), kbg + keys[j] * kt, C));
       std::fill(acc.begin(), acc.end(), 0.f);
-      float sum = 0.f;
-      for (int64_t j = j0; j < j1; ++j) {
-        const float p = std::exp(s[j - j0] - mx);
-        sum += p;
-        axpy(p, vbg + keys[j] * vt, acc.data(), C);
-      }
+      const float sum = exp_sum(s.data(), j1 - j0, mx);
+      for (int64_t j = j0; j < j1; ++j) axpy(s[j - j0], vbg + keys[j] * vt, acc.data(), C);
       const float inv = sum > 0.f ? 1.f / sum : 0.f;  // no key at all: zeros (never so for a planned step)
       for (int64_t c = 0; c < C; ++c) store(acc[c] * inv, yp + i * C + c);
     }

@@ -105,12 +105,12 @@ void rope(float* x, const float* cs, const float* sn, int64_t C) {
   }
 }
 
-at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& pos, at::Tensor& k, at::Tensor& v,
-                       at::Tensor& cache_pos, int64_t slot, const c10::intrusive_ptr<DecodePlan>& plan) {
-  const at::TensorList weights(plan->weights);
-  const at::IntArrayRef meta(plan->meta);
-  const at::Tensor& inv_freq = plan->inv_freq;
-  const double eps = plan->eps;
+at::Tensor step(const at::Tensor& ids, const at::Tensor& pos, at::Tensor& k, at::Tensor& v, at::Tensor& cache_pos,
+                int64_t slot, const DecodePlan& plan) {
+  const at::TensorList weights(plan.weights);
+  const at::IntArrayRef meta(plan.meta);
+  const at::Tensor& inv_freq = plan.inv_freq;
+  const double eps = plan.eps;
   TORCH_CHECK(meta.size() >= 8, "decode_step: meta needs the 8 shapes");
   const int64_t D = meta[0], L = meta[1], H = meta[2], G = meta[3], C = meta[4], E = meta[5], K = meta[6],
                 W = meta[7];
@@ -219,8 +219,7 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& pos, at::Tensor&
         at::Tensor act = at::empty({N * K, F}, opts);
         const float* g = gu.const_data_ptr<float>();
         float* a = act.mutable_data_ptr<float>();
-        for (int64_t r = 0; r < N * K; ++r)
-          for (int64_t j = 0; j < F; ++j) a[r * F + j] = woq::silu(g[r * 2 * F + j]) * g[r * 2 * F + F + j];
+        for (int64_t r = 0; r < N * K; ++r) woq::swiglu(g + r * 2 * F, g + r * 2 * F + F, a + r * F, F);
         const at::Tensor z = w2(act, e_flat);
         const float* zp = z.const_data_ptr<float>();
         const float* wp = wts.const_data_ptr<float>();
@@ -240,8 +239,7 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& pos, at::Tensor&
       at::Tensor act = at::empty({N, F}, opts);
       const float* g = gu.const_data_ptr<float>();
       float* a = act.mutable_data_ptr<float>();
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t j = 0; j < F; ++j) a[n * F + j] = woq::silu(g[n * 2 * F + j]) * g[n * 2 * F + F + j];
+      for (int64_t n = 0; n < N; ++n) woq::swiglu(g + n * 2 * F, g + n * 2 * F + F, a + n * F, F);
       ffn = w2(act);
     }
     const float* fp = ffn.const_data_ptr<float>();
@@ -255,10 +253,29 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& pos, at::Tensor&
   return head(hl);
 }
 
+bool TEAM = true;  // set_team(false): a region per product, as the ops outside the step (tests compare the two)
+
+// the step with one team of threads for all its products (team.h)
+at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& pos, at::Tensor& k, at::Tensor& v,
+                       at::Tensor& cache_pos, int64_t slot, const c10::intrusive_ptr<DecodePlan>& plan) {
+  if (!TEAM) return step(ids, pos, k, v, cache_pos, slot, *plan);
+  return woq::with_team([&] { return step(ids, pos, k, v, cache_pos, slot, *plan); });
+}
+
+bool set_team(bool on) {
+  const bool was = TEAM;
+  TEAM = on;
+  return was;
+}
+
+int64_t team_shares() { return woq::shares_handed.load(); }
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tinymixtral_gemv, m) {
   m.class_<DecodePlan>("DecodePlan").def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, at::Tensor, double>());
+  m.def("set_team(bool on) -> bool", &set_team);
+  m.def("team_shares() -> int", &team_shares);
   m.def(
       "decode_step(Tensor ids, Tensor pos, Tensor(a!) k, Tensor(b!) v, Tensor(c!) cache_pos, int slot, "
       "__torch__.torch.classes.tinymixtral_gemv.DecodePlan plan) -> Tensor");

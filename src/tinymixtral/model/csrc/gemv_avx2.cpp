@@ -2,8 +2,8 @@
 //
 // mv(x [M, K], w [N, K]) -> y [M, N] = x @ w^T: each weight row is read once for all M rows of x (up to
 // 4 at a time): for one row of x one weight row at a time (two FMA chains), for more 4 or 2 rows per inner
-// iteration; all threads over blocks of output rows (torch's pool, at::parallel_for; a small weight stays on
-// one thread).
+// iteration; all threads over blocks of output rows (woq::parallel_for: torch's pool, or the fused step's team;
+// a small weight stays on one thread).
 // experts_mv(x [N, D], w13 [E, 2F, D], w2 [E, D, F], experts [N, K], weights [N, K]) -> y [N, D]: the
 // whole SwiGLU expert sum of a few tokens, Σ_k weights[n,k] * w2_e (silu(w1_e x) * w3_e x) with
 // e = experts[n,k] (w1 the first F rows of w13, w3 the last F), in two parallel passes; only the chosen
@@ -104,7 +104,7 @@ void check_dtypes(const at::Tensor& x, const at::Tensor& w) {
 template <typename W>
 void mv_impl(const float* x, int64_t M, const W* w, int64_t N, int64_t K, float* y) {
   const int64_t blocks = (N + BLOCK - 1) / BLOCK;
-  at::parallel_for(0, blocks, grain(K * sizeof(W)), [&](int64_t b0, int64_t b1) {
+  woq::parallel_for(0, blocks, grain(K * sizeof(W)), [&](int64_t b0, int64_t b1) {
     for (int64_t m = 0; m < M; m += 4)
       rows_m(std::min<int64_t>(4, M - m), x + m * K, K, w, K, b0 * BLOCK, std::min(N, b1 * BLOCK), y + m * N, N);
   });
@@ -148,7 +148,7 @@ void experts_impl(const float* x, int64_t N, int64_t D, int64_t F, int64_t K, co
   for (int64_t i = 0; i < A; ++i) std::copy(x + runs.order[i] / K * D, x + (runs.order[i] / K + 1) * D, &xs[i * D]);
   // pass 1: h[i, :] = silu(w1_e x) * w3_e x, over (run, block of F rows)
   const int64_t fb = (F + BLOCK - 1) / BLOCK;
-  at::parallel_for(0, runs.size() * fb, grain(2 * D * sizeof(W)), [&](int64_t b0, int64_t b1) {
+  woq::parallel_for(0, runs.size() * fb, grain(2 * D * sizeof(W)), [&](int64_t b0, int64_t b1) {
     float g[4 * BLOCK], u[4 * BLOCK];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t c = b / fb, i0 = runs.first[c], mb = runs.first[c + 1] - i0;
@@ -171,7 +171,7 @@ void experts_impl(const float* x, int64_t N, int64_t D, int64_t F, int64_t K, co
   });
   // pass 2: z[i, d] = w2_e[d] . h[i], over (run, block of D rows)
   const int64_t db = (D + BLOCK - 1) / BLOCK;
-  at::parallel_for(0, runs.size() * db, grain(F * sizeof(W)), [&](int64_t b0, int64_t b1) {
+  woq::parallel_for(0, runs.size() * db, grain(F * sizeof(W)), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t c = b / db, i0 = runs.first[c], mb = runs.first[c + 1] - i0;
       const int64_t d0 = (b % db) * BLOCK, d1 = std::min(D, d0 + BLOCK);

@@ -7,7 +7,7 @@
 //       x is split once per call into its even and odd columns, so one byte-to-int32 widening of 8
 //       bytes gives 16 weights: low nibbles (& 15) against x_even, high nibbles (>> 4) against x_odd.
 // With `experts` [M] the weights are stacks [E, ...] and row m of x is multiplied by expert experts[m].
-// Threads: torch's own pool (at::parallel_for), over blocks of output rows.
+// Threads: torch's own pool, or the fused step's team (woq::parallel_for, team.h), over blocks of output rows.
 #include <torch/library.h>
 
 #include "ops.h"
@@ -183,7 +183,7 @@ at::Tensor dequant_as(const at::Tensor& w, const at::Tensor& scales, const std::
                 "dequant: int8 weight [.., N, K] and fp32 scales [.., N]");
     const int8_t* wp = w.const_data_ptr<int8_t>();
     const float* sp = scales.const_data_ptr<float>();
-    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    woq::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r)
         for (int64_t k = 0; k < K; ++k) put(float(wp[r * K + k]) * sp[r], op + r * K + k);
     });
@@ -194,7 +194,7 @@ at::Tensor dequant_as(const at::Tensor& w, const at::Tensor& scales, const std::
   const int64_t G = K / gs;
   const uint8_t* wp = w.const_data_ptr<uint8_t>();
   with_scales(scales, *zeros, rows * G, [&](const auto* sp, const auto* zp) {
-    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    woq::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
       std::vector<float> row(K);
       const __m128i low = _mm_set1_epi8(15);
       for (int64_t r = r0; r < r1; ++r) {

@@ -16,6 +16,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "team.h"
+
 namespace woq {
 
 constexpr int R = 8;  // output rows per parallel task unit; tiles below take NR <= R of them at a time
@@ -54,8 +56,41 @@ inline void hsums(const __m256 (&v)[NR], const float* add, float* y) {
   for (; r < NR; ++r) y[r] = hsum(v[r]) + add[r];
 }
 
-// fp32 or bf16 values as fp32 (bf16 -> fp32 is a 16-bit shift): weights, int4 scales and zeros read as stored.
 inline float silu(float g) { return g / (1.f + std::exp(-g)); }
+
+// e^x for 8 floats, Cephes' expf: x = n ln 2 + r (ln 2 in two parts), e^r by a degree-7 polynomial, times 2^n
+// through the exponent bits. Within 2 ulp of std::exp; x < -87.3 gives 0 (no subnormals), x > 88.4 +inf.
+inline __m256 exp8(__m256 x) {
+  const __m256 big = _mm256_set1_ps(88.3762626647949f), tiny = _mm256_set1_ps(-87.3365447504f);
+  const __m256 over = _mm256_cmp_ps(x, big, _CMP_GT_OQ), under = _mm256_cmp_ps(x, tiny, _CMP_LT_OQ);
+  x = _mm256_max_ps(_mm256_min_ps(x, big), tiny);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+  y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), over);
+  return _mm256_andnot_ps(under, y);
+}
+
+// y[j] = silu(g[j]) u[j], j < n: SwiGLU's gate times up
+inline void swiglu(const float* g, const float* u, float* y, int64_t n) {
+  const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + j);
+    const __m256 s = _mm256_div_ps(gv, _mm256_add_ps(one, exp8(_mm256_xor_ps(gv, sign))));
+    _mm256_storeu_ps(y + j, _mm256_mul_ps(s, _mm256_loadu_ps(u + j)));
+  }
+  for (; j < n; ++j) y[j] = silu(g[j]) * u[j];
+}
+
+// fp32 or bf16 values as fp32 (bf16 -> fp32 is a 16-bit shift): weights, int4 scales and zeros read as stored.
 
 inline float load1(const float* p) { return *p; }
 inline float load1(const c10::BFloat16* p) { return static_cast<float>(*p); }
@@ -141,14 +176,14 @@ at::Tensor run(const at::Tensor& x, int64_t N, int64_t row_bytes, const std::opt
     const int64_t* e = experts->const_data_ptr<int64_t>();
     const std::vector<int64_t> first = runs_of_four(e, nullptr, M);  // rows first[c] .. first[c + 1] - 1
     const int64_t runs = static_cast<int64_t>(first.size()) - 1;
-    at::parallel_for(0, runs * blocks, grain, [&](int64_t b0, int64_t b1) {
+    woq::parallel_for(0, runs * blocks, grain, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t c = b / blocks, m = first[c], n0 = (b % blocks) * R;
         rows(first[c + 1] - m, m, e[m], n0, std::min(N, n0 + R), yp + m * N);
       }
     });
   } else {
-    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    woq::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
       for (int64_t m = 0; m < M; m += 4) rows(std::min<int64_t>(4, M - m), m, 0, b0 * R, std::min(N, b1 * R), yp + m * N);
     });
   }

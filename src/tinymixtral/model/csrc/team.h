@@ -1,0 +1,116 @@
+// One parallel region for a whole fused decode step, the way llama.cpp keeps its threads for a graph: every
+// product of the step is split over the same threads, handed out through two atomics instead of a new OpenMP
+// region each (at::parallel_for measured ~4 us a region over the ideal, 2 threads; a step has ~10 of them
+// against ~0.3 ms of work on benchmarks/configs/b.json).
+//
+// with_team(body) runs body on this thread while the others wait, spinning, for work; inside it,
+// woq::parallel_for gives each thread one contiguous share of the range and returns when all are done. Outside
+// with_team (or with one thread) woq::parallel_for is at::parallel_for.
+#pragma once
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <omp.h>
+
+#include <atomic>
+#include <exception>
+
+namespace woq {
+
+inline std::atomic<int64_t> shares_handed{0};  // shares the workers took, all teams (tests: the team is used)
+
+struct Team {
+  int n = 1;  // threads, set by thread 0 before the first job
+  void (*fn)(const void*, int64_t, int64_t) = nullptr;
+  const void* ctx = nullptr;
+  int64_t begin = 0, end = 0;
+  int chunks = 1;
+  alignas(64) std::atomic<uint32_t> epoch{0};  // a new job each time it moves
+  alignas(64) std::atomic<int> pending{0};     // workers still on the current job
+  alignas(64) std::atomic<bool> stop{false};
+
+  void share(int i, int64_t* b0, int64_t* b1) const {
+    *b0 = begin + (end - begin) * i / chunks;
+    *b1 = begin + (end - begin) * (i + 1) / chunks;
+  }
+
+  // a worker (tid >= 1): each job's share tid, until stop
+  void serve(int tid) {
+    uint32_t seen = 0;
+    for (;;) {
+      uint32_t e;
+      while ((e = epoch.load(std::memory_order_acquire)) == seen) {
+        if (stop.load(std::memory_order_acquire)) return;
+        _mm_pause();
+      }
+      seen = e;
+      if (tid < chunks) {
+        int64_t b0, b1;
+        share(tid, &b0, &b1);
+        fn(ctx, b0, b1);  // kernel loops: no exceptions (their checks run before the split)
+      }
+      pending.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  }
+
+  template <typename F>
+  void run(int64_t b, int64_t e, int64_t grain, const F& f) {
+    grain = std::max<int64_t>(1, grain / 4);  // a share costs ~0.2 us here, not a region's ~4: smaller ones pay
+    const int64_t range = e - b;
+    const int64_t c = std::min<int64_t>(n, (range + grain - 1) / std::max<int64_t>(1, grain));
+    if (c <= 1) {
+      if (range > 0) f(b, e);
+      return;
+    }
+    fn = [](const void* p, int64_t b0, int64_t b1) { (*static_cast<const F*>(p))(b0, b1); };
+    ctx = &f;
+    begin = b, end = e, chunks = int(c);
+    shares_handed.fetch_add(c - 1, std::memory_order_relaxed);
+    pending.store(n - 1, std::memory_order_relaxed);
+    epoch.fetch_add(1, std::memory_order_release);
+    int64_t b0, b1;
+    share(0, &b0, &b1);
+    f(b0, b1);
+    while (pending.load(std::memory_order_acquire) != 0) _mm_pause();
+  }
+};
+
+inline thread_local Team* current_team = nullptr;
+
+// f(b0, b1) over [begin, end) in shares of at least `grain`: over the team inside with_team, else torch's pool.
+template <typename F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  if (Team* t = current_team) return t->run(begin, end, grain, f);
+  at::parallel_for(begin, end, grain, f);
+}
+
+// body() with this thread's team of at::get_num_threads() threads; just body() where that is one or where this
+// already runs inside a parallel region.
+template <typename Body>
+auto with_team(Body body) -> decltype(body()) {
+  const int nt = at::get_num_threads();
+  if (nt <= 1 || omp_in_parallel() || current_team) return body();
+  Team team;
+  decltype(body()) out;
+  std::exception_ptr err;
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = omp_get_thread_num();
+    if (tid == 0) {
+      team.n = omp_get_num_threads();
+      current_team = &team;
+      try {
+        out = body();
+      } catch (...) {
+        err = std::current_exception();
+      }
+      current_team = nullptr;
+      team.stop.store(true, std::memory_order_release);
+    } else {
+      team.serve(tid);
+    }
+  }
+  if (err) std::rethrow_exception(err);
+  return out;
+}
+
+}  // namespace woq
