@@ -200,6 +200,16 @@ inline std::vector<int64_t> expert_order(const int64_t* e, int64_t M) {
   return repeats_apart ? order : std::vector<int64_t>{};
 }
 
+// Whether each expert's rows already lie together: no run of one expert starts after another of its runs. O(M^2),
+// for a few rows.
+inline bool grouped(const int64_t* e, int64_t M) {
+  for (int64_t i = 1; i < M; ++i)
+    if (e[i] != e[i - 1])
+      for (int64_t j = 0; j + 1 < i; ++j)
+        if (e[j] == e[i]) return false;
+  return true;
+}
+
 // f(x, experts) -> y [M, N] with the rows of one expert next to each other, so that `run` reads each expert's
 // weight once for up to 4 of its rows (a few tokens' prefill: ~4 rows an expert) instead of once a row. Checks
 // the expert ids against the stack's E; y's rows come back in x's order.
@@ -212,6 +222,7 @@ at::Tensor by_expert(const at::Tensor& x, const std::optional<at::Tensor>& exper
   const int64_t* e = ex.const_data_ptr<int64_t>();
   const int64_t M = ex.size(0);
   for (int64_t m = 0; m < M; ++m) TORCH_CHECK(e[m] >= 0 && e[m] < E, "woq kernels: expert id out of range");
+  if (M <= 64 && grouped(e, M)) return f(x, std::optional<at::Tensor>(ex));  // a decode step: no sort, no copy
   const std::vector<int64_t> order = expert_order(e, M);
   if (order.empty()) return f(x, std::optional<at::Tensor>(ex));
   at::Tensor perm = at::empty({M}, ex.options());

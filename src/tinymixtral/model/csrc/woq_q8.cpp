@@ -58,27 +58,45 @@ inline void quant_block(const float* x, int8_t* q, float* d, float* dsum) {
   *dsum = dd * float(_mm_cvtsi128_si32(s));
 }
 
+// This thread's scratch of n T's, reused from call to call (a call's activations live until it returns, and no
+// kernel runs inside another on one thread): no allocation a call.
+template <typename T, int Slot>
+T* scratch(int64_t n) {
+  static thread_local std::vector<T> buf;
+  if (int64_t(buf.size()) < n) buf.resize(n);
+  return buf.data();
+}
+
 // One call's activations: q [M, Kp] (Kp = K padded with zeros to `pad`), d and d * Σ q [M, nb] per block.
 struct Q8 {
   int64_t Kp, nb;
-  std::vector<int8_t> q;
-  std::vector<float> d, dsum;
+  int8_t* q;
+  float *d, *dsum;
 
   Q8(const at::Tensor& x, int64_t pad) {
     const int64_t M = x.size(0), K = x.size(1);
     Kp = (K + pad - 1) / pad * pad;
     nb = Kp / 32;
-    q.assign(M * Kp, 0);
-    d.assign(M * nb, 0.f);
-    dsum.assign(M * nb, 0.f);
-    const std::vector<float> xf = to_float(x, false, K);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t b = 0; b * 32 < K; ++b) {
-        float tail[32] = {0};
-        const float* src = xf.data() + m * K + b * 32;
-        if (K - b * 32 < 32) std::copy(src, xf.data() + (m + 1) * K, tail);
-        quant_block(K - b * 32 < 32 ? tail : src, q.data() + m * Kp + b * 32, &d[m * nb + b], &dsum[m * nb + b]);
+    q = scratch<int8_t, 0>(M * Kp);
+    d = scratch<float, 1>(2 * M * nb);
+    dsum = d + M * nb;
+    const bool f32 = x.scalar_type() == at::kFloat;  // read in place; other dtypes converted once
+    std::vector<float> xf;
+    if (!f32) xf = to_float(x, false, K);
+    for (int64_t m = 0; m < M; ++m) {
+      const float* row = f32 ? x.const_data_ptr<float>() + m * x.stride(0) : xf.data() + m * K;
+      int8_t* qm = q + m * Kp;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t c = b * 32;
+        if (K - c >= 32) {
+          quant_block(row + c, qm + c, &d[m * nb + b], &dsum[m * nb + b]);
+        } else {  // the last columns, and blocks of padding: zeros past K
+          float tail[32] = {0};
+          std::copy(row + std::min(c, K), row + K, tail);
+          quant_block(tail, qm + c, &d[m * nb + b], &dsum[m * nb + b]);
+        }
       }
+    }
   }
 };
 
@@ -89,8 +107,8 @@ void i8_tile(const Q8& a, int64_t m0, const int8_t* w, int64_t K, const float* s
   __m256 acc[MB][NR];
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
-  const int8_t* xq = a.q.data() + m0 * a.Kp;
-  const float* xd = a.d.data() + m0 * a.nb;
+  const int8_t* xq = a.q + m0 * a.Kp;
+  const float* xd = a.d + m0 * a.nb;
   for (int64_t b = 0; b < K / 32; ++b) {
     for (int r = 0; r < NR; ++r) {
       if (b % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + (NR + r) * K + b * 32), _MM_HINT_T0);
@@ -125,21 +143,27 @@ void i8_rows(const Q8& a, int64_t m0, const int8_t* w, int64_t K, const float* s
 // xg [M, G]: the sum of x_hat over each group.
 struct Q4Act {
   Q8 a;
-  std::vector<float> dd, xg;
+  float *dd, *xg;
   int64_t np, G;
 
   Q4Act(const at::Tensor& x, int64_t group_size) : a(x, 64) {
     const int64_t M = x.size(0), K = x.size(1);
     np = a.Kp / 64;
     G = K / group_size;
-    dd.resize(M * np * 8);
-    xg.assign(M * G, 0.f);
-    int8_t tmp[64];
+    dd = scratch<float, 2>(M * np * 8 + M * G);
+    xg = dd + M * np * 8;
+    std::fill(xg, xg + M * G, 0.f);
+    // 64 bytes -> [the even ones | the odd ones]: bytes to evens then odds within each 128-bit lane, then the 64-bit
+    // quarters of the two halves' lanes put in order
+    const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                           0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
     for (int64_t m = 0; m < M; ++m) {
       for (int64_t p = 0; p < np; ++p) {
-        int8_t* q = a.q.data() + m * a.Kp + p * 64;
-        for (int i = 0; i < 32; ++i) tmp[i] = q[2 * i], tmp[32 + i] = q[2 * i + 1];
-        std::copy(tmp, tmp + 64, q);
+        int8_t* q = a.q + m * a.Kp + p * 64;
+        const __m256i lo = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)q), split);
+        const __m256i hi = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(q + 32)), split);
+        _mm256_storeu_si256((__m256i*)q, _mm256_permute4x64_epi64(_mm256_unpacklo_epi64(lo, hi), 0xd8));
+        _mm256_storeu_si256((__m256i*)(q + 32), _mm256_permute4x64_epi64(_mm256_unpackhi_epi64(lo, hi), 0xd8));
         for (int i = 0; i < 8; ++i) dd[(m * np + p) * 8 + i] = a.d[m * a.nb + 2 * p + i / 4];
       }
       for (int64_t b = 0; b * 32 < K; ++b) xg[m * G + b * 32 / group_size] += a.dsum[m * a.nb + b];
@@ -182,8 +206,8 @@ int64_t i4_tile512(const Q4Act& x, int64_t m0, const uint8_t* w, int64_t K, cons
   __m512 acc[MB][NR];
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
-  const int8_t* xq = x.a.q.data() + m0 * Kp;
-  const float* xdd = x.dd.data() + m0 * x.np * 8;
+  const int8_t* xq = x.a.q + m0 * Kp;
+  const float* xdd = x.dd + m0 * x.np * 8;
   // groups of 32 or 64: a step's 4 blocks take groups g0 + [0, 1, 2, 3] or g0 + [0, 0, 1, 1], one load and one permute
   const __m512i spread = gs == 32 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
                                   : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
@@ -232,8 +256,8 @@ void i4_tile(const Q4Act& x, int64_t m0, const uint8_t* w, int64_t K, const S* s
   __m256 acc[MB][NR];
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
-  const int8_t* xq = x.a.q.data() + m0 * Kp;
-  const float* xdd = x.dd.data() + m0 * x.np * 8;
+  const int8_t* xq = x.a.q + m0 * Kp;
+  const float* xdd = x.dd + m0 * x.np * 8;
   int64_t p0 = 0;
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
   if (AVX512_INT4) p0 = i4_tile512<MB, NR>(x, m0, w, K, s, gs, acc);
@@ -260,7 +284,7 @@ void i4_tile(const Q4Act& x, int64_t m0, const uint8_t* w, int64_t K, const S* s
   }
   const __m256 eight = _mm256_set1_ps(8.f);
   for (int m = 0; m < MB; ++m) {
-    const float* xg = x.xg.data() + (m0 + m) * G;
+    const float* xg = x.xg + (m0 + m) * G;
     float tail[NR], t[NR];
     for (int r = 0; r < NR; ++r) {  // + Σ_g (z - 8 s) xg: the zero point, through each group's sum of x
       const S *sr = s + r * G, *zr = z + r * G;
