@@ -107,10 +107,10 @@ def step(p: Plan, ids_BS: torch.Tensor, pos_BS: torch.Tensor, k, v, cache_pos, s
     """Logits [B, V] of each row's last token, for S new tokens a row (ids [B, S], or [B] for S = 1, at positions
     pos with as many elements; a plan for B S rows), written into the cache tensors k, v [L, B, G, T, C] and
     cache_pos [B, T] from `slot` on."""
-    return _op()(ids_BS, pos_BS, k, v, cache_pos, slot, p.held)
+    return op()(ids_BS, pos_BS, k, v, cache_pos, slot, p.held)
 
 
-def _op():
+def op():
     """The op's C++ entry: torch.ops' Python wrapper scans every argument for fake script objects at each call
     (an op taking a class does), ~10 us a step; ours are real."""
     packet = torch.ops.tinymixtral_gemv.decode_step

@@ -3,18 +3,31 @@
 // region each (at::parallel_for measured ~4 us a region over the ideal, 2 threads; a step has ~10 of them
 // against ~0.3 ms of work on benchmarks/configs/b.json).
 //
-// with_team(body) runs body on this thread while the others wait, spinning, for work; inside it,
+// with_team(body) runs body on this thread while the others wait for work (spinning, then yielding the core: relax);
+// inside it,
 // woq::parallel_for gives each thread one contiguous share of the range and returns when all are done. Outside
 // with_team (or with one thread) woq::parallel_for is at::parallel_for.
 #pragma once
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <x86intrin.h>
 #include <omp.h>
 
 #include <atomic>
 #include <exception>
+#include <thread>
 
 namespace woq {
+
+// One turn of a wait that began at TSC `since`: pause, and after ~100K ticks (~30-50 us) give the core away at
+// each turn, so that on a machine with more busy threads than cores the thread waited for gets to run.
+inline void relax(uint64_t since) {
+  if (__rdtsc() - since < 100000) {
+    _mm_pause();
+  } else {
+    std::this_thread::yield();
+  }
+}
 
 inline std::atomic<int64_t> shares_handed{0};  // shares the workers took, all teams (tests: the team is used)
 
@@ -38,9 +51,9 @@ struct Team {
     uint32_t seen = 0;
     for (;;) {
       uint32_t e;
-      while ((e = epoch.load(std::memory_order_acquire)) == seen) {
+      for (const uint64_t t0 = __rdtsc(); (e = epoch.load(std::memory_order_acquire)) == seen;) {
         if (stop.load(std::memory_order_acquire)) return;
-        _mm_pause();
+        relax(t0);
       }
       seen = e;
       if (tid < chunks) {
@@ -70,7 +83,7 @@ struct Team {
     int64_t b0, b1;
     share(0, &b0, &b1);
     f(b0, b1);
-    while (pending.load(std::memory_order_acquire) != 0) _mm_pause();
+    for (const uint64_t t0 = __rdtsc(); pending.load(std::memory_order_acquire) != 0;) relax(t0);
   }
 };
 
