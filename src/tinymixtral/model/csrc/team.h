@@ -4,9 +4,8 @@
 // against ~0.3 ms of work on benchmarks/configs/b.json).
 //
 // with_team(body) runs body on this thread while the others wait for work (spinning, then yielding the core: relax);
-// inside it,
-// woq::parallel_for gives each thread one contiguous share of the range and returns when all are done. Outside
-// with_team (or with one thread) woq::parallel_for is at::parallel_for.
+// inside it, woq::parallel_for gives each thread one contiguous share of the range and returns when all are done.
+// Outside with_team (or with one thread) woq::parallel_for is at::parallel_for.
 #pragma once
 #include <ATen/Parallel.h>
 #include <immintrin.h>
