@@ -55,7 +55,8 @@ def test_fused_step_equals_the_modules(bits, exact, n_experts, rows, monkeypatch
             4: {fused.I4} if exact else {fused.I4Q8}}[bits] <= kinds
     fast_, c1 = _steps(model, rows, 12, True)  # 12 steps: the window of 8 slots wraps
     plain, c2 = _steps(model, rows, 12, False)
-    torch.testing.assert_close(fast_, plain, rtol=1e-5, atol=1e-5)
+    # logits of magnitude ~7 summed in another order (the norms, the attention): fp32 rounding, ~1e-5
+    torch.testing.assert_close(fast_, plain, rtol=1e-5, atol=3e-5)
     torch.testing.assert_close(c1.k, c2.k, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(c1.v, c2.v, rtol=1e-5, atol=1e-5)
     assert torch.equal(c1.pos, c2.pos) and c1.t == c2.t

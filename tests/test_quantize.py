@@ -82,7 +82,19 @@ def test_int4_error_within_half_a_step_per_group(group_size):
                                                                       torch.tensor(0.25))
     err = (w - w_hat).abs().reshape(2, 16, G, group_size).amax(-1)
     slack = 8 * FP32_EPS * w.abs().reshape(2, 16, G, group_size).amax(-1)  # rounding of (q - 8) s + zero
-    assert (err <= s / 2 + slack).all()
+    assert (err <= s / 2 + slack).all()  # |zero| <= 128 s in every group here
+    assert torch.equal(s.bfloat16().float(), s) and torch.equal(z.bfloat16().float(), z)  # bf16 values
+    g = w.reshape(2, 16, G, group_size)
+    assert (s * 15 >= g.amax(-1) - g.amin(-1)).all()  # rounded up: 15 steps still span each group
+
+
+def test_int4_group_far_from_zero_keeps_its_bound():
+    """A group whose range is tiny against its offset (|zero| > 128 s): the zero's bf16 rounding, <= |zero| / 256,
+    is then what bounds the error (at the clamped ends), not half a step."""
+    w = 100 + torch.linspace(0, 0.5, 32)[None, :]  # s ~ 0.034, zero ~ 100
+    packed, s, z = quantize_int4(w, 32)
+    err = (dequantize(packed, s, z) - w).abs().max()
+    assert z.abs().item() > 128 * s.item() and err <= max(s.item() / 2, z.abs().item() / 256) + 1e-5
 
 
 def test_nibbles_round_trip():
@@ -201,7 +213,38 @@ def test_int4_weights_are_held_once_and_saved_in_the_storage_layout(torch_kernel
     m.load_state_dict(quantize(-w, 4, 32))  # new weights arrive in the storage layout
     assert m._layout == {}
     m.use_kernel = True
-    torch.testing.assert_close(m(x), -ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(m(x), F.linear(x, dequantize(*quantize(-w, 4, 32).values())), rtol=1e-4, atol=1e-4)
+
+
+def test_int4_scales_held_in_bf16_by_our_kernels_and_saved_in_fp32(exact_activations):
+    """Our AVX2 kernels read bf16 scales and zeros as stored: an fp32 model's, bf16 values since quantize_int4
+    rounds them, are held in bf16 in place (half their bytes), yet state_dict gives fp32, .to() and load_state_dict
+    find fp32 buffers, and the product is the same. Scales that are not bf16 values (an older quantization) stay."""
+    if not cpu_kernels.ours(4):
+        pytest.skip("no AVX2 int4 kernel here")
+    torch.manual_seed(0)
+    w, x = torch.randn(64, 128), torch.randn(3, 128)
+    stored = quantize(w, 4, 32)
+    m = _quant_linear(w, 4, 32)
+    m.compute_dtype = None
+    ref = F.linear(x, dequantize(*stored.values()))
+    torch.testing.assert_close(m(x), ref, rtol=1e-4, atol=1e-4)
+    assert m.scales.dtype == m.zeros.dtype == torch.bfloat16  # held in bf16...
+    _, s_op, z_op = m._packed["weight"]
+    assert s_op is m.scales and z_op is m.zeros  # ...once: the kernel reads the buffers themselves
+    sd = m.state_dict()
+    assert all(sd[k].dtype == stored[k].dtype and torch.equal(sd[k], stored[k]) for k in stored)  # saved in fp32
+    m.to(torch.float32)
+    assert m.scales.dtype == torch.float32 and torch.equal(m.scales, stored["scales"])
+    torch.testing.assert_close(m(x), ref, rtol=1e-4, atol=1e-4)  # held in bf16 again
+    m.load_state_dict(quantize(-w, 4, 32))
+    assert m.scales.dtype == torch.float32  # loaded into fp32 buffers (a bf16 one would round them)
+    torch.testing.assert_close(m(x), F.linear(x, dequantize(*quantize(-w, 4, 32).values())), rtol=1e-4, atol=1e-4)
+    assert m.scales.dtype == torch.bfloat16
+    old = dict(stored, scales=stored["scales"] * (1 + 2 ** -12))  # not a bf16 value
+    m.load_state_dict(old)
+    torch.testing.assert_close(m(x), F.linear(x, dequantize(*old.values())), rtol=1e-4, atol=1e-4)
+    assert m.scales.dtype == torch.float32  # kept as it came
 
 
 def test_int4_model_saved_after_running_reloads_identically(tmp_path, torch_kernels):
