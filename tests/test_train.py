@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -270,6 +271,9 @@ def test_wandb_offline(tmp_path, data_dir, monkeypatch):
     train(tcfg_for(data_dir, out, max_steps=2, eval_interval=100, wandb=True), TRAIN_CFG)
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and runs[0].is_dir()
+    deadline = time.monotonic() + 30  # W&B's service process writes the file; under the full suite's load it
+    while not list(runs[0].glob("*.wandb")) and time.monotonic() < deadline:  # once came after finish() returned
+        time.sleep(0.1)
     assert list(runs[0].glob("*.wandb"))
 
 
