@@ -81,7 +81,16 @@ struct Team {
     epoch.fetch_add(1, std::memory_order_release);
     int64_t b0, b1;
     share(0, &b0, &b1);
-    f(b0, b1);
+    try {
+      f(b0, b1);
+    } catch (...) {  // the workers still run f's other shares: wait for them before f goes out of scope
+      wait();
+      throw;
+    }
+    wait();
+  }
+
+  void wait() {
     for (const uint64_t t0 = __rdtsc(); pending.load(std::memory_order_acquire) != 0;) relax(t0);
   }
 };
