@@ -169,3 +169,18 @@ def test_one_team_for_the_step_equals_a_region_per_product(bits):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(team, regions) and torch.equal(c1.k, c2.k) and torch.equal(c1.v, c2.v)
+
+
+def test_logits_of_a_step_are_not_reused_by_the_next():
+    """The op keeps its intermediate tensors from step to step (a per-plan arena, csrc/team.h); the logits it returns
+    are the caller's: the next step writes elsewhere, and they keep their values."""
+    model = _model(4)
+    ids, pos = left_pad([[5, 9, 2]])
+    cache = KVCache.for_model(model, 1, 8)
+    with torch.no_grad():
+        model(ids, cache=cache, positions_BS=pos)
+        plan = fused.plan(model, 1)
+        first = fused_step(plan, cache, torch.tensor([4]), torch.tensor([[3]]))[0]  # a view: the tensor itself dropped
+        kept = first.clone()
+        second = fused_step(plan, cache, torch.tensor([7]), torch.tensor([[4]]))[0]
+    assert first.data_ptr() != second.data_ptr() and torch.equal(first, kept) and not torch.equal(first, second)

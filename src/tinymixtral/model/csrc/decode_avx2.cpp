@@ -121,7 +121,7 @@ at::Tensor attn_decode(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   TORCH_CHECK(allowed.scalar_type() == at::kBool && allowed.dim() == 2 && allowed.size(0) == B &&
                   allowed.size(1) == T_ && allowed.is_contiguous(),
               "attn_decode: allowed must be bool [B, T], contiguous");
-  at::Tensor y = at::empty({B, H, C}, q.options());
+  at::Tensor y = woq::scratch_tensor({B, H, C}, q.options());
   const bool* ok = allowed.const_data_ptr<bool>();
   if (q.scalar_type() == at::kFloat)
     attn_impl<float>(q, k, v, ok, float(scale), y);
@@ -140,9 +140,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route(const at::Tensor& x, const 
   TORCH_CHECK(K >= 1 && K <= E, "route: top_k must be in 1..E");
   const bool bf16 = w.scalar_type() == at::kBFloat16;
   const std::vector<float> xf = woq::to_float(x, false, D);
-  at::Tensor logits = at::empty({N, E}, x.options().dtype(at::kFloat));
-  at::Tensor weights = at::empty({N, K}, x.options().dtype(at::kFloat));
-  at::Tensor experts = at::empty({N, K}, x.options().dtype(at::kLong));
+  at::Tensor logits = woq::scratch_tensor({N, E}, x.options().dtype(at::kFloat));
+  at::Tensor weights = woq::scratch_tensor({N, K}, x.options().dtype(at::kFloat));
+  at::Tensor experts = woq::scratch_tensor({N, K}, x.options().dtype(at::kLong));
   float* lg = logits.mutable_data_ptr<float>();
   float* wt = weights.mutable_data_ptr<float>();
   int64_t* ex = experts.mutable_data_ptr<int64_t>();

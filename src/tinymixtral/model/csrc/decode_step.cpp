@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <mutex>
 #include <vector>
 
 #include "ops.h"
@@ -35,6 +36,8 @@ struct DecodePlan : torch::CustomClassHolder {
   std::vector<int64_t> meta;
   at::Tensor inv_freq;
   double eps;
+  woq::Arena arena;  // the step's tensors, kept for the next step (team.h)
+  std::mutex busy;   // held by the step using the arena (another thread's step at once goes without)
   DecodePlan(std::vector<at::Tensor> w, std::vector<int64_t> m, at::Tensor f, double e)
       : weights(std::move(w)), meta(std::move(m)), inv_freq(std::move(f)), eps(e) {}
 };
@@ -152,7 +155,7 @@ at::Tensor step(const at::Tensor& ids, const at::Tensor& pos, at::Tensor& k, at:
   }
   // which slots each query may see: causal, within the window, never an empty slot (pos -1); a padding query
   // (pos -1) any (its output is never read)
-  at::Tensor allowed = at::empty({N, T}, opts.dtype(at::kBool));
+  at::Tensor allowed = woq::scratch_tensor({N, T}, opts.dtype(at::kBool));
   bool* ok = allowed.mutable_data_ptr<bool>();
   for (int64_t n = 0; n < N; ++n)
     for (int64_t t = 0; t < T; ++t) {
@@ -160,7 +163,7 @@ at::Tensor step(const at::Tensor& ids, const at::Tensor& pos, at::Tensor& k, at:
       ok[n * T + t] = (kp >= 0 && kp <= q && (W == 0 || kp > q - W)) || q < 0;
     }
   const double scale = std::pow(double(C), -0.5);
-  at::Tensor h = at::empty({N, D}, opts), q = at::empty({N, H, C}, opts);
+  at::Tensor h = woq::scratch_tensor({N, D}, opts), q = woq::scratch_tensor({N, H, C}, opts);
   float* hp = h.mutable_data_ptr<float>();
   float* kc = k.mutable_data_ptr<float>();
   float* vc = v.mutable_data_ptr<float>();
@@ -187,7 +190,7 @@ at::Tensor step(const at::Tensor& ids, const at::Tensor& pos, at::Tensor& k, at:
     if (S == 1) {
       att = tmx::attn_decode(q, kl, vl, allowed, scale);
     } else {  // row b's S queries over its own cache: the keys a view repeated S times (stride 0)
-      att = at::empty({N, H, C}, opts);
+      att = woq::scratch_tensor({N, H, C}, opts);
       for (int64_t b = 0; b < B; ++b) {
         const at::Tensor a = tmx::attn_decode(q.narrow(0, b * S, S), kl.narrow(0, b, 1).expand({S, G, T, C}),
                                               vl.narrow(0, b, 1).expand({S, G, T, C}), allowed.narrow(0, b * S, S),
@@ -210,20 +213,20 @@ at::Tensor step(const at::Tensor& ids, const at::Tensor& pos, at::Tensor& k, at:
       if (w13.kind == F32) {
         ffn = tmx::experts_mv(h, *w13.w, *w2.w, ex, wts);
       } else {  // row n K + j: token n through its j-th expert, both products; then the weighted sum
-        at::Tensor xs = at::empty({N * K, D}, opts);
+        at::Tensor xs = woq::scratch_tensor({N * K, D}, opts);
         float* xsp = xs.mutable_data_ptr<float>();
         for (int64_t r = 0; r < N * K; ++r) std::copy_n(hp + (r / K) * D, D, xsp + r * D);
         const at::Tensor e_flat = ex.view({N * K});
         const at::Tensor gu = w13(xs, e_flat);
         const int64_t F = gu.size(1) / 2;
-        at::Tensor act = at::empty({N * K, F}, opts);
+        at::Tensor act = woq::scratch_tensor({N * K, F}, opts);
         const float* g = gu.const_data_ptr<float>();
         float* a = act.mutable_data_ptr<float>();
         for (int64_t r = 0; r < N * K; ++r) woq::swiglu(g + r * 2 * F, g + r * 2 * F + F, a + r * F, F);
         const at::Tensor z = w2(act, e_flat);
         const float* zp = z.const_data_ptr<float>();
         const float* wp = wts.const_data_ptr<float>();
-        ffn = at::empty({N, D}, opts);
+        ffn = woq::scratch_tensor({N, D}, opts);
         float* fp = ffn.mutable_data_ptr<float>();
         for (int64_t n = 0; n < N; ++n)
           for (int64_t d = 0; d < D; ++d) {
@@ -236,7 +239,7 @@ at::Tensor step(const at::Tensor& ids, const at::Tensor& pos, at::Tensor& k, at:
       const Product w13 = rd.product(), w2 = rd.product();
       const at::Tensor gu = w13(h);
       const int64_t F = gu.size(1) / 2;
-      at::Tensor act = at::empty({N, F}, opts);
+      at::Tensor act = woq::scratch_tensor({N, F}, opts);
       const float* g = gu.const_data_ptr<float>();
       float* a = act.mutable_data_ptr<float>();
       for (int64_t n = 0; n < N; ++n) woq::swiglu(g + n * 2 * F, g + n * 2 * F + F, a + n * F, F);
@@ -248,8 +251,9 @@ at::Tensor step(const at::Tensor& ids, const at::Tensor& pos, at::Tensor& k, at:
   TORCH_CHECK(rd.ti == weights.size() && rd.mi == meta.size(), "decode_step: weights or meta left over");
   std::vector<float> last(B * D);  // each row's last token: the head over the vocabulary for it alone
   for (int64_t b = 0; b < B; ++b) std::copy_n(&x[(b * S + S - 1) * D], D, &last[b * D]);
-  at::Tensor hl = at::empty({B, D}, opts);
+  at::Tensor hl = woq::scratch_tensor({B, D}, opts);
   rms_norm(last.data(), final_norm, B, D, eps, hl.mutable_data_ptr<float>());
+  woq::ArenaScope fresh(nullptr);  // the logits leave the step: a tensor of their own
   return head(hl);
 }
 
@@ -258,6 +262,8 @@ bool TEAM = true;  // set_team(false): a region per product, as the ops outside 
 // the step with one team of threads for all its products (team.h)
 at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& pos, at::Tensor& k, at::Tensor& v,
                        at::Tensor& cache_pos, int64_t slot, const c10::intrusive_ptr<DecodePlan>& plan) {
+  std::unique_lock<std::mutex> lock(plan->busy, std::try_to_lock);
+  woq::ArenaScope scope(lock.owns_lock() ? &plan->arena : nullptr);
   if (!TEAM) return step(ids, pos, k, v, cache_pos, slot, *plan);
   return woq::with_team([&] { return step(ids, pos, k, v, cache_pos, slot, *plan); });
 }

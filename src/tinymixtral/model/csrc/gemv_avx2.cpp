@@ -119,7 +119,7 @@ at::Tensor mv(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1), "gemv: w must be [N, K] with K = x.size(1)");
   const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
   const std::vector<float> xf = woq::to_float(x, false, x.size(1));
-  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  at::Tensor y = woq::scratch_tensor({M, N}, x.options().dtype(at::kFloat));
   if (w.scalar_type() == at::kFloat)
     mv_impl(xf.data(), M, w.const_data_ptr<float>(), N, K, y.mutable_data_ptr<float>());
   else
@@ -209,7 +209,7 @@ at::Tensor experts_mv(const at::Tensor& x, const at::Tensor& w13, const at::Tens
   for (int64_t i = 0; i < N * K; ++i) TORCH_CHECK(e[i] >= 0 && e[i] < E, "gemv: expert id out of range");
   const std::vector<float> xf = woq::to_float(x, false, x.size(1));
   std::vector<float> wt(weights.const_data_ptr<float>(), weights.const_data_ptr<float>() + N * K);
-  at::Tensor y = at::empty({N, D}, x.options().dtype(at::kFloat));
+  at::Tensor y = woq::scratch_tensor({N, D}, x.options().dtype(at::kFloat));
   if (w13.scalar_type() == at::kFloat) {
     experts_impl(xf.data(), N, D, F, K, w13.const_data_ptr<float>(), w2.const_data_ptr<float>(), e, wt.data(),
                  y.mutable_data_ptr<float>(), false);

@@ -166,7 +166,7 @@ template <typename Rows>
 at::Tensor run(const at::Tensor& x, int64_t N, int64_t row_bytes, const std::optional<at::Tensor>& experts,
                Rows rows) {
   const int64_t M = x.size(0);
-  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  at::Tensor y = scratch_tensor({M, N}, x.options().dtype(at::kFloat));
   float* yp = y.mutable_data_ptr<float>();
   const int64_t blocks = (N + R - 1) / R;
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / (R * row_bytes));  // >= 64 KB of weights a task
