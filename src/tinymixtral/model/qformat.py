@@ -8,9 +8,9 @@ Schemes (w is one weight matrix [N out, K in]; each expert of a stack is quantiz
   (zero - 8 s)) / s) in [0, 15], w ~ (q - 8) s + zero. Error per element <= max(s / 2, |zero| / 256) of its
   group (the second: the zero's rounding, at the clamped ends; it is the smaller where |zero| <= 128 s).
 Stored (safetensors): `weight` int8 [N, K] or uint8 [N, K/2] (two 4-bit values per byte, the even column in
-the low nibble), `scales` fp32 [N, 1] or [N, K/g], `zeros` fp32 [N, K/g] (int4 only; in a bf16 model, bf16). Kernel operands
-are made at the first forward on a device and cached; the AVX2 kernels hold int4 scales and zeros that are bf16
-values in bf16 (quant._Quantized._compact).
+the low nibble), `scales` fp32 [N, 1] or [N, K/g], `zeros` fp32 [N, K/g] (int4 only; in a bf16 model, bf16).
+Kernel operands are made at the first forward on a device and cached; the AVX2 kernels hold int4 scales and
+zeros that are bf16 values in bf16 (quant._Quantized._compact).
 """
 
 from __future__ import annotations

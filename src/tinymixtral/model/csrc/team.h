@@ -102,8 +102,9 @@ inline thread_local Team* current_team = nullptr;
 
 // The tensors a fused decode step makes, kept from step to step: the i-th tensor a step asks for (its products'
 // outputs, attention's, the router's, its own intermediates) is the i-th of the step before, where that one has
-// the same shape and dtype and nobody else holds it or a view of it. An at::empty costs ~0.5 us here (glibc's aligned malloc and
-// a TensorImpl) and a step made ~80. Outside a step (arena null) scratch_tensor is at::empty.
+// the same shape and dtype and nobody else holds it or a view of it. Its values are the last step's: callers write
+// every element, as after at::empty. An at::empty costs ~0.5 us here (glibc's aligned malloc and a TensorImpl) and
+// a step made ~80. Outside a step (arena null) scratch_tensor is at::empty.
 struct Arena {
   std::vector<at::Tensor> pool;
   size_t next = 0;
