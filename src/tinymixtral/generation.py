@@ -132,7 +132,7 @@ def stream(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_k:
     next_pos = pos[:, -1:] + 1
     done = torch.zeros(B, dtype=torch.bool, device=device)
     step_fn = None  # the compiled step of this generation (compiled_step), looked up at its first compiled step
-    step_op = None  # the fused op's step (fused_stepper), made at the first step
+    step_op = fused_stepper(plan, cache) if plan is not None else None  # the fused op's decode step
     greedy_op = plan is not None and temperature == 0  # the fused op's logits: fp32 [B, V], argmax's own kernel
     for step in range(max_new_tokens):
         logits_BV = logits if logits.dim() == 2 else logits[:, -1]
@@ -147,8 +147,7 @@ def stream(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_k:
             return  # no forward pass for a token nobody will sample after
         if seen is not None:
             seen.scatter_(1, nxt[:, None], True)
-        if plan is not None:
-            step_op = step_op or fused_stepper(plan, cache)
+        if step_op is not None:
             logits = step_op(nxt, next_pos)
         elif compile:
             try:
@@ -165,20 +164,16 @@ def stream(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_k:
 
 
 def fused_step(plan: fused.Plan, cache: KVCache, ids_BS: torch.Tensor, pos_BS: torch.Tensor) -> torch.Tensor:
-    """model(ids_BS, cache=cache, positions_BS=pos_BS, last_only=True)[:, -1] as one op (fused.step): logits [B, V].
+    """model(ids_BS, cache=cache, positions_BS=pos_BS, last_only=True)[:, -1] as one op (fused.op): logits [B, V].
     ids [B, S] or [B] (one token a row); plan: fused.plan for B * S rows; S > 1 (a short prompt) needs a cache that
     has never wrapped (fused_prompt_fits)."""
-    S = ids_BS.shape[1] if ids_BS.dim() == 2 else 1
-    cache._check_room(S)
-    logits = fused.step(plan, ids_BS.contiguous(), pos_BS.contiguous(), cache.k, cache.v, cache.pos,
-                        cache.t % cache.slots)
-    cache.t += S
-    return logits
+    return fused_stepper(plan, cache)(ids_BS, pos_BS)
 
 
 def fused_stepper(plan: fused.Plan, cache: KVCache):
     """fused_step(plan, cache, ·, ·) as a function of (ids, pos), with what a generation keeps fixed looked up once:
-    the op, the cache's tensors and size (nn.Module attribute lookups and torch.ops' lookup cost ~10 us a token)."""
+    the op, the cache's tensors and size (nn.Module attribute lookups and torch.ops' lookup cost ~10 us a token).
+    The op writes the new keys at slots t % T on; KVCache._check_room refuses a static cache that would wrap."""
     op, k, v, cache_pos, T = fused.op(), cache.k, cache.v, cache.pos, cache.slots
 
     def step(ids_BS: torch.Tensor, pos_BS: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ spends on its whole step besides the products.
 multiply by (quantized modules: their kernel operands), and for each product the kernel the module would pick for
 that many rows. It returns None where the op does not apply, and the caller keeps the module path: not a CPU, no
 AVX2 kernels, not fp32 activations (a bf16 model, a bf16 compute dtype), more than FEW_ROWS rows, a product the
-kernels do not take, or modules of other classes than these. `step` runs it on a KVCache's tensors.
+kernels do not take, or modules of other classes than these. `op()` is the op's entry (generation.fused_stepper
+calls it on a KVCache's tensors).
 """
 
 from __future__ import annotations
@@ -103,15 +104,10 @@ def plan(model, batch: int) -> Plan | None:
     return Plan(weights, meta, inv_freq, cfg.norm_eps)
 
 
-def step(p: Plan, ids_BS: torch.Tensor, pos_BS: torch.Tensor, k, v, cache_pos, slot: int) -> torch.Tensor:
-    """Logits [B, V] of each row's last token, for S new tokens a row (ids [B, S], or [B] for S = 1, at positions
-    pos with as many elements; a plan for B S rows), written into the cache tensors k, v [L, B, G, T, C] and
-    cache_pos [B, T] from `slot` on."""
-    return op()(ids_BS, pos_BS, k, v, cache_pos, slot, p.held)
-
-
 def op():
-    """The op's C++ entry: torch.ops' Python wrapper scans every argument for fake script objects at each call
-    (an op taking a class does), ~10 us a step; ours are real."""
+    """The op's C++ entry: op()(ids [B, S] (or [B] for S = 1), pos with as many elements, k, v [L, B, G, T, C],
+    cache_pos [B, T], slot, plan.held) -> logits [B, V] of each row's last token, the new keys written from `slot`
+    on (a plan for B S rows). Not torch.ops' Python wrapper: it scans every argument for fake script objects at
+    each call (an op taking a class does), ~10 us a step; ours are real."""
     packet = torch.ops.tinymixtral_gemv.decode_step
     return getattr(packet, "_op", packet)

@@ -139,7 +139,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route(const at::Tensor& x, const 
   const int64_t N = x.size(0), D = x.size(1), E = w.size(0), K = top_k;
   TORCH_CHECK(K >= 1 && K <= E, "route: top_k must be in 1..E");
   const bool bf16 = w.scalar_type() == at::kBFloat16;
-  const std::vector<float> xf = woq::to_float(x, false, D);
+  std::vector<float> copy;
+  const float* xf = woq::float_rows(x, copy);
   at::Tensor logits = woq::scratch_tensor({N, E}, x.options().dtype(at::kFloat));
   at::Tensor weights = woq::scratch_tensor({N, K}, x.options().dtype(at::kFloat));
   at::Tensor experts = woq::scratch_tensor({N, K}, x.options().dtype(at::kLong));
@@ -149,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route(const at::Tensor& x, const 
   std::vector<float> p(E);
   std::vector<char> taken(E);
   for (int64_t n = 0; n < N; ++n) {
-    const float* xn = xf.data() + n * D;
+    const float* xn = xf + n * D;
     float mx = -std::numeric_limits<float>::infinity();
     for (int64_t e = 0; e < E; ++e) {
       float l = bf16 ? float(c10::BFloat16(dot(xn, w.const_data_ptr<c10::BFloat16>() + e * D, D)))

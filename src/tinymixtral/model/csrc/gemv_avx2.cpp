@@ -118,12 +118,13 @@ at::Tensor mv(const at::Tensor& x, const at::Tensor& w) {
   check_dtypes(x, w);
   TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1), "gemv: w must be [N, K] with K = x.size(1)");
   const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
-  const std::vector<float> xf = woq::to_float(x, false, x.size(1));
+  std::vector<float> copy;
+  const float* xf = woq::float_rows(x, copy);
   at::Tensor y = woq::scratch_tensor({M, N}, x.options().dtype(at::kFloat));
   if (w.scalar_type() == at::kFloat)
-    mv_impl(xf.data(), M, w.const_data_ptr<float>(), N, K, y.mutable_data_ptr<float>());
+    mv_impl(xf, M, w.const_data_ptr<float>(), N, K, y.mutable_data_ptr<float>());
   else
-    mv_impl(xf.data(), M, w.const_data_ptr<c10::BFloat16>(), N, K, y.mutable_data_ptr<float>());
+    mv_impl(xf, M, w.const_data_ptr<c10::BFloat16>(), N, K, y.mutable_data_ptr<float>());
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
@@ -207,15 +208,16 @@ at::Tensor experts_mv(const at::Tensor& x, const at::Tensor& w13, const at::Tens
               "gemv: experts int64 [N, K] and fp32 weights [N, K]");
   const int64_t* e = experts.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < N * K; ++i) TORCH_CHECK(e[i] >= 0 && e[i] < E, "gemv: expert id out of range");
-  const std::vector<float> xf = woq::to_float(x, false, x.size(1));
+  std::vector<float> copy;
+  const float* xf = woq::float_rows(x, copy);
   std::vector<float> wt(weights.const_data_ptr<float>(), weights.const_data_ptr<float>() + N * K);
   at::Tensor y = woq::scratch_tensor({N, D}, x.options().dtype(at::kFloat));
   if (w13.scalar_type() == at::kFloat) {
-    experts_impl(xf.data(), N, D, F, K, w13.const_data_ptr<float>(), w2.const_data_ptr<float>(), e, wt.data(),
+    experts_impl(xf, N, D, F, K, w13.const_data_ptr<float>(), w2.const_data_ptr<float>(), e, wt.data(),
                  y.mutable_data_ptr<float>(), false);
   } else {
     for (float& v : wt) v = float(c10::BFloat16(v));  // the model multiplies by the weights cast to its dtype
-    experts_impl(xf.data(), N, D, F, K, w13.const_data_ptr<c10::BFloat16>(), w2.const_data_ptr<c10::BFloat16>(), e,
+    experts_impl(xf, N, D, F, K, w13.const_data_ptr<c10::BFloat16>(), w2.const_data_ptr<c10::BFloat16>(), e,
                  wt.data(), y.mutable_data_ptr<float>(), true);
   }
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());

@@ -109,8 +109,8 @@ at::Tensor int8_mm_rows(const at::Tensor& x, const at::Tensor& w, const at::Tens
                   scales.numel() == w.numel() / K,
               "woq kernels: int8 weight [.., N, K] and fp32 scales [.., N]");
   TORCH_CHECK(experts.has_value() == (w.dim() == 3), "woq kernels: a stack of weights needs experts");
-  const std::vector<float> xf = to_float(x, false, K);
-  const float* xp = xf.data();
+  std::vector<float> copy;
+  const float* xp = float_rows(x, copy);
   const int8_t* wp = w.const_data_ptr<int8_t>();
   const float* sp = scales.const_data_ptr<float>();
   return run(x, N, K, experts, [&](int64_t mb, int64_t m, int64_t e, int64_t n0, int64_t n1, float* y) {

@@ -140,6 +140,14 @@ inline std::vector<float> to_float(const at::Tensor& x, bool split, int64_t ld) 
   return out;
 }
 
+// x [M, K] as fp32 rows of stride K: x's own data where it is fp32 and contiguous (a decode step's activations),
+// else a converted copy held in `copy`.
+inline const float* float_rows(const at::Tensor& x, std::vector<float>& copy) {
+  if (x.scalar_type() == at::kFloat && x.is_contiguous()) return x.const_data_ptr<float>();
+  copy = to_float(x, false, x.size(1));
+  return copy.data();
+}
+
 // The stable order of M rows (or assignments) by their expert e[m].
 inline std::vector<int64_t> order_by_expert(const int64_t* e, int64_t M) {
   std::vector<int64_t> order(M);

@@ -80,11 +80,10 @@ struct Q8 {
     q = scratch<int8_t, 0>(M * Kp);
     d = scratch<float, 1>(2 * M * nb);
     dsum = d + M * nb;
-    const bool f32 = x.scalar_type() == at::kFloat;  // read in place; other dtypes converted once
-    std::vector<float> xf;
-    if (!f32) xf = to_float(x, false, K);
+    std::vector<float> copy;
+    const float* xf = float_rows(x, copy);
     for (int64_t m = 0; m < M; ++m) {
-      const float* row = f32 ? x.const_data_ptr<float>() + m * x.stride(0) : xf.data() + m * K;
+      const float* row = xf + m * K;
       int8_t* qm = q + m * Kp;
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t c = b * 32;
