@@ -118,8 +118,19 @@ class Run:
 
 
 def train(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> dict:
-    """Train (or resume) a run; returns the final metrics. The whole loop is here, top to bottom."""
+    """Train (or resume) a run; returns the final metrics. The whole loop is in train_loop, top to bottom."""
     r = setup(tcfg, mcfg, resume)
+    try:
+        return train_loop(r)
+    except BaseException:
+        if r.wandb:  # a failed run ends its W&B run: else the process keeps it, and the next wandb.init returns it
+            r.wandb.finish(exit_code=1)
+        raise
+
+
+def train_loop(r: Run) -> dict:
+    """The training loop of a set-up run, then the final evaluations and checkpoint; returns the final metrics."""
+    tcfg = r.tcfg
     # The bar shows whichever limit binds (steps, tokens or time) as a percentage.
     bar = tqdm(total=100.0, initial=round(100 * r.progress(), 1), disable=not (r.master and tcfg.progress),
                unit="%", dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.1f}% [{elapsed}<{remaining}{postfix}]")
