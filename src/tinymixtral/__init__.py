@@ -2,6 +2,10 @@
 
 import importlib
 
+from .alloc import huge_pages
+
+huge_pages()  # before torch's first large tensor: see alloc.py
+
 __version__ = "0.1.0"
 # Imported on first use, so `tinymixtral --help` does not pay for importing torch.
 _EXPORTS = {

@@ -30,6 +30,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from .alloc import keep_heap
 from .analysis.stats import expert_load
 from .build import build_model, pick_device
 from .chats import train_starts
@@ -196,6 +197,7 @@ def train_loop(r: Run) -> dict:
 def setup(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool) -> Run:
     """Processes, device, data, model (fresh, a model directory's, or the run's latest checkpoint), optimizer, W&B."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    keep_heap()  # a step's activations reuse the last step's pages (alloc.py)
     device = pick_device(tcfg.device)
     distributed = "RANK" in os.environ  # started by torchrun
     if distributed:
