@@ -141,7 +141,7 @@ def test_moe_under_autocast_multiplies_in_bf16(monkeypatch):
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_gather_rows_equals_indexing_both_ways(k):
     """gather_rows's gather-only backward equals what indexing's scatter-add backward gives."""
-    from tinymixtral.model.moe import gather_rows
+    from tinymixtral.model.rows import gather_rows
 
     N, D = 7, 5
     order = torch.randperm(N * k)
@@ -158,7 +158,8 @@ def test_gather_rows_equals_indexing_both_ways(k):
 @pytest.mark.parametrize("multiple", [1, 4, 8])
 def test_pad_groups_rows(multiple):
     """Each expert's rows start at a multiple of `multiple`, in sorted order; padding rows point past the end."""
-    from tinymixtral.model.moe import dispatch, pad_groups
+    from tinymixtral.model.moe import dispatch
+    from tinymixtral.model.rows import pad_groups
 
     experts_NK = torch.tensor([[2, 0], [2, 3], [0, 2], [2, 0], [3, 2]])
     order_M, counts_E, _ = dispatch(experts_NK, 5)
@@ -170,6 +171,33 @@ def test_pad_groups_rows(multiple):
         rows = src_P[start[e]:start[e] + int(padded_E[e])].tolist()
         mine = order_M[(experts_NK.reshape(-1)[order_M] == e)].tolist()
         assert rows == mine + [10] * (int(padded_E[e]) - len(mine))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_combine_equals_gather_multiply_sum(dtype):
+    """combine's forward and its gather-only backward equal the plain weighted sum's autograd; padding rows get
+    zero gradient."""
+    from tinymixtral.model.moe import dispatch
+    from tinymixtral.model.rows import combine, pad_groups
+
+    N, K, E, D = 13, 2, 4, 8
+    g = torch.Generator().manual_seed(0)
+    experts_NK = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)])
+    order_M, counts_E, _ = dispatch(experts_NK, E)
+    slot_M, src_P, _ = pad_groups(order_M, counts_E, 4)
+    y_PD = torch.randn(len(src_P), D, generator=g).to(dtype).requires_grad_()
+    w_NK = torch.rand(N, K, generator=g).requires_grad_()
+    up = torch.randn(N, D, generator=g).to(dtype)
+    out = combine(y_PD, slot_M.view(N, K), w_NK, src_P)
+    ref = (y_PD.float()[slot_M.view(N, K)] * w_NK.to(dtype).float()[..., None]).sum(1).to(dtype)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)  # bf16: its rounding
+    torch.testing.assert_close(out, ref, **tol)
+    got = torch.autograd.grad(out, [y_PD, w_NK], up)
+    want = torch.autograd.grad(ref, [y_PD, w_NK], up)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **tol)
+    assert (got[0][src_P == N * K] == 0).all() and (src_P == N * K).any()
 
 
 def test_padded_groups_equal_unpadded(monkeypatch):

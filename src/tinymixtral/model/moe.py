@@ -19,6 +19,7 @@ from torch import nn
 from ..config import ModelConfig, capacity
 from . import fast, gemv
 from .fast import Linear
+from .rows import combine, gather_rows, pad_groups
 
 
 class FeedForward(nn.Module):
@@ -104,12 +105,12 @@ class Experts(nn.Module):
             y_MD = self.experts_mlp(x_ND[token_M], counts_E)
             y_MD = y_MD * weights_NK.reshape(-1)[order_M, None].to(y_MD.dtype)
             return torch.zeros_like(x_ND).index_add_(0, token_M, y_MD).to(out_dtype), n_dropped
-        # Every assignment kept: out by a gather whose backward gathers (no scatter-add), padded per expert
-        # (fast.group_rows); back weighted and summed over k in one op (fp32 sums; padding rows get no gradient).
+        # Every assignment kept: to the experts and back by gathers, forward and backward (rows.py), each expert's
+        # group padded (fast.group_rows); back weighted and summed over k in one op (padding rows get no gradient).
         slot_M, src_P, counts_E = pad_groups(order_M, counts_E, fast.group_rows(x_ND))
         x_PD = gather_rows(x_ND, (src_P // K).clamp_(max=N - 1), slot_M, K)  # padding rows: any row (discarded)
         y_PD = self.experts_mlp(x_PD, counts_E)
-        y_ND = F.embedding_bag(slot_M.view(N, K), y_PD, mode="sum", per_sample_weights=weights_NK.to(y_PD.dtype))
+        y_ND = combine(y_PD, slot_M.view(N, K), weights_NK, src_P)
         return y_ND.to(out_dtype), 0
 
     def experts_mlp(self, x_MD, counts_E):
@@ -133,32 +134,6 @@ class Experts(nn.Module):
         return fast.linear(x, w[e]) if isinstance(e, int) else fast.mv(x, w[e])
 
 
-class _Gather(torch.autograd.Function):
-    """Row m of the output is row rows[m] of x, and inverse says where each row's copies went: row n of the
-    gradient sums grad[inverse[n*k + j]] over j. A gather both ways, where indexing's own backward would
-    scatter-add (slower than a product at these sizes)."""
-
-    @staticmethod
-    def forward(ctx, x, rows, inverse, k: int):
-        ctx.save_for_backward(inverse)
-        ctx.k = k
-        return x.index_select(0, rows)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        g = grad.index_select(0, inverse)
-        return (g.view(-1, ctx.k, g.shape[-1]).sum(1) if ctx.k > 1 else g), None, None, None
-
-
-def gather_rows(x, rows, inverse, k: int = 1):
-    """x[rows], where each of x's rows is taken k times: x.repeat_interleave(k, 0)[order] is
-    gather_rows(x, order // k, inverse, k) with inverse the inverse permutation of order; a gather as backward."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _Gather.apply(x, rows, inverse, k)
-    return x.index_select(0, rows)
-
-
 def dispatch(experts_NK, n_experts: int, capacity: int | None = None):
     """Token-expert assignments sorted by expert: (order_M, counts_E, n_dropped).
 
@@ -176,22 +151,6 @@ def dispatch(experts_NK, n_experts: int, capacity: int | None = None):
     rank_M = torch.arange(flat_M.numel(), device=flat_M.device) - start_E[expert_sorted_M]
     order_M = order_M[rank_M < capacity]
     return order_M, counts_E.clamp(max=capacity), flat_M.numel() - order_M.numel()
-
-
-def pad_groups(order_M, counts_E, multiple: int = 1):
-    """Rows for the assignments in `order_M` (sorted by expert; counts_E each) when each expert's group is
-    padded to a multiple of `multiple` rows: (slot_M, src_P, padded counts_E). slot_M[m] is assignment m's
-    row; src_P[p] is row p's assignment, M for a padding row. multiple 1: slot_M is order_M's inverse."""
-    M = order_M.numel()
-    pos_M = torch.arange(M, device=order_M.device)  # sorted position -> row
-    if multiple == 1:
-        return torch.empty_like(order_M).scatter_(0, order_M, pos_M), order_M, counts_E
-    padded_E = (counts_E + multiple - 1) // multiple * multiple
-    shift_E = (padded_E.cumsum(0) - padded_E) - (counts_E.cumsum(0) - counts_E)
-    pos_M = pos_M + shift_E.repeat_interleave(counts_E, output_size=M)
-    slot_M = torch.empty_like(order_M).scatter_(0, order_M, pos_M)
-    src_P = torch.full((int(padded_E.sum()),), M, dtype=order_M.dtype, device=order_M.device)
-    return slot_M, src_P.scatter_(0, pos_M, order_M), padded_E
 
 
 class MoE(nn.Module):
