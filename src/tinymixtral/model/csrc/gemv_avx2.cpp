@@ -25,7 +25,11 @@ using woq::load1;
 using woq::load8;
 using woq::silu;
 
-constexpr int64_t PF = 2048;  // prefetch this many bytes ahead in each row (into the next rows at its end)
+// Prefetch this many bytes ahead in each row (into the next rows at its end). tiny-mixtral's fp32 decode reads
+// ~288 MB a token from memory: 8 KB ahead ran it 1.04-1.07x llama.cpp's F32, 2 KB 0.95-0.99x (alternating runs,
+// Intel Xeon, 2 threads); on b.json, whose weights stay in L3, no difference. (Prefetching 2 or 4 tiles ahead in
+// the int8/int4 kernels, woq_q8.cpp, made no difference.)
+constexpr int64_t PF = 8192;
 
 // NR weight rows (stride K) times MB rows of x (fp32, stride ldx) -> y[m * ldy + r].
 template <int MB, int NR, typename W>
