@@ -291,6 +291,45 @@ def test_a_failed_run_ends_its_wandb_run(tmp_path, data_dir, monkeypatch):
 
 
 # ---- limits: a time or token limit is not cut short by a default step count ------------------------
+# ---- --compile auto ------------------------------------------------------------------------------------
+def test_compile_auto_compiles_long_single_process_runs():
+    def c(device="cpu", distributed=False, **kw):
+        return T.compiles(TrainConfig(**kw), device, distributed)
+
+    assert c(max_time=600) and c(max_steps=300) and c(max_steps=None, max_tokens=300 * 16 * 256)
+    assert not c(max_time=60) and not c(max_steps=299) and not c(max_steps=None, max_tokens=299 * 16 * 256)
+    assert not c(max_time=600, distributed=True) and not c(max_time=600, device="mps")
+    assert c(max_steps=5, compile=True, distributed=True) and not c(max_time=600, compile=False)
+
+
+@pytest.mark.parametrize("compiling", ["works", "fails"])
+def test_compiling_leaves_the_run_as_an_eager_one(tmp_path, data_dir, monkeypatch, compiling):
+    """The trial batch that compiles the model draws nothing from the run's generators and leaves no gradient: a run
+    whose compile is the identity ends with an eager run's weights, bit for bit; one whose compile fails (--compile
+    auto) warns once and trains eagerly, the same; --compile true refuses in one line."""
+    kw = dict(max_steps=4, eval_interval=2, ckpt_interval=100, dropout=0.2, optimizer="muon")
+    train(tcfg_for(data_dir, tmp_path / "eager", compile=False, **kw), TRAIN_CFG)
+
+    def broken(model):
+        def call(*args, **kwargs):
+            raise RuntimeError("no C++ compiler\nand inductor's pages")
+        return call
+
+    monkeypatch.setattr(T.torch, "compile", (lambda model: model) if compiling == "works" else broken)
+    monkeypatch.setattr(T, "AUTO_COMPILE_STEPS", 4)
+    if compiling == "works":
+        train(tcfg_for(data_dir, tmp_path / "auto", compile="auto", **kw), TRAIN_CFG)
+    else:
+        with pytest.warns(UserWarning, match=r"^torch.compile failed \(no C\+\+ compiler\); training eagerly$"):
+            train(tcfg_for(data_dir, tmp_path / "auto", compile="auto", **kw), TRAIN_CFG)
+        with pytest.raises(TinyMixtralError, match=r"\(no C\+\+ compiler\); train with --compile false$"):
+            train(tcfg_for(data_dir, tmp_path / "true", compile=True, **kw), TRAIN_CFG)
+    wa, wb = _weights(tmp_path / "eager"), _weights(tmp_path / "auto")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    strip = lambda rows: [(r["step"], r.get("loss"), r.get("val_loss")) for r in rows]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "eager")) == strip(read_metrics(tmp_path / "auto"))
+
+
 def test_max_steps_defaults_only_when_no_other_limit_is_given():
     assert TrainConfig().max_steps == T.DEFAULT_MAX_STEPS == 1000
     assert TrainConfig(max_time=60).max_steps is None and TrainConfig(max_tokens=10).max_steps is None

@@ -51,7 +51,7 @@ class TrainConfig:
     seed: int = 1337  # seed of the initialisation and of the batches
     device: str | None = None  # default: cuda when available
     autocast: str = "none"  # none | bf16 | fp16 (a GradScaler) | auto: bf16 where the device has native bf16, else none
-    compile: bool = False  # run the model through torch.compile
+    compile: bool | str = "auto"  # torch.compile the model: auto (runs of 2+ min or 300+ steps, one process) | true | false
     wandb: bool = False  # log to Weights & Biases (pip install wandb)
     wandb_project: str = "tinymixtral"  # the W&B project
     fsdp: bool = False  # under torchrun: shard with FSDP2 instead of DDP

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .. import train as T
 from ..checkpoint import model_config, weight_files
+from . import compile_mode
 from ..config import MAX_SIZE, ModelConfig
 from ..data import load_split
 from ..errors import TinyMixtralError
@@ -59,7 +60,9 @@ def _add_field(group, f, comment: str | None, show_default: bool):
     typ = str(f.type)
     default = "" if not show_default or f.default in (None, "") else f" (default {f.default})"
     help_text = ((comment or "") + default).strip().replace("%", "%%") or None  # argparse formats with %
-    if "bool" in typ:
+    if f.name == "compile":
+        group.add_argument(flag, dest=f.name, default=None, type=compile_mode, metavar="auto|true|false", help=help_text)
+    elif "bool" in typ:
         group.add_argument(flag, dest=f.name, default=None, type=_bool, metavar="true|false", help=help_text)
     elif f.name == "max_time":
         group.add_argument(flag, dest=f.name, default=None, help=help_text)

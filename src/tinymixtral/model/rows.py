@@ -73,6 +73,7 @@ def combine(y_PD, slot_NK, w_NK, src_P):
     return F.embedding_bag(slot_NK, y_PD, mode="sum", per_sample_weights=w_NK)
 
 
+@torch.compiler.disable  # its output's size is data (a graph break anyway): eager, without dynamo's warning
 def pad_groups(order_M, counts_E, multiple: int = 1):
     """Rows for the assignments in `order_M` (sorted by expert; counts_E each) when each expert's group is
     padded to a multiple of `multiple` rows: (slot_M, src_P, padded counts_E). slot_M[m] is assignment m's
