@@ -293,7 +293,7 @@ def setup(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool) -> Run:
 
 # --compile auto compiles a run that lasts at least this long (time, or steps; tokens counted as steps). Compiling
 # the demo recipe's step takes ~15-30 s on 2 CPU cores, then the MoE's step runs ~1.2x and its dense twin's ~1.3x
-# faster (README, "Compiled training").
+# faster (README, "Train, evaluate, generate").
 AUTO_COMPILE_SECONDS, AUTO_COMPILE_STEPS = 120, 300
 
 
@@ -347,8 +347,8 @@ def eval_and_log(r: Run, full: bool = False) -> dict:
     # The windows one process with the global batch would read, shared out among the processes.
     t, batch = r.tcfg, r.tcfg.batch_size * r.world
     n_batches = None if full else t.eval_batches
-    val = evaluate(r.raw if r.compiled else r.model, r.val_data, t.batch_size, t.seq_len, r.device, n_batches, r.val_mask,
-                   r.meta.get("bos_id", 1), r.rank, r.world)
+    val = evaluate(r.raw if r.compiled else r.model, r.val_data, t.batch_size, t.seq_len, r.device, n_batches,
+                   r.val_mask, r.meta.get("bos_id", 1), r.rank, r.world)
     name = "final_val" if full else "val"
     row = {"step": r.step, "tokens": r.tokens, f"{name}_loss": val, f"{name}_ppl": math.exp(min(val, 50)),
            f"{name}_bpb": bits_per_byte(val, r.meta, "val"),

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from .. import train as T
 from ..checkpoint import model_config, weight_files
-from . import compile_mode
 from ..config import MAX_SIZE, ModelConfig
 from ..data import load_split
 from ..errors import TinyMixtralError
 from ..train_config import RECIPES, TrainConfig, load_run_config
+from . import compile_mode
 
 _SKIP = {"data", "out"}  # positional to the run, not training knobs
 # What --init-from lets change in the model's config: options of training-time routing, not of the weights.
