@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tinymixtral.train as T
+import tinymixtral.train_compile as train_compile
 import tinymixtral.train_config as train_config
 from conftest import (
     TRAIN_CFG,
@@ -294,7 +295,7 @@ def test_a_failed_run_ends_its_wandb_run(tmp_path, data_dir, monkeypatch):
 # ---- --compile auto ------------------------------------------------------------------------------------
 def test_compile_auto_compiles_long_single_process_runs():
     def c(device="cpu", distributed=False, **kw):
-        return T.compiles(TrainConfig(**kw), device, distributed)
+        return train_compile.compiles(TrainConfig(**kw), device, distributed)
 
     assert c(max_time=600) and c(max_steps=300) and c(max_steps=None, max_tokens=300 * 16 * 256)
     assert not c(max_time=60) and not c(max_steps=299) and not c(max_steps=None, max_tokens=299 * 16 * 256)
@@ -315,8 +316,8 @@ def test_compiling_leaves_the_run_as_an_eager_one(tmp_path, data_dir, monkeypatc
             raise RuntimeError("no C++ compiler\nand inductor's pages")
         return call
 
-    monkeypatch.setattr(T.torch, "compile", (lambda model: model) if compiling == "works" else broken)
-    monkeypatch.setattr(T, "AUTO_COMPILE_STEPS", 4)
+    monkeypatch.setattr(train_compile.torch, "compile", (lambda model: model) if compiling == "works" else broken)
+    monkeypatch.setattr(train_compile, "AUTO_COMPILE_STEPS", 4)
     if compiling == "works":
         train(tcfg_for(data_dir, tmp_path / "auto", compile="auto", **kw), TRAIN_CFG)
     else:

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 import torch
 
 from .cache import KVCache, StaticStep
-from .errors import TinyMixtralError
+from .errors import TinyMixtralError, first_line
 from .model import fast, fused, gemv
 from .model.quant import compile_pays
 
@@ -269,8 +269,7 @@ def compiled_step(model, cache: KVCache, ids_B1: torch.Tensor, pos_B1: torch.Ten
 
 
 def _failed(e: Exception) -> CompileFailed:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return CompileFailed(f"torch.compile failed ({first[:200]})")
+    return CompileFailed(f"torch.compile failed ({first_line(e)})")
 
 
 def decode_compiled(model, cache: KVCache, ids_B1: torch.Tensor, pos_B1: torch.Tensor, step=None) -> torch.Tensor:

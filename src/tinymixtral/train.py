@@ -15,10 +15,8 @@ import time
 import uuid
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -52,6 +50,8 @@ from .run_state import (
     start_run_dir,
     truncate_metrics,
 )
+from .train_compile import compile_model, compiles
+from .train_run import Run
 from .train_config import (  # noqa: F401
     DEFAULT_MAX_STEPS,
     RECIPES,
@@ -63,60 +63,6 @@ from .train_config import (  # noqa: F401
 
 # TrainConfig, get_lr and the run.json I/O live in train_config.py; they stay importable from here
 from .train_save import _any_process, save, tokenizer_dir  # noqa: F401 (tokenizer_dir: re-exported)
-
-
-@dataclass
-class Run:
-    """What the loop works with (made by setup): processes, data, model, optimizer and the counters."""
-
-    tcfg: TrainConfig
-    mcfg: ModelConfig
-    out: Path
-    device: str
-    rank: int
-    world: int
-    model: torch.nn.Module  # what the loop calls: the Transformer, or its DDP / FSDP / compiled wrapper
-    raw: torch.nn.Module  # the Transformer itself
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler  # scales fp16 losses; a pass-through otherwise
-    autocast: torch.dtype | None
-    train_data: np.ndarray
-    val_data: np.ndarray
-    meta: dict
-    data_gen: torch.Generator
-    wandb: object | None
-    peak_flops: float  # the matmul rate measured at the start: MFU's denominator
-    flops_per_token: float
-    step: int = 0
-    tokens: int = 0
-    elapsed: float = 0.0  # seconds of training steps (evaluations and checkpoints excluded)
-    best_val: float | None = None
-    best_step: int | None = None
-    nonfinite_skipped: int = 0  # steps whose update was skipped for a NaN/inf loss or gradient norm
-    resumed_at: int | None = None  # the step a resumed run starts at: no second eval/checkpoint there
-    train_mask: np.ndarray | None = None  # conversations: 1 where a token is trained (data.load_mask)
-    val_mask: np.ndarray | None = None
-    train_starts: np.ndarray | None = None  # conversations: where training windows start (chats.train_starts)
-    compiled: bool = False  # model is torch.compile's wrapper (evaluation runs the eager raw model)
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return "RANK" in os.environ  # started by torchrun
-
-    def progress(self) -> float:
-        """How far the run is, 0..1, by whichever limit binds: steps, tokens or time."""
-        t = self.tcfg
-        return max(self.step / t.max_steps if t.max_steps else 0.0, self.tokens / t.max_tokens if t.max_tokens else 0.0,
-                   self.elapsed / t.max_time if t.max_time else 0.0)
-
-    def scalars(self) -> dict:
-        d = {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed, "best_val": self.best_val,
-             "best_step": self.best_step, "nonfinite_skipped": self.nonfinite_skipped}
-        return d | ({"grad_scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {})
 
 
 def train(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> dict:
@@ -136,7 +82,7 @@ def train_loop(r: Run) -> dict:
     # The bar shows whichever limit binds (steps, tokens or time) as a percentage.
     bar = tqdm(total=100.0, initial=round(100 * r.progress(), 1), disable=not (r.master and tcfg.progress),
                unit="%", dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.1f}% [{elapsed}<{remaining}{postfix}]")
-    amp = torch.autocast(torch.device(r.device).type, dtype=r.autocast) if r.autocast else nullcontext()
+    amp = r.amp()
     tokens_per_step = tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum * r.world
     last, t_last, tok_last = {}, time.perf_counter(), r.tokens
     r.model.train()
@@ -151,8 +97,7 @@ def train_loop(r: Run) -> dict:
                     last.update(eval_and_log(r))
                 if r.best_step == r.step or r.step % tcfg.ckpt_interval == 0:
                     save(r)
-            # dropout once the run repeats its data (nothing unseen can be memorised); a function of the tokens trained
-            r.raw.set_dropout(tcfg.dropout if r.tokens >= tcfg.dropout_after * len(r.train_data) else 0.0)
+            r.raw.set_dropout(r.dropout_now())
             parts_sum = {}
             for micro in range(tcfg.grad_accum):
                 x, y = get_batch(r.train_data, tcfg.batch_size, tcfg.seq_len, r.data_gen, r.device, r.rank, r.world,
@@ -289,55 +234,6 @@ def setup(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool) -> Run:
         r.wandb = wandb.init(project=tcfg.wandb_project, dir=str(out), id=id_file.read_text(), resume="allow",
                              config=dataclasses.asdict(tcfg) | {"model": dataclasses.asdict(mcfg)})
     return r
-
-
-# --compile auto compiles a run that lasts at least this long (time, or steps; tokens counted as steps). Compiling
-# the demo recipe's step takes ~15-30 s on 2 CPU cores, then the MoE's step runs ~1.2x and its dense twin's ~1.3x
-# faster (README, "Train, evaluate, generate").
-AUTO_COMPILE_SECONDS, AUTO_COMPILE_STEPS = 120, 300
-
-
-def compiles(tcfg: TrainConfig, device: str, distributed: bool) -> bool:
-    """Whether the run trains through torch.compile: --compile true, or auto for a long enough run of one process
-    on a CPU or a CUDA GPU (under torchrun, only when asked)."""
-    if tcfg.compile != "auto":
-        return bool(tcfg.compile)
-    step_tokens = tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum
-    long = ((tcfg.max_time or 0) >= AUTO_COMPILE_SECONDS or (tcfg.max_steps or 0) >= AUTO_COMPILE_STEPS
-            or (tcfg.max_tokens or 0) >= AUTO_COMPILE_STEPS * step_tokens)
-    return long and not distributed and torch.device(device).type in ("cpu", "cuda")
-
-
-def compile_model(r: Run) -> None:
-    """r.model through torch.compile, compiled now on one batch of the split's windows (drawn with a generator of its
-    own, the run's random state put back after), so that a failure (no C++ compiler, an op inductor refuses) shows
-    before the first step: with --compile auto the run goes on eagerly after one warning line. The time counts as
-    training time (--max-time includes it)."""
-    t0, tcfg = time.perf_counter(), r.tcfg
-    compiled = torch.compile(r.model)
-    cuda = [torch.device(r.device)] if torch.device(r.device).type == "cuda" else []
-    x, y = get_batch(r.train_data, tcfg.batch_size, tcfg.seq_len, torch.Generator().manual_seed(0), r.device,
-                     r.rank, r.world, r.train_mask, r.train_starts)
-    r.raw.set_dropout(tcfg.dropout if r.tokens >= tcfg.dropout_after * len(r.train_data) else 0.0)  # as step 1 will
-    amp = torch.autocast(torch.device(r.device).type, dtype=r.autocast) if r.autocast else nullcontext()
-    r.model.train()
-    try:
-        with torch.random.fork_rng(devices=cuda):  # dropout's draws here leave the run's random state as it was
-            with amp:
-                loss, _ = compiled(x, y)
-            loss.backward()
-    except Exception as e:  # noqa: BLE001 (any failure: inductor's are many kinds)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        if tcfg.compile is True:
-            raise TinyMixtralError(f"torch.compile failed ({first}); train with --compile false") from e
-        if r.master:
-            warnings.warn(f"torch.compile failed ({first}); training eagerly", stacklevel=2)
-        compiled = None
-    finally:
-        r.optimizer.zero_grad(set_to_none=True)
-    if compiled is not None:
-        r.model, r.compiled = compiled, True
-    r.elapsed += time.perf_counter() - t0
 
 
 def eval_and_log(r: Run, full: bool = False) -> dict:
