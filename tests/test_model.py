@@ -44,7 +44,7 @@ def test_forward_shapes(n_experts):
 @pytest.mark.parametrize("n_experts", [0, 4])
 def test_dropout_in_training_only(n_experts):
     """set_dropout drops the embeddings and each branch's output in training, as a plain reference does with the
-    same draws; eval mode and p = 0 are the model without dropout."""
+    same draws; eval mode and p = 0 are the model without dropout; its ffn drops inside the FFNs, in training only."""
     model = tiny_model(MODEL, n_experts=n_experts)
     ids = seeded_ids(2, 9, 64)
     with torch.no_grad():
@@ -63,6 +63,10 @@ def test_dropout_in_training_only(n_experts):
         torch.testing.assert_close(dropped, model.lm_head(model.norm(x)), atol=0, rtol=0)
         assert not torch.allclose(dropped, plain)
         model.set_dropout(0.0)
+        torch.testing.assert_close(model(ids), plain, atol=0, rtol=0)
+        model.set_dropout(0.0, 0.3)  # the FFNs' hidden layers only (test_moe checks where)
+        assert not torch.allclose(model(ids), plain)
+        model.eval()
         torch.testing.assert_close(model(ids), plain, atol=0, rtol=0)
 
 

@@ -215,6 +215,43 @@ def test_padded_groups_equal_unpadded(monkeypatch):
         torch.testing.assert_close(a, b)
 
 
+def test_hidden_dropout_is_on_each_experts_hidden_layer(monkeypatch):
+    """Expert dropout (set_dropout's ffn): the MoE and the dense FFN drop their hidden layer, between the two products,
+    in training only. With the draws replaced by a fixed mask of hidden units, the MoE equals the reference MoE with
+    w2's masked columns, forward and gradients, and the dense FFN a plain SwiGLU likewise."""
+    calls = []
+
+    def by_unit(h, p):  # dropout with fixed draws: odd hidden units dropped
+        calls.append(p)
+        return h * (torch.arange(h.shape[-1]) % 2 == 0).to(h.dtype) / (1 - p)
+
+    monkeypatch.setattr(fast, "dropout", by_unit)
+    keep = lambda w: w * (torch.arange(w.shape[-1]) % 2 == 0).to(w.dtype) / (1 - 0.25)  # noqa: E731
+    cfg = moe_cfg(E=4, K=2)
+    m = make_moe(cfg).train()
+    m.experts.dropout = 0.25
+    x = torch.randn(2, 11, 16, requires_grad=True)
+    y = m(x)
+    assert calls == [0.25]
+    router, w13, w2 = params_of(m)
+    y_ref, _ = ref_moe(x, router, w13, keep(w2), cfg.top_k)
+    torch.testing.assert_close(y, y_ref, atol=FWD_ATOL, rtol=1e-5)
+    g = grads(y, [x, *params_of(m)], "proj")
+    for a, b in zip(g, grads(y_ref, [x, *params_of(m)], "proj")):
+        torch.testing.assert_close(a, b, atol=GRAD_ATOL, rtol=1e-5)
+    assert g[3][..., 1::2].abs().max() == 0 < g[3][..., 0::2].abs().max()  # a dropped unit's w2 column learns nothing
+
+    ffn = FeedForward(16, 8).train()
+    ffn.dropout = 0.25
+    gate, up = F.linear(x, ffn.w13.weight).chunk(2, dim=-1)
+    torch.testing.assert_close(ffn(x), F.linear(F.silu(gate) * up, keep(ffn.w2.weight)))
+    calls.clear()
+    m.eval(), ffn.eval()
+    with torch.no_grad():
+        m(x), ffn(x)
+    assert calls == []  # evaluation never drops
+
+
 # ---- 2. grouped matmul --------------------------------------------------------------------------
 @pytest.mark.parametrize("counts", [[3, 0, 5, 1], [0, 0, 9, 0], [4, 4, 4, 4], [0, 1, 0, 7], [1, 0, 0, 0]])
 @pytest.mark.parametrize("loss_kind", ["sum", "proj"])

@@ -181,19 +181,21 @@ def test_resume_is_exact(tmp_path, data_dir, monkeypatch, recipe):
 
 def test_dropout_starts_after_the_given_passes_over_the_data(tmp_path, data_dir, monkeypatch):
     """--dropout-after: the training forwards drop nothing until the run has trained on that many passes over the
-    training split, then drop with --dropout; evaluation never drops."""
+    training split, then drop with --dropout (and --ffn-dropout inside the FFNs); evaluation never drops."""
     from tinymixtral.model.transformer import Transformer
 
     seen, real = [], Transformer.forward
 
     def spy(self, *args, **kwargs):
-        seen.append((self.training, self.dropout, all(layer.dropout == self.dropout for layer in self.layers)))
+        ffn = [(layer.ffn.experts if hasattr(layer.ffn, "experts") else layer.ffn).dropout for layer in self.layers]
+        seen.append((self.training, self.dropout, all(layer.dropout == self.dropout for layer in self.layers)
+                     and ffn == [self.dropout / 2] * len(ffn)))
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(Transformer, "forward", spy)
     train_len = len(load_split(data_dir, "train")[0])
     per_step = 8 * 32
-    train(tcfg_for(data_dir, tmp_path / "run", max_steps=8, eval_interval=100, dropout=0.25,
+    train(tcfg_for(data_dir, tmp_path / "run", max_steps=8, eval_interval=100, dropout=0.25, ffn_dropout=0.125,
                    dropout_after=4.5 * per_step / train_len), TRAIN_CFG)
     trained = [p for training, p, same in seen if training and same]
     assert len(trained) == 8 and trained == [0.0] * 5 + [0.25] * 3  # steps 1-5 start at < 4.5 steps' tokens

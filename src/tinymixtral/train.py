@@ -97,7 +97,7 @@ def train_loop(r: Run) -> dict:
                     last.update(eval_and_log(r))
                 if r.best_step == r.step or r.step % tcfg.ckpt_interval == 0:
                     save(r)
-            r.raw.set_dropout(r.dropout_now())
+            r.raw.set_dropout(*r.dropout_now())
             parts_sum = {}
             for micro in range(tcfg.grad_accum):
                 x, y = get_batch(r.train_data, tcfg.batch_size, tcfg.seq_len, r.data_gen, r.device, r.rank, r.world,

@@ -39,7 +39,7 @@ def compile_model(r) -> None:
     cuda = [torch.device(r.device)] if torch.device(r.device).type == "cuda" else []
     x, y = get_batch(r.train_data, tcfg.batch_size, tcfg.seq_len, torch.Generator().manual_seed(0), r.device,
                      r.rank, r.world, r.train_mask, r.train_starts)
-    r.raw.set_dropout(r.dropout_now())  # as step 1 will
+    r.raw.set_dropout(*r.dropout_now())  # as step 1 will
     r.model.train()
     try:
         with torch.random.fork_rng(devices=cuda):  # dropout's draws here leave the run's random state as it was

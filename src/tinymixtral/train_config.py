@@ -41,6 +41,7 @@ class TrainConfig:
     beta2: float = 0.95  # AdamW beta2
     dropout: float = 0.0  # dropout on the embeddings and each block's attention and FFN outputs, in training only
     dropout_after: float = 0.0  # --dropout starts after this many passes over the training split (0: from the start)
+    ffn_dropout: float = 0.0  # dropout on each FFN's hidden layer (each expert's in an MoE), with --dropout's start
     grad_clip: float = 1.0  # clip the global gradient norm to this
     skip_nonfinite: int = 0  # steps with a NaN/inf loss or gradient norm to skip, with a warning (0: stop at the first)
     eval_interval: int = 200  # estimate the val loss every this many steps (and keep the best checkpoint)

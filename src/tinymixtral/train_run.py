@@ -61,10 +61,11 @@ class Run:
         """The autocast context of the run's forward passes (a no-op without --autocast)."""
         return torch.autocast(torch.device(self.device).type, dtype=self.autocast) if self.autocast else nullcontext()
 
-    def dropout_now(self) -> float:
-        """--dropout once the run has trained on --dropout-after passes over its data (nothing unseen can be
-        memorised before), 0 until then: a function of the tokens trained, so a resume keeps it."""
-        return self.tcfg.dropout if self.tokens >= self.tcfg.dropout_after * len(self.train_data) else 0.0
+    def dropout_now(self) -> tuple[float, float]:
+        """(--dropout, --ffn-dropout) once the run has trained on --dropout-after passes over its data (nothing
+        unseen can be memorised before), zeros until then: a function of the tokens trained, so a resume keeps it."""
+        t = self.tcfg
+        return (t.dropout, t.ffn_dropout) if self.tokens >= t.dropout_after * len(self.train_data) else (0.0, 0.0)
 
     def progress(self) -> float:
         """How far the run is, 0..1, by whichever limit binds: steps, tokens or time."""

@@ -174,6 +174,7 @@ def _check(t: TrainConfig):
               "decay_fraction": ("in [0, 1]", lambda v: 0 <= v <= 1), "grad_clip": ("> 0", lambda v: v > 0),
               "weight_decay": (">= 0", lambda v: v >= 0), "min_lr_ratio": ("in [0, 1]", lambda v: 0 <= v <= 1),
               "dropout": ("in [0, 1)", lambda v: 0 <= v < 1), "dropout_after": (">= 0", lambda v: v >= 0),
+              "ffn_dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
               "beta1": ("in [0, 1)", lambda v: 0 <= v < 1), "beta2": ("in [0, 1)", lambda v: 0 <= v < 1)}
     for name, (what, ok) in ranges.items():
         v = getattr(t, name)

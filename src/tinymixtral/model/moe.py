@@ -29,10 +29,17 @@ class FeedForward(nn.Module):
         super().__init__()
         self.w13 = Linear(d_model, 2 * d_ff)
         self.w2 = Linear(d_ff, d_model)
+        self.dropout = 0.0  # training only, on the hidden layer (Transformer.set_dropout)
 
     def forward(self, x):
         gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(hidden_dropout(F.silu(gate) * up, self))
+
+
+def hidden_dropout(h, ffn: nn.Module):
+    """Dropout on an FFN's hidden layer, in training only: Switch Transformer's expert dropout, and the same for a
+    dense FFN, so that an MoE and its dense twin can be regularised alike."""
+    return fast.dropout(h, ffn.dropout) if ffn.training and ffn.dropout else h
 
 
 @dataclass
@@ -86,13 +93,15 @@ class Experts(nn.Module):
         self.n_experts = cfg.n_experts
         self.w13 = nn.Parameter(torch.empty(cfg.n_experts, 2 * cfg.d_ff, cfg.d_model))
         self.w2 = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model, cfg.d_ff))
+        self.dropout = 0.0  # training only, on each expert's hidden layer (Transformer.set_dropout)
 
     def forward(self, x_ND, weights_NK, experts_NK, capacity: int | None = None):
         """(Σ_k weight_k · expert_k(x) [N, D], assignments dropped over capacity)."""
         N, K = experts_NK.shape
         out_dtype = x_ND.dtype
         ours = gemv.applies(x_ND, self.w13) and self.w2.is_contiguous()
-        few_tokens = fast.experts_path(N, K, self.n_experts, capacity, ours or self.gathers(x_ND))  # only the chosen
+        few_tokens = None if self.training and self.dropout else fast.experts_path(  # only the chosen experts
+            N, K, self.n_experts, capacity, ours or self.gathers(x_ND))
         if few_tokens is not None:  # ours: one op, both products
             return (gemv.experts(x_ND, self.w13, self.w2, experts_NK, weights_NK) if ours
                     else few_tokens(self, x_ND, weights_NK, experts_NK)), 0
@@ -116,7 +125,7 @@ class Experts(nn.Module):
     def experts_mlp(self, x_MD, counts_E):
         """Each row through its expert's SwiGLU; rows grouped by expert, counts_E[e] rows for expert e."""
         gate, up = self.grouped_mm(x_MD, "w13", counts_E).chunk(2, dim=-1)
-        return self.grouped_mm(F.silu(gate) * up, "w2", counts_E)
+        return self.grouped_mm(hidden_dropout(F.silu(gate) * up, self), "w2", counts_E)
 
     def grouped_mm(self, x_MI, name: str, counts_E):
         """Rows grouped by expert (counts_E[e] rows for expert e, in order) times each one's weight `name`."""

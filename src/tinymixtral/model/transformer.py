@@ -61,13 +61,15 @@ class Transformer(nn.Module):
         self.dropout = 0.0
         self.reset_parameters()
 
-    def set_dropout(self, p: float) -> None:
+    def set_dropout(self, p: float, ffn: float = 0.0) -> None:
         """Dropout with probability p, in training mode only, on the embeddings and on each block's attention
-        and FFN outputs (GPT-2's residual dropout). A training option: it adds no weight and leaves the
-        checkpoint a plain Mixtral, and eval mode (evaluation, generation) never drops."""
+        and FFN outputs (GPT-2's residual dropout); with probability ffn on each FFN's hidden layer (each expert's
+        in an MoE). A training option: it adds no weight and leaves the checkpoint a plain Mixtral, and eval
+        mode (evaluation, generation) never drops."""
         self.dropout = p
         for layer in self.layers:
             layer.dropout = p
+            (layer.ffn.experts if isinstance(layer.ffn, MoE) else layer.ffn).dropout = ffn
 
     @torch.no_grad()
     def reset_parameters(self):
