@@ -157,7 +157,8 @@ def test_gather_rows_equals_indexing_both_ways(k):
 
 @pytest.mark.parametrize("multiple", [1, 4, 8])
 def test_pad_groups_rows(multiple):
-    """Each expert's rows start at a multiple of `multiple`, in sorted order; padding rows point past the end."""
+    """Each expert's rows start at a multiple of `multiple`, in sorted order; padding rows point past the end; a fixed
+    size (compiled code) adds padding rows only."""
     from tinymixtral.model.moe import dispatch
     from tinymixtral.model.rows import pad_groups
 
@@ -171,6 +172,12 @@ def test_pad_groups_rows(multiple):
         rows = src_P[start[e]:start[e] + int(padded_E[e])].tolist()
         mine = order_M[(experts_NK.reshape(-1)[order_M] == e)].tolist()
         assert rows == mine + [10] * (int(padded_E[e]) - len(mine))
+    # fixed (compiled): the rows any routing of 10 assignments to 5 experts can need, the rest padding of the last
+    # group; every assignment keeps its row
+    f_slot, f_src, f_padded = pad_groups(order_M, counts_E, multiple, fixed=True)
+    assert len(f_src) == (10 + 5 * (multiple - 1)) // multiple * multiple == int(f_padded.sum())
+    assert torch.equal(f_slot, slot_M) and torch.equal(f_src[:len(src_P)], src_P) and (f_src[len(src_P):] == 10).all()
+    assert torch.equal(f_padded[:-1], padded_E[:-1]) and f_padded[-1] % multiple == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -67,17 +67,25 @@ class Linear(nn.Linear):
 _GROUPED_MM_OK: dict[tuple, bool] = {}  # (device type, dtype) -> whether torch's grouped_mm ran
 
 
-@torch.compiler.disable  # its meta kernel wants bf16 (CUDA) inputs: run it eagerly inside compiled code
 def grouped_mm(x_MI, w_EIO, offs_E, counts_E):
     """x rows grouped by expert (group e ends at offs[e]) times w[e]: [M, I] x [E, I, O] -> [M, O].
 
     torch.nn.functional.grouped_mm does it in one call (CPU kernel since torch 2.9; CUDA needs sm80+).
-    Where it is missing or refuses the dtype/device, fall back to one matmul per expert.
+    Where it is missing or refuses the dtype/device, fall back to one matmul per expert. Compiled code traces it
+    in bf16 (its meta kernel takes nothing else), so a compiled MoE stays one graph; other dtypes run eagerly.
     """
+    aligned = all(n * x_MI.element_size() % 16 == 0 for n in (x_MI.shape[-1], w_EIO.shape[-1]))
+    if (torch.compiler.is_compiling() and aligned and x_MI.dtype == w_EIO.dtype == torch.bfloat16
+            and _GROUPED_MM_OK.get((x_MI.device.type, x_MI.dtype), hasattr(F, "grouped_mm"))):
+        return F.grouped_mm(x_MI, w_EIO, offs=offs_E)
+    return _grouped_mm_eager(x_MI, w_EIO, offs_E, counts_E, aligned)
+
+
+@torch.compiler.disable  # its meta kernel wants bf16 inputs: other dtypes run eagerly inside compiled code
+def _grouped_mm_eager(x_MI, w_EIO, offs_E, counts_E, aligned: bool):
     key = (x_MI.device.type, x_MI.dtype)
     # grouped_mm wants 16-byte-aligned row strides (forward and backward); that depends on the shape,
     # not on (device, dtype), so check it here rather than letting the cache turn it into an error.
-    aligned = all(n * x_MI.element_size() % 16 == 0 for n in (x_MI.shape[-1], w_EIO.shape[-1]))
     if aligned and _GROUPED_MM_OK.get(key, hasattr(F, "grouped_mm")):
         try:
             out = F.grouped_mm(x_MI, w_EIO, offs=offs_E)

@@ -116,7 +116,7 @@ class Experts(nn.Module):
             return torch.zeros_like(x_ND).index_add_(0, token_M, y_MD).to(out_dtype), n_dropped
         # Every assignment kept: to the experts and back by gathers, forward and backward (rows.py), each expert's
         # group padded (fast.group_rows); back weighted and summed over k in one op (padding rows get no gradient).
-        slot_M, src_P, counts_E = pad_groups(order_M, counts_E, fast.group_rows(x_ND))
+        slot_M, src_P, counts_E = pad_groups(order_M, counts_E, fast.group_rows(x_ND), torch.compiler.is_compiling())
         x_PD = gather_rows(x_ND, (src_P // K).clamp_(max=N - 1), slot_M, K)  # padding rows: any row (discarded)
         y_PD = self.experts_mlp(x_PD, counts_E)
         y_ND = combine(y_PD, slot_M.view(N, K), weights_NK, src_P)

@@ -73,18 +73,25 @@ def combine(y_PD, slot_NK, w_NK, src_P):
     return F.embedding_bag(slot_NK, y_PD, mode="sum", per_sample_weights=w_NK)
 
 
-@torch.compiler.disable  # its output's size is data (a graph break anyway): eager, without dynamo's warning
-def pad_groups(order_M, counts_E, multiple: int = 1):
+def pad_groups(order_M, counts_E, multiple: int = 1, fixed: bool = False):
     """Rows for the assignments in `order_M` (sorted by expert; counts_E each) when each expert's group is
     padded to a multiple of `multiple` rows: (slot_M, src_P, padded counts_E). slot_M[m] is assignment m's
-    row; src_P[p] is row p's assignment, M for a padding row. multiple 1: slot_M is order_M's inverse."""
-    M = order_M.numel()
+    row; src_P[p] is row p's assignment, M for a padding row. multiple 1: slot_M is order_M's inverse.
+
+    fixed: as many rows as any routing can need (the padding left over goes to the last group), so the sizes
+    are known without reading counts_E: what a compiled graph can trace (a data-dependent size would break it)."""
+    M, E = order_M.numel(), counts_E.numel()
     pos_M = torch.arange(M, device=order_M.device)  # sorted position -> row
-    if multiple == 1:
+    if multiple == 1 and not fixed:
         return torch.empty_like(order_M).scatter_(0, order_M, pos_M), order_M, counts_E
     padded_E = (counts_E + multiple - 1) // multiple * multiple
     shift_E = (padded_E.cumsum(0) - padded_E) - (counts_E.cumsum(0) - counts_E)
     pos_M = pos_M + shift_E.repeat_interleave(counts_E, output_size=M)
     slot_M = torch.empty_like(order_M).scatter_(0, order_M, pos_M)
-    src_P = torch.full((int(padded_E.sum()),), M, dtype=order_M.dtype, device=order_M.device)
+    if fixed:
+        P = (M + E * (multiple - 1)) // multiple * multiple  # the most that E groups padded to the multiple take
+        padded_E = padded_E + F.one_hot(torch.tensor(E - 1, device=order_M.device), E) * (P - padded_E.sum())
+    else:
+        P = int(padded_E.sum())
+    src_P = torch.full((P,), M, dtype=order_M.dtype, device=order_M.device)
     return slot_M, src_P.scatter_(0, pos_M, order_M), padded_E
