@@ -158,3 +158,22 @@ def test_failed_build_is_one_line_and_torchs_kernels(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "tinymixtral: AVX2 kernels unavailable (Error building extension 'x'); using torch's"
     assert len([line for line in err if "building the AVX2" not in line]) == 1
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next(tmp_path):
+    """torch's build lock is a file, which a build killed half-way leaves behind; the next build would wait on it for
+    ever. Under build_lock (an flock, dropped with its holder) it goes, and a second holder waits for the first."""
+    from tinymixtral.model import kernel_build
+
+    build_dir = tmp_path / "ext"
+    build_dir.mkdir()
+    (build_dir / "lock").touch()  # what a killed build leaves
+    with kernel_build.build_lock(build_dir):
+        assert not (build_dir / "lock").exists()
+        other = subprocess.run([sys.executable, "-c", (
+            "import fcntl, sys; f = open(sys.argv[1], 'w')\n"
+            "try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept BlockingIOError: sys.exit(3)")
+            , str(tmp_path / "ext.flock")], timeout=60)
+        assert other.returncode == 3  # held: another process's build would wait here
+    with kernel_build.build_lock(build_dir):  # released: taken again at once
+        pass

@@ -37,15 +37,34 @@ def load_avx2() -> bool:
         text = "".join(f.read_text() for f in sorted(csrc.glob("*.[ch]*")))
         tag = hashlib.sha1((text + torch.__version__ + " ".join(cflags)).encode()).hexdigest()[:12]
         name = f"tinymixtral_avx2_{tag}"
-        if not (Path(cpp_extension._get_build_directory(name, False)) / f"{name}.so").exists():
+        build_dir = Path(cpp_extension._get_build_directory(name, False))
+        if not (build_dir / f"{name}.so").exists():
             print("tinymixtral: building the AVX2 int8/int4 kernels (once; about a minute)", file=sys.stderr)
-        cpp_extension.load(name=name, sources=[str(f) for f in srcs], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
-                           is_python_module=False, verbose=False)
+        with build_lock(build_dir):
+            cpp_extension.load(name=name, sources=[str(f) for f in srcs], extra_cflags=cflags,
+                               extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         return True
     except Exception as e:  # no compiler, no ninja, a failed build: torch's kernels
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"tinymixtral: AVX2 kernels unavailable ({first[:200]}); using torch's", file=sys.stderr)
         return False
+
+
+@contextlib.contextmanager
+def build_lock(build_dir: Path):
+    """Builds of one extension one at a time, under an flock that the kernel drops when its holder dies. torch's own
+    lock is a file in the build directory that the next build waits on for ever if a build was killed (Ctrl-C during
+    the first run); under our lock no other build is running, so that file can only be left over, and goes."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's lock alone
+        yield
+        return
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir.parent / f"{build_dir.name}.flock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        (build_dir / "lock").unlink(missing_ok=True)
+        yield
 
 
 @functools.cache

@@ -88,12 +88,13 @@ class Experts(nn.Module):
     `grouped_mm` and `expert_mm` are the seam where the products happen: QuantExperts overrides them.
     """
 
+    dropout = 0.0  # training only, on each expert's hidden layer (Transformer.set_dropout); subclasses too
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_experts = cfg.n_experts
         self.w13 = nn.Parameter(torch.empty(cfg.n_experts, 2 * cfg.d_ff, cfg.d_model))
         self.w2 = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model, cfg.d_ff))
-        self.dropout = 0.0  # training only, on each expert's hidden layer (Transformer.set_dropout)
 
     def forward(self, x_ND, weights_NK, experts_NK, capacity: int | None = None):
         """(Σ_k weight_k · expert_k(x) [N, D], assignments dropped over capacity)."""
