@@ -98,8 +98,7 @@ class Experts(nn.Module):
 
     def forward(self, x_ND, weights_NK, experts_NK, capacity: int | None = None):
         """(Σ_k weight_k · expert_k(x) [N, D], assignments dropped over capacity)."""
-        N, K = experts_NK.shape
-        out_dtype = x_ND.dtype
+        (N, K), out_dtype = experts_NK.shape, x_ND.dtype
         ours = gemv.applies(x_ND, self.w13) and self.w2.is_contiguous()
         few_tokens = None if self.training and self.dropout else fast.experts_path(  # only the chosen experts
             N, K, self.n_experts, capacity, ours or self.gathers(x_ND))
