@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import first_line
+
 
 def load_avx2() -> bool:
     """Build (on first use) and load the AVX2 kernels; False, with one line on stderr if the build fails."""
@@ -45,8 +47,7 @@ def load_avx2() -> bool:
                                extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         return True
     except Exception as e:  # no compiler, no ninja, a failed build: torch's kernels
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"tinymixtral: AVX2 kernels unavailable ({first[:200]}); using torch's", file=sys.stderr)
+        print(f"tinymixtral: AVX2 kernels unavailable ({first_line(e)}); using torch's", file=sys.stderr)
         return False
 
 

@@ -25,11 +25,12 @@ from .rows import combine, gather_rows, pad_groups
 class FeedForward(nn.Module):
     """SwiGLU FFN: w2(silu(w1 x) * w3 x), with w1 and w3 fused into one matmul (gate rows first)."""
 
+    dropout = 0.0  # training only, on the hidden layer (Transformer.set_dropout), as Experts'
+
     def __init__(self, d_model: int, d_ff: int):
         super().__init__()
         self.w13 = Linear(d_model, 2 * d_ff)
         self.w2 = Linear(d_ff, d_model)
-        self.dropout = 0.0  # training only, on the hidden layer (Transformer.set_dropout)
 
     def forward(self, x):
         gate, up = self.w13(x).chunk(2, dim=-1)

@@ -80,7 +80,7 @@ def pad_groups(order_M, counts_E, multiple: int = 1, fixed: bool = False):
 
     fixed: as many rows as any routing can need (the padding left over goes to the last group), so the sizes
     are known without reading counts_E: what a compiled graph can trace (a data-dependent size would break it)."""
-    M, E = order_M.numel(), counts_E.numel()
+    M = order_M.numel()
     pos_M = torch.arange(M, device=order_M.device)  # sorted position -> row
     if multiple == 1 and not fixed:
         return torch.empty_like(order_M).scatter_(0, order_M, pos_M), order_M, counts_E
@@ -89,8 +89,8 @@ def pad_groups(order_M, counts_E, multiple: int = 1, fixed: bool = False):
     pos_M = pos_M + shift_E.repeat_interleave(counts_E, output_size=M)
     slot_M = torch.empty_like(order_M).scatter_(0, order_M, pos_M)
     if fixed:
-        P = (M + E * (multiple - 1)) // multiple * multiple  # the most that E groups padded to the multiple take
-        padded_E = padded_E + F.one_hot(torch.tensor(E - 1, device=order_M.device), E) * (P - padded_E.sum())
+        P = (M + len(counts_E) * (multiple - 1)) // multiple * multiple  # the most the groups padded can take
+        padded_E[-1] += P - padded_E.sum()
     else:
         P = int(padded_E.sum())
     src_P = torch.full((P,), M, dtype=order_M.dtype, device=order_M.device)
